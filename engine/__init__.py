@@ -1,0 +1,82 @@
+"""convsim engine: simulate users against a conversational agent, store and export the conversations.
+
+The supported public API is listed in `__all__`; everything else is an
+implementation detail. No MCP imports live in this package.
+"""
+
+from .errors import (
+    AgentError,
+    ConvsimError,
+    InvalidOption,
+    InvalidTarget,
+    InvalidTestCase,
+    LLMError,
+    LLMOutputError,
+    NotFound,
+    RunError,
+    UserInputError,
+)
+from .jobs import JobRegistry
+from .llm import LLM, LiteLLMBackend, LLMResult, OfflineBackend, resolve_llm, resolve_model
+from .models import (
+    Message,
+    Role,
+    RunStatus,
+    RunSummary,
+    Session,
+    SessionSummary,
+    StopReason,
+    TargetSpec,
+    TestCase,
+    ToolCall,
+    Usage,
+)
+from .pipeline import Progress, SimulationJob, prepare_simulation, run_summary, simulate
+from .simulator import LLMSimulatedUser, SimulatedUser, SimulatorContext, UserTurn
+from .store import Store
+from .targets import Target, resolve_target
+from .testcases import load_test_cases
+
+__all__ = [
+    "AgentError",
+    "ConvsimError",
+    "InvalidOption",
+    "InvalidTarget",
+    "InvalidTestCase",
+    "JobRegistry",
+    "LLM",
+    "LLMError",
+    "LLMOutputError",
+    "LLMResult",
+    "LLMSimulatedUser",
+    "LiteLLMBackend",
+    "Message",
+    "NotFound",
+    "OfflineBackend",
+    "Progress",
+    "Role",
+    "RunError",
+    "RunStatus",
+    "RunSummary",
+    "Session",
+    "SessionSummary",
+    "SimulatedUser",
+    "SimulationJob",
+    "SimulatorContext",
+    "StopReason",
+    "Store",
+    "Target",
+    "TargetSpec",
+    "TestCase",
+    "ToolCall",
+    "Usage",
+    "UserInputError",
+    "UserTurn",
+    "load_test_cases",
+    "prepare_simulation",
+    "resolve_llm",
+    "resolve_model",
+    "resolve_target",
+    "run_summary",
+    "simulate",
+]

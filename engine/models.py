@@ -1,0 +1,229 @@
+"""Pydantic types shared by every part of the engine.
+
+They are also the MCP tool schemas, so every field carries a description
+written for the assistant that reads it.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class StopReason(str, enum.Enum):
+    """Why a simulated conversation ended. Every session records exactly one."""
+
+    GOAL_ACHIEVED = "goal_achieved"
+    USER_ENDED = "user_ended"
+    MAX_TURNS = "max_turns"
+    AGENT_ERROR = "agent_error"
+    AGENT_EMPTY = "agent_empty"
+    SIMULATOR_ERROR = "simulator_error"
+    CANCELLED = "cancelled"
+
+
+class RunStatus(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"  # its process died before it finished
+
+
+class Role(str, enum.Enum):
+    """Who spends tokens: usage and cost are accounted per role."""
+
+    USER = "simulated_user"
+    JUDGE = "judge"
+    GENERATOR = "generator"
+
+
+class Usage(BaseModel):
+    """Model calls, tokens and cost, summed over whatever it is attached to."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = Field(0.0, description="Sum of known costs; see cost_unknown_calls.")
+    cost_unknown_calls: int = Field(0, description="Calls whose model has no known price (local or unknown models).")
+
+    def add(self, other: Usage) -> Usage:
+        return Usage(
+            calls=self.calls + other.calls,
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            cost_usd=round(self.cost_usd + other.cost_usd, 8),
+            cost_unknown_calls=self.cost_unknown_calls + other.cost_unknown_calls,
+        )
+
+
+def add_usage(by_role: dict[str, Usage], role: str, usage: Usage) -> dict[str, Usage]:
+    """Return `by_role` with `usage` added under `role` (a new dict)."""
+    merged = dict(by_role)
+    merged[role] = merged.get(role, Usage()).add(usage)
+    return merged
+
+
+class ToolCall(BaseModel):
+    """A tool call made by the agent, kept structured in the transcript (OpenAI shape)."""
+
+    id: str | None = None
+    type: str = "function"
+    function: dict[str, Any] = Field(description="{'name': ..., 'arguments': JSON string}")
+
+
+class Message(BaseModel):
+    """One message of a conversation, in OpenAI chat format plus run metadata."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    turn: int | None = Field(None, description="1-based exchange number (user message + agent reply).")
+    latency_ms: float | None = Field(None, description="Agent reply time (assistant) or simulator time (user).")
+    error: str | None = Field(None, description="Set on an agent turn that failed; content is then empty.")
+    scripted: bool = Field(False, description="A user message taken verbatim from scripted_turns.")
+    usage: Usage | None = Field(None, description="Model usage spent producing this message (simulated user).")
+
+    def to_openai(self) -> dict[str, Any]:
+        """The plain chat-completions dict the agent under test receives (content null only beside tool calls)."""
+        content = self.content if self.content is not None or self.tool_calls else ""
+        out: dict[str, Any] = {"role": self.role, "content": content}
+        if self.tool_calls:
+            out["tool_calls"] = [tc.model_dump(exclude_none=True) for tc in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name:
+            out["name"] = self.name
+        return out
+
+
+class TestCase(BaseModel):
+    """A conversation scenario for the simulated user (MLflow-compatible fields, plus scripted_turns and id)."""
+
+    __test__ = False  # not a pytest class
+    model_config = ConfigDict(extra="forbid")
+
+    goal: str = Field(description="What the simulated user is trying to accomplish, ideally with the expected outcome.")
+    persona: str | None = Field(None, description="Who the user is and how they talk. A default persona is used when empty.")
+    simulation_guidelines: list[str] = Field(
+        default_factory=list, description="Rules the simulated user follows (string or list of strings)."
+    )
+    context: dict[str, Any] = Field(
+        default_factory=dict, description="Passed to a Python agent as keyword arguments (and to JSON HTTP templates)."
+    )
+    expectations: dict[str, Any] = Field(default_factory=dict, description="Expected outcomes, kept for scorers.")
+    scripted_turns: list[str] = Field(
+        default_factory=list, description="Fixed opening user messages, sent verbatim before the simulated user takes over."
+    )
+    id: str | None = Field(None, description="Your id for this case; defaults to its index.")
+
+    @field_validator("goal")
+    @classmethod
+    def _goal_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a non-empty description of what the user wants")
+        return v.strip()
+
+    @field_validator("simulation_guidelines", mode="before")
+    @classmethod
+    def _guidelines_as_list(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        if isinstance(v, str):
+            return [v] if v.strip() else []
+        return v
+
+    @field_validator("scripted_turns")
+    @classmethod
+    def _scripted_not_blank(cls, v: list[str]) -> list[str]:
+        for i, turn in enumerate(v):
+            if not turn.strip():
+                raise ValueError(f"entry {i} is empty; every scripted turn must be a user message")
+        return v
+
+
+class TargetSpec(BaseModel):
+    """The agent under test, in object form. A plain string is also accepted wherever a target is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["python", "openai", "json"] | None = Field(
+        None, description="Detected when omitted: 'python' for an import path, 'openai' for a URL."
+    )
+    path: str | None = Field(None, description="Python agent: 'pkg.module:func' or 'path/to/file.py:func'.")
+    url: str | None = Field(None, description="HTTP agent URL (OpenAI-compatible chat completions, or a JSON endpoint).")
+    model: str | None = Field(None, description="OpenAI-compatible agent: value of the request's 'model' field.")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="HTTP headers; values may reference environment variables as ${NAME}."
+    )
+    request: dict[str, Any] | None = Field(
+        None,
+        description="JSON agent: request body template. Placeholders: {{message}}, {{session_id}}, {{context}}, "
+        "{{context.KEY}}. Default {'message': '{{message}}', 'session_id': '{{session_id}}'}.",
+    )
+    response_path: str | None = Field(
+        None, description="JSON agent: dotted path to the reply in the response body, e.g. 'reply.text' or 'choices.0.message'."
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Per-call timeout for the agent, in seconds.")
+
+
+class Session(BaseModel):
+    """One simulated (or imported) conversation."""
+
+    id: str
+    run_id: str | None = None
+    case_index: int | None = None
+    repeat: int = 0
+    test_case: TestCase | None = None
+    messages: list[Message] = Field(default_factory=list)
+    stop_reason: StopReason | None = None
+    stop_detail: str | None = Field(None, description="Why, in a sentence: the simulator's reason or the error.")
+    turns: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    usage: dict[str, Usage] = Field(default_factory=dict, description="Model usage by role.")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class SessionSummary(BaseModel):
+    """What an assistant needs to know about one session without reading the transcript."""
+
+    session_id: str
+    case_index: int | None
+    case_id: str | None = None
+    goal: str | None
+    repeat: int = 0
+    stop_reason: StopReason | None = Field(None, description="None while the session is still running.")
+    stop_detail: str | None = None
+    turns: int
+    last_user_message: str | None = None
+    last_agent_reply: str | None = None
+    error: str | None = Field(None, description="The agent's error on the last turn, if it failed.")
+    resource: str = Field(description="URI of the full transcript.")
+
+
+class RunSummary(BaseModel):
+    """A run's status, progress and per-session summaries, sized for an assistant's context."""
+
+    run_id: str
+    kind: str
+    status: RunStatus
+    created_at: float
+    finished_at: float | None = None
+    target: str = Field(description="The agent under test (secrets redacted).")
+    model: str = Field(description="Model of the simulated user.")
+    offline: bool = Field(description="True when the deterministic offline backend played the user (no real LLM).")
+    sessions_total: int
+    sessions_done: int
+    turns_done: int
+    stop_reasons: dict[str, int] = Field(default_factory=dict)
+    usage: dict[str, Usage] = Field(default_factory=dict, description="Model usage by role.")
+    error: str | None = None
+    sessions: list[SessionSummary] = Field(default_factory=list)
+    resource: str = Field(description="URI of the full run (all transcripts).")
+    note: str | None = Field(None, description="What to do next, or caveats (e.g. offline backend).")

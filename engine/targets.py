@@ -1,0 +1,507 @@
+"""Adapters that send a conversation to the agent under test and normalise its reply.
+
+A target spec is a string or a `TargetSpec`:
+
+- `"pkg.module:func"` / `"path/to/file.py:func"`: a Python callable, sync or
+  async, taking `messages` (or `input`) plus keyword context: `session_id`,
+  `mlflow_session_id` (same value, for agents written for MLflow) and the test
+  case's `context`. Only keywords it accepts are passed.
+- `"http(s)://..."` or `{url, kind: "openai", model, headers}`: an
+  OpenAI-compatible chat endpoint; the full history is sent each turn.
+- `{url, kind: "json", request, response_path}`: a stateful JSON agent that
+  gets only the last user message and a session id.
+
+Every reply shape becomes a list of transcript `Message`s (see
+`normalise_reply`); a reply is never JSON-dumped into message text.
+Failures raise `AgentError`; `InvalidTarget` is raised before any run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import anyio
+import httpx
+
+from .errors import AgentError, InvalidTarget
+from .models import Message, TargetSpec, TestCase, ToolCall
+
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.]*)\s*\}\}")
+HISTORY_PARAMS = ("messages", "input")
+SESSION_PARAMS = ("session_id", "mlflow_session_id")
+DEFAULT_JSON_REQUEST = {"message": "{{message}}", "session_id": "{{session_id}}"}
+
+
+@dataclass
+class AgentReply:
+    """The agent's reply as transcript messages; `text` is the final assistant content."""
+
+    messages: list[Message]
+    latency_ms: float
+
+    @property
+    def text(self) -> str:
+        for m in reversed(self.messages):
+            if m.role == "assistant":
+                return (m.content or "").strip()
+        return ""
+
+    @property
+    def empty(self) -> bool:
+        return not self.text and not any(m.tool_calls for m in self.messages)
+
+
+class Target:
+    """The agent under test. Implementations raise `AgentError` from `respond`."""
+
+    spec: TargetSpec
+
+    async def respond(self, history: list[Message], *, session_id: str, context: dict[str, Any]) -> AgentReply:
+        """Send the conversation so far (ending with the user's message) and return the agent's reply."""
+        started = time.perf_counter()
+        try:
+            with anyio.fail_after(self.spec.timeout_s):
+                raw = await self._call(history, session_id=session_id, context=context)
+        except TimeoutError as e:
+            raise AgentError(f"agent did not reply within {self.spec.timeout_s:g}s", kind="timeout") from e
+        latency = (time.perf_counter() - started) * 1000
+        return AgentReply(messages=normalise_reply(raw, history), latency_ms=round(latency, 2))
+
+    async def _call(self, history: list[Message], *, session_id: str, context: dict[str, Any]) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not implement _call")
+
+    def check_cases(self, cases: list[TestCase]) -> None:
+        """Raise InvalidTarget if the agent cannot be called for some case (before anything runs)."""
+
+    def describe(self) -> str:
+        """A one-line description with secrets redacted, safe to store and show."""
+        return redacted_spec(self.spec).get("path") or redacted_spec(self.spec).get("url") or "?"
+
+    async def aclose(self) -> None:
+        """Release connections."""
+
+
+def resolve_target(spec: str | dict[str, Any] | TargetSpec, *, base_dir: str | Path | None = None) -> Target:
+    """Build a target from its spec; raise InvalidTarget with what to fix."""
+    spec = parse_target_spec(spec)
+    if spec.kind == "python":
+        return PythonTarget(spec, base_dir=base_dir)
+    if spec.kind == "openai":
+        return OpenAITarget(spec)
+    return JSONTarget(spec)
+
+
+def parse_target_spec(spec: str | dict[str, Any] | TargetSpec) -> TargetSpec:
+    if isinstance(spec, TargetSpec):
+        parsed = spec
+    elif isinstance(spec, str):
+        text = spec.strip()
+        if not text:
+            raise InvalidTarget("target is empty: give 'pkg.module:func', 'path/to/file.py:func' or an http(s) URL")
+        if text.startswith("{"):
+            try:
+                return parse_target_spec(json.loads(text))
+            except json.JSONDecodeError as e:
+                raise InvalidTarget(f"target looks like JSON but does not parse: {e}") from e
+        parsed = TargetSpec(url=text) if re.match(r"^https?://", text) else TargetSpec(path=text)
+    elif isinstance(spec, dict):
+        try:
+            parsed = TargetSpec.model_validate(spec)
+        except Exception as e:
+            raise InvalidTarget(f"target object is invalid: {_first_error(e)}") from e
+    else:
+        raise InvalidTarget(f"target must be a string or an object, got {type(spec).__name__}")
+    kind = parsed.kind or ("python" if parsed.path else "openai")
+    if kind == "python" and not parsed.path:
+        raise InvalidTarget("a python target needs 'path' ('pkg.module:func' or 'file.py:func')")
+    if kind in ("openai", "json"):
+        if not parsed.url or not re.match(r"^https?://", parsed.url):
+            raise InvalidTarget(f"a {kind} target needs 'url' starting with http:// or https://")
+    if kind != "json" and (parsed.request is not None or parsed.response_path):
+        raise InvalidTarget("'request' and 'response_path' apply only to kind 'json' targets")
+    return parsed.model_copy(update={"kind": kind})
+
+
+def redacted_spec(spec: TargetSpec) -> dict[str, Any]:
+    """The spec as stored and shown: header values that are not ${VAR} references become '***'."""
+    data = spec.model_dump(exclude_none=True, exclude_defaults=True)
+    data["kind"] = spec.kind
+    if spec.headers:
+        data["headers"] = {k: v if ENV_REF.fullmatch(v.strip()) else "***" for k, v in spec.headers.items()}
+    return data
+
+
+# --- Python callables ---------------------------------------------------------------------------
+
+
+class PythonTarget(Target):
+    """A function by import path. Sync functions run in a worker thread so they cannot block the loop."""
+
+    def __init__(self, spec: TargetSpec, *, base_dir: str | Path | None = None):
+        self.spec = spec
+        self.fn = load_callable(spec.path or "", base_dir=base_dir, what="agent")
+        self._is_async = inspect.iscoroutinefunction(self.fn) or inspect.iscoroutinefunction(
+            getattr(self.fn, "__call__", None)
+        )
+        try:
+            self._sig = inspect.signature(self.fn)
+        except (TypeError, ValueError) as e:
+            raise InvalidTarget(f"cannot read the signature of {spec.path}: {e}") from e
+        params = self._sig.parameters
+        self._history_param = next((p for p in HISTORY_PARAMS if p in params), None)
+        if self._history_param is None:
+            raise InvalidTarget(
+                f"{spec.path} must take the conversation as a parameter named 'messages' or 'input' "
+                f"(it takes: {', '.join(params) or 'nothing'})"
+            )
+        self._var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+    def _kwargs(self, history: list[dict[str, Any]], session_id: str, context: dict[str, Any]) -> dict[str, Any]:
+        offered = {self._history_param: history, "session_id": session_id, "mlflow_session_id": session_id, **context}
+        offered[self._history_param] = history  # context cannot shadow the history
+        if self._var_kw:
+            return offered
+        accepted = {
+            n for n, p in self._sig.parameters.items()
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        }
+        return {k: v for k, v in offered.items() if k in accepted}
+
+    def check_cases(self, cases: list[TestCase]) -> None:
+        supplied = {self._history_param, *SESSION_PARAMS}
+        for i, case in enumerate(cases):
+            missing = [
+                n for n, p in self._sig.parameters.items()
+                if p.default is inspect.Parameter.empty
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+                and n not in supplied and n not in case.context
+            ]
+            if missing:
+                raise InvalidTarget(
+                    f"{self.spec.path} requires {', '.join(repr(m) for m in missing)}, which test case {i} does not "
+                    f"supply: add it to the case's 'context' or give the parameter a default"
+                )
+
+    async def _call(self, history, *, session_id, context):
+        kwargs = self._kwargs([m.to_openai() for m in history], session_id, context)
+        try:
+            if self._is_async:
+                return await self.fn(**kwargs)
+            result = await anyio.to_thread.run_sync(lambda: self.fn(**kwargs), abandon_on_cancel=True)
+            if inspect.isawaitable(result):
+                return await result
+            return result
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as e:
+            raise AgentError(f"{type(e).__name__}: {e}", kind="exception") from e
+
+    def describe(self) -> str:
+        return self.spec.path or ""
+
+
+def load_callable(path: str, *, base_dir: str | Path | None = None, what: str = "function") -> Callable[..., Any]:
+    """Load `pkg.module:attr` or `path/to/file.py:attr`; raise InvalidTarget saying what to fix."""
+    module_part, sep, attr = path.strip().rpartition(":")
+    if not sep or not module_part or not attr:
+        raise InvalidTarget(
+            f"{what} path '{path}' must look like 'pkg.module:func' or 'path/to/file.py:func'"
+        )
+    base = Path(base_dir) if base_dir else Path.cwd()
+    if module_part.endswith(".py") or "/" in module_part or os.sep in module_part:
+        file = Path(module_part)
+        file = file if file.is_absolute() else base / file
+        if not file.is_file():
+            raise InvalidTarget(f"{what} file not found: {file}")
+        mod_name = f"_convsim_user_{abs(hash(str(file.resolve())))}"
+        module = sys.modules.get(mod_name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(mod_name, file)
+            if spec is None or spec.loader is None:
+                raise InvalidTarget(f"cannot import {file} as a Python module")
+            module = importlib.util.module_from_spec(spec)
+            sys.path.insert(0, str(file.parent))  # let the file import its siblings
+            try:
+                spec.loader.exec_module(module)
+            except Exception as e:
+                raise InvalidTarget(f"importing {file} failed: {type(e).__name__}: {e}") from e
+            sys.modules[mod_name] = module
+    else:
+        if str(base) not in sys.path:
+            sys.path.insert(0, str(base))
+        try:
+            module = importlib.import_module(module_part)
+        except ImportError as e:
+            raise InvalidTarget(
+                f"cannot import module '{module_part}' ({e}); run from the directory that contains it, "
+                f"or give a file path like 'path/to/{module_part.split('.')[-1]}.py:{attr}'"
+            ) from e
+        except Exception as e:
+            raise InvalidTarget(f"importing '{module_part}' failed: {type(e).__name__}: {e}") from e
+    fn = getattr(module, attr, None)
+    if fn is None:
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:15]
+        raise InvalidTarget(f"'{module_part}' has no attribute '{attr}' (callables there: {', '.join(public)})")
+    if not callable(fn):
+        raise InvalidTarget(f"'{path}' is not callable")
+    return fn
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+
+
+class _HTTPTarget(Target):
+    def __init__(self, spec: TargetSpec):
+        self.spec = spec
+        missing = sorted({m for v in spec.headers.values() for m in ENV_REF.findall(v) if m not in os.environ})
+        if missing:
+            raise InvalidTarget(
+                f"target headers reference environment variable(s) {', '.join(missing)}, which are not set; "
+                "export them (for a stdio MCP server, pass them in the server's 'env' config)"
+            )
+        self._client: httpx.AsyncClient | None = None
+
+    def _headers(self) -> dict[str, str]:
+        return {k: ENV_REF.sub(lambda m: os.environ.get(m.group(1), ""), v) for k, v in self.spec.headers.items()}
+
+    async def _post(self, url: str, body: dict[str, Any]) -> Any:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.spec.timeout_s))
+        try:
+            resp = await self._client.post(url, json=body, headers=self._headers())
+        except httpx.TimeoutException as e:
+            raise AgentError(f"agent did not reply within {self.spec.timeout_s:g}s", kind="timeout") from e
+        except httpx.HTTPError as e:
+            raise AgentError(f"could not reach the agent at {url}: {type(e).__name__}: {e}", kind="http") from e
+        if resp.status_code >= 400:
+            raise AgentError(f"agent returned HTTP {resp.status_code}: {_excerpt(resp.text)}", kind="http")
+        try:
+            return resp.json()
+        except ValueError:
+            if resp.text.strip() and "json" not in resp.headers.get("content-type", ""):
+                return resp.text  # a plain-text reply is a valid reply
+            raise AgentError(f"agent reply is not JSON: {_excerpt(resp.text)}", kind="unparseable") from None
+
+    def describe(self) -> str:
+        return self.spec.url or ""
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+class OpenAITarget(_HTTPTarget):
+    """An OpenAI-compatible chat-completions endpoint. Stateless: the full history goes every turn."""
+
+    def __init__(self, spec: TargetSpec):
+        super().__init__(spec)
+        url = (spec.url or "").rstrip("/")
+        self.url = url + "/chat/completions" if url.endswith("/v1") else url
+
+    async def _call(self, history, *, session_id, context):
+        body: dict[str, Any] = {"messages": [m.to_openai() for m in history]}
+        body["model"] = self.spec.model or "default"
+        return await self._post(self.url, body)
+
+
+class JSONTarget(_HTTPTarget):
+    """A stateful JSON agent: gets the last user message and a session id, keeps its own history."""
+
+    def __init__(self, spec: TargetSpec):
+        super().__init__(spec)
+        self.template = spec.request if spec.request is not None else DEFAULT_JSON_REQUEST
+        names = set(_placeholders(self.template))
+        unknown = sorted(n for n in names if n not in ("message", "session_id", "context") and not n.startswith("context."))
+        if unknown:
+            raise InvalidTarget(
+                f"request template uses unknown placeholder(s) {', '.join(unknown)}; "
+                "use {{message}}, {{session_id}}, {{context}} or {{context.KEY}}"
+            )
+        if "message" not in names:
+            raise InvalidTarget("request template must contain {{message}} (where the user's message goes)")
+
+    def check_cases(self, cases: list[TestCase]) -> None:
+        keys = {n.split(".", 1)[1] for n in _placeholders(self.template) if n.startswith("context.")}
+        for i, case in enumerate(cases):
+            missing = sorted(k for k in keys if k not in case.context)
+            if missing:
+                raise InvalidTarget(
+                    f"request template uses {{{{context.{missing[0]}}}}}, which test case {i} does not supply in 'context'"
+                )
+
+    async def _call(self, history, *, session_id, context):
+        last_user = next((m.content or "" for m in reversed(history) if m.role == "user"), "")
+        values = {"message": last_user, "session_id": session_id, "context": context}
+        body = _fill(self.template, values)
+        data = await self._post(self.spec.url or "", body)
+        if self.spec.response_path:
+            return _dig(data, self.spec.response_path)
+        return data
+
+
+def _placeholders(template: Any) -> list[str]:
+    if isinstance(template, str):
+        return PLACEHOLDER.findall(template)
+    if isinstance(template, dict):
+        return [n for v in template.values() for n in _placeholders(v)]
+    if isinstance(template, list):
+        return [n for v in template for n in _placeholders(v)]
+    return []
+
+
+def _lookup(name: str, values: dict[str, Any]) -> Any:
+    if name.startswith("context."):
+        return values["context"].get(name.split(".", 1)[1])
+    return values[name]
+
+
+def _fill(template: Any, values: dict[str, Any]) -> Any:
+    """Fill placeholders; a string that is exactly one placeholder takes the value's own JSON type."""
+    if isinstance(template, str):
+        whole = PLACEHOLDER.fullmatch(template.strip())
+        if whole:
+            return _lookup(whole.group(1), values)
+        return PLACEHOLDER.sub(lambda m: _as_text(_lookup(m.group(1), values)), template)
+    if isinstance(template, dict):
+        return {k: _fill(v, values) for k, v in template.items()}
+    if isinstance(template, list):
+        return [_fill(v, values) for v in template]
+    return template
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _dig(data: Any, path: str) -> Any:
+    current = data
+    for part in path.split("."):
+        if isinstance(current, list) and part.isdigit() and int(part) < len(current):
+            current = current[int(part)]
+        elif isinstance(current, dict) and part in current:
+            current = current[part]
+        else:
+            keys = list(current)[:10] if isinstance(current, dict) else type(current).__name__
+            raise AgentError(
+                f"response_path '{path}' not found in the agent's reply: no '{part}' (available: {keys})",
+                kind="unparseable",
+            )
+    return current
+
+
+# --- reply normalisation ------------------------------------------------------------------------
+
+
+def normalise_reply(raw: Any, history: list[Message]) -> list[Message]:
+    """Turn any supported reply shape into transcript messages (tool calls kept structured).
+
+    Shapes: str; {"content": ...} or a message dict; a chat-completion dict or object
+    ({"choices": [...]}); {"messages": [...]} (new messages after the history, else the
+    trailing assistant/tool messages); objects with `model_dump()`.
+    """
+    if raw is None:
+        return [Message(role="assistant", content="")]
+    if isinstance(raw, str):
+        return [Message(role="assistant", content=raw)]
+    raw = _plain(raw)
+    if isinstance(raw, list):
+        raw = {"messages": raw}
+    if not isinstance(raw, dict):
+        raise AgentError(f"agent returned {type(raw).__name__}; expected a string or a message/dict", kind="unparseable")
+    if isinstance(raw.get("choices"), list) and raw["choices"]:
+        choice = raw["choices"][0]
+        msg = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(msg, dict):
+            raise AgentError("agent's chat completion has no choices[0].message", kind="unparseable")
+        return [_message(msg)]
+    if isinstance(raw.get("messages"), list):
+        msgs = [m for m in raw["messages"] if isinstance(m, dict)]
+        if len(msgs) > len(history) and all(
+            m.get("role") == h.role and (m.get("content") or "") == (h.content or "") for m, h in zip(msgs, history)
+        ):
+            new = msgs[len(history):]
+        else:
+            last_user = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=-1)
+            new = msgs[last_user + 1:]
+        new = [m for m in new if m.get("role") in ("assistant", "tool")]
+        if not new:
+            raise AgentError("agent's 'messages' reply contains no assistant message", kind="unparseable")
+        return [_message(m) for m in new]
+    if "content" in raw or "tool_calls" in raw:
+        return [_message({"role": "assistant", **raw})]
+    for key in ("output", "response", "reply", "text", "answer"):
+        if key in raw and isinstance(raw[key], (str, dict)):
+            return normalise_reply(raw[key], history)
+    raise AgentError(
+        f"cannot find the reply in the agent's output (keys: {', '.join(list(raw)[:10])}); return a string, "
+        "{'content': ...}, a chat completion or {'messages': [...]}, or set the target's response_path",
+        kind="unparseable",
+    )
+
+
+def _plain(value: Any) -> Any:
+    """Objects (pydantic models, SDK response objects) as plain dicts and lists, recursively."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    if hasattr(value, "__dict__"):
+        return {k: _plain(v) for k, v in vars(value).items() if not k.startswith("_")}
+    return value
+
+
+def _message(d: dict[str, Any]) -> Message:
+    role = d.get("role") or "assistant"
+    if role not in ("assistant", "tool"):
+        role = "assistant"
+    content = d.get("content")
+    if isinstance(content, list):  # content parts: keep the text parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    elif content is not None and not isinstance(content, str):
+        raise AgentError(f"agent message content must be text, got {type(content).__name__}", kind="unparseable")
+    tool_calls = None
+    if d.get("tool_calls"):
+        try:
+            tool_calls = [ToolCall.model_validate(_tool_call_dict(tc)) for tc in d["tool_calls"]]
+        except Exception as e:
+            raise AgentError(f"agent returned malformed tool_calls: {_first_error(e)}", kind="unparseable") from e
+    return Message(role=role, content=content, tool_calls=tool_calls, tool_call_id=d.get("tool_call_id"), name=d.get("name"))
+
+
+def _tool_call_dict(tc: dict[str, Any]) -> dict[str, Any]:
+    fn = dict(tc.get("function") or {})
+    if not isinstance(fn.get("arguments", ""), str):
+        fn["arguments"] = json.dumps(fn["arguments"])
+    return {"id": tc.get("id"), "type": tc.get("type") or "function", "function": fn}
+
+
+def _excerpt(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _first_error(e: Exception) -> str:
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            err = errors()[0]
+            return f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+        except Exception:
+            pass
+    return str(e).splitlines()[0]
