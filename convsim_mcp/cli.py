@@ -1,0 +1,261 @@
+"""`convsim-mcp`: serve the MCP server, or run the same jobs from a terminal or CI.
+
+    convsim-mcp serve [--transport stdio|sse|http] [--host 127.0.0.1 --port 8000]
+    convsim-mcp simulate TARGET CASES_FILE [--max-turns N --model M --concurrency N --repeats N]
+    convsim-mcp runs list | show RUN_ID | export RUN_ID [-o FILE] | import FILE
+    convsim-mcp demo
+
+Results go to stdout, progress and logs to stderr (with `serve --transport
+stdio`, stdout is the protocol wire and nothing else may write there).
+Errors exit non-zero with `Type: message`, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import anyio
+
+from engine import ConvsimError, JobRegistry, Progress, RunSummary, Store, UserInputError
+from engine.pipeline import run_summary, simulate
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args) or 0
+    except UserInputError as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except ConvsimError as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; completed turns are stored", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convsim-mcp", description="Test conversational agents with simulated users.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the MCP server")
+    serve.add_argument("--transport", choices=["stdio", "sse", "http"], default="stdio")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--db", help="SQLite file (default $CONVSIM_HOME/convsim.sqlite)")
+    serve.set_defaults(func=_serve)
+
+    sim = sub.add_parser("simulate", help="simulate conversations with an agent")
+    sim.add_argument("target", help="'pkg.module:func', 'path/to/file.py:func', an http(s) URL, or a JSON object")
+    sim.add_argument("cases_file", help="test cases: .json, .jsonl, .yaml or .yml")
+    _add_run_options(sim)
+    sim.set_defaults(func=_simulate)
+
+    runs = sub.add_parser("runs", help="inspect stored runs").add_subparsers(metavar="ACTION")
+    ls = runs.add_parser("list", help="recent runs")
+    ls.add_argument("--limit", type=int, default=20)
+    ls.add_argument("--db")
+    ls.set_defaults(func=_runs_list)
+    show = runs.add_parser("show", help="a run's summary")
+    show.add_argument("run_id")
+    show.add_argument("--json", action="store_true", help="print the summary as JSON")
+    show.add_argument("--db")
+    show.set_defaults(func=_runs_show)
+    export = runs.add_parser("export", help="a run's sessions as JSONL (one session per line)")
+    export.add_argument("run_id")
+    export.add_argument("-o", "--output", help="file to write (default stdout)")
+    export.add_argument("--db")
+    export.set_defaults(func=_runs_export)
+    imp = runs.add_parser("import", help="store sessions from a JSONL file as a new run")
+    imp.add_argument("file")
+    imp.add_argument("--db")
+    imp.set_defaults(func=_runs_import)
+
+    demo = sub.add_parser("demo", help="simulate the bundled example agent (offline unless a model is configured)")
+    demo.add_argument("--model", help="simulated user's model (default: offline, no API key needed)")
+    demo.add_argument("--max-turns", type=int, default=6)
+    demo.add_argument("--db")
+    demo.set_defaults(func=_demo)
+    return p
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-turns", type=int, default=10)
+    p.add_argument("--model", help="simulated user's model ('provider/model', 'provider:/model' or 'offline')")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--user-agent", help="custom simulated user class, 'pkg.mod:Class'")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON instead of a table")
+    p.add_argument("--db", help="SQLite file (default $CONVSIM_HOME/convsim.sqlite)")
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import build_server  # the MCP SDK costs ~1 s to import; other commands skip it
+
+    # The registry is owned here, for the life of the process: with SSE each connection enters the
+    # server's lifespan separately, and a background run must outlive the connection that started it.
+    registry = JobRegistry()
+    server = build_server(Store(args.db), registry)
+    if args.transport == "stdio":
+        sys.stdout.reconfigure(line_buffering=True)
+        serve = server.run_stdio_async
+    elif args.transport == "sse":
+        serve = partial(server.run_sse_async, host=args.host, port=args.port)
+    else:
+        serve = partial(server.run_streamable_http_async, host=args.host, port=args.port)
+
+    async def run() -> None:
+        async with registry.running():
+            await serve()
+
+    anyio.run(run)
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    summary = _run_simulation(args.db, args.target, args.cases_file, args)
+    print(summary.model_dump_json(indent=2) if args.json else render_summary(summary))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    target = str(EXAMPLES / "support_agent.py") + ":support_agent"
+    cases = EXAMPLES / "support_cases.yaml"
+    if not cases.is_file():
+        raise UserInputError(f"the bundled examples are not at {EXAMPLES}; run the demo from a clone of the repository")
+    ns = argparse.Namespace(max_turns=args.max_turns, model=args.model or "offline", concurrency=8, repeats=1,
+                            user_agent=None)
+    print(f"Simulating the bundled example agent ({target}) with {cases.name}.", file=sys.stderr)
+    summary = _run_simulation(args.db, target, str(cases), ns)
+    print(render_summary(summary))
+    return 0
+
+
+def _run_simulation(db: str | None, target: str, cases: str, opts: argparse.Namespace) -> RunSummary:
+    store = Store(db)
+    bar = ProgressBar()
+    target_arg: Any = json.loads(target) if target.strip().startswith("{") else target
+    summary = anyio.run(lambda: simulate(
+        store, target_arg, cases, progress=bar.update, max_turns=opts.max_turns, model=opts.model,
+        concurrency=opts.concurrency, repeats=opts.repeats, user_agent=opts.user_agent,
+    ))
+    bar.close()
+    return summary
+
+
+def _runs_list(args: argparse.Namespace) -> int:
+    runs = anyio.run(lambda: Store(args.db).list_runs(args.limit))
+    rows = [[r["id"], r["kind"], r["status"], time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])),
+             str(r["sessions_total"]), r["model"], r["target"].get("path") or r["target"].get("url") or "?"]
+            for r in runs]
+    print(_table(["run", "kind", "status", "created", "sessions", "model", "target"], rows) if rows else "no runs yet")
+    return 0
+
+
+def _runs_show(args: argparse.Namespace) -> int:
+    summary = anyio.run(lambda: run_summary(Store(args.db), args.run_id))
+    print(summary.model_dump_json(indent=2) if args.json else render_summary(summary))
+    return 0
+
+
+def _runs_export(args: argparse.Namespace) -> int:
+    lines = anyio.run(lambda: Store(args.db).export_jsonl(args.run_id))
+    text = "".join(line + "\n" for line in lines)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {len(lines)} sessions to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _runs_import(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        raise UserInputError(f"file not found: {path}")
+    with path.open(encoding="utf-8") as f:
+        run_id = anyio.run(lambda: Store(args.db).import_jsonl(f, source=str(path)))
+    print(run_id)
+    return 0
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def render_summary(s: RunSummary) -> str:
+    """A run summary as a plain-text table for terminals and CI logs."""
+    head = f"run {s.run_id}  {s.status.value}  target {s.target}  user model {s.model}"
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(s.stop_reasons.items())) or "none"
+    lines = [head, f"sessions {s.sessions_done}/{s.sessions_total}, turns {s.turns_done}; stop reasons: {counts}"]
+    for role, u in s.usage.items():
+        cost = f", ${u.cost_usd:.4f}" if u.cost_usd else ""
+        lines.append(f"usage {role}: {u.calls} calls, {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens{cost}")
+    rows = []
+    for x in s.sessions:
+        last = x.error or x.last_agent_reply or ""
+        rows.append([x.session_id, x.case_id or str(x.case_index), x.stop_reason.value if x.stop_reason else "running",
+                     str(x.turns), _one_line(last, 70)])
+    lines += ["", _table(["session", "case", "stop reason", "turns", "last agent reply / error"], rows)]
+    if s.error:
+        lines.append(f"error: {s.error}")
+    if s.note:
+        lines.append(f"note: {s.note}")
+    lines.append(f"transcripts: convsim-mcp runs export {s.run_id}")
+    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+
+
+def _one_line(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (a line per finished session when stderr is not a terminal)."""
+
+    def __init__(self, width: int = 30):
+        self.width = width
+        self.tty = sys.stderr.isatty()
+        self.shown = False
+
+    async def update(self, p: Progress) -> None:
+        if self.tty:
+            filled = int(self.width * p.done / max(p.total, 1))
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {p.done}/{p.total} {_one_line(p.message, 50):<50}")
+            sys.stderr.flush()
+            self.shown = True
+        elif "ended" in p.message:
+            print(f"[{p.done}/{p.total}] {p.message}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The MCP server: thin tools over `engine.pipeline`, transcripts as resources.
+
+Each tool validates its arguments, calls one engine function and returns a
+pydantic model sized for an assistant's context. Engine errors become
+`ToolError`s carrying the engine's message (which says what to fix); full
+transcripts are resources, not tool results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, AsyncIterator
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
+from mcp.types import ToolAnnotations
+from pydantic import BaseModel, Field, WithJsonSchema
+
+from engine import ConvsimError, JobRegistry, NotFound, Progress, RunStatus, RunSummary, Store, TargetSpec, TestCase
+from engine.pipeline import prepare_simulation, run_summary, run_uri
+from engine.store import session_to_record
+
+log = logging.getLogger("convsim.server")
+
+INSTRUCTIONS = """\
+convsim tests a conversational agent by playing simulated users against it.
+Start with simulate_conversations (target = the agent, test_cases = goals and personas).
+Long runs: pass wait=false, then poll get_run; cancel_run stops a run and keeps completed turns.
+Full transcripts are resources: convsim://runs/{run_id} and convsim://runs/{run_id}/sessions/{session_id}."""
+
+TARGET_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "description": "'pkg.module:func', 'path/to/file.py:func', or an http(s) URL of an "
+                                          "OpenAI-compatible chat endpoint"},
+        TargetSpec.model_json_schema(),
+    ]
+}
+TEST_CASES_SCHEMA = {
+    "anyOf": [
+        {"type": "array", "items": TestCase.model_json_schema()},
+        {"type": "string", "description": "Path to a .json, .jsonl, .yaml or .yml file of test cases"},
+    ]
+}
+# Loose types plus a precise published schema: the engine validates, so errors name the case index and field.
+TargetArg = Annotated[str | dict[str, Any], WithJsonSchema(TARGET_SCHEMA), Field(description="The agent under test.")]
+TestCasesArg = Annotated[
+    list[Any] | str,
+    WithJsonSchema(TEST_CASES_SCHEMA),
+    Field(description="Test cases (goal required; persona, simulation_guidelines, context, expectations, "
+                      "scripted_turns, id optional), inline or as a file path."),
+]
+
+
+class RunBrief(BaseModel):
+    run_id: str
+    kind: str
+    status: RunStatus
+    created_at: float
+    target: str
+    model: str
+    sessions_total: int
+    resource: str
+
+
+class RunList(BaseModel):
+    runs: list[RunBrief]
+
+
+def build_server(store: Store | None = None, registry: JobRegistry | None = None) -> MCPServer:
+    """The convsim MCP server. `store` defaults to $CONVSIM_HOME/convsim.sqlite."""
+    store = store or Store()
+    registry = registry or JobRegistry()
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer) -> AsyncIterator[dict[str, Any]]:
+        await store.mark_interrupted()
+        async with registry.running():
+            yield {}
+
+    server = MCPServer("convsim", instructions=INSTRUCTIONS, log_level="WARNING", lifespan=lifespan)
+
+    @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
+    async def simulate_conversations(
+        target: TargetArg,
+        test_cases: TestCasesArg,
+        ctx: Context,
+        max_turns: Annotated[int, Field(description="Most user messages per conversation (1-100).")] = 10,
+        model: Annotated[str | None, Field(description="Simulated user's model, e.g. 'openai/gpt-4o-mini' or "
+                                                       "'openai:/gpt-4o-mini'; 'offline' for the no-LLM heuristic. "
+                                                       "Default: CONVSIM_MODEL, else by available API key.")] = None,
+        concurrency: Annotated[int, Field(description="Conversations run at the same time.")] = 8,
+        repeats: Annotated[int, Field(description="Run each test case this many times (separate sessions).")] = 1,
+        user_agent: Annotated[str | None, Field(description="Custom simulated user: 'pkg.mod:Class' subclassing "
+                                                            "engine.SimulatedUser.")] = None,
+        wait: Annotated[bool, Field(description="true: return when done, reporting progress per turn. false: "
+                                                "return the run id at once; poll get_run.")] = True,
+    ) -> RunSummary:
+        """Play simulated users against an agent for many turns and store the conversations.
+
+        Returns per session the stop reason (goal_achieved, user_ended, max_turns, agent_error,
+        agent_empty, simulator_error, cancelled), the turn count and the last exchange.
+        """
+        try:
+            job = await prepare_simulation(
+                store, target, test_cases, max_turns=max_turns, model=model, concurrency=concurrency,
+                repeats=repeats, user_agent=user_agent,
+            )
+        except ConvsimError as e:
+            raise ToolError(str(e)) from e
+        if not wait:
+            registry.start(job)
+            return await run_summary(store, job.run_id)
+
+        async def forward(p: Progress) -> None:
+            try:
+                await ctx.report_progress(p.done, p.total, p.message)
+            except Exception:  # the client went away; the run goes on
+                pass
+
+        registry.start(job, on_progress=forward)
+        try:
+            await registry.wait(job.run_id)
+        except anyio.get_cancelled_exc_class():
+            registry.cancel(job.run_id)  # the caller gave up waiting: stop the run, keep its turns
+            raise
+        return await run_summary(store, job.run_id)
+
+    @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
+    async def get_run(run_id: Annotated[str, Field(description="Id returned by simulate_conversations.")]) -> RunSummary:
+        """Status, progress and per-session summaries of a run."""
+        try:
+            return await run_summary(store, run_id)
+        except ConvsimError as e:
+            raise ToolError(str(e)) from e
+
+    @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
+    async def list_runs(limit: Annotated[int, Field(ge=1, le=200, description="Most recent runs to list.")] = 20) -> RunList:
+        """The most recent runs, newest first."""
+        runs = await store.list_runs(limit)
+        return RunList(runs=[
+            RunBrief(run_id=r["id"], kind=r["kind"], status=RunStatus(r["status"]), created_at=r["created_at"],
+                     target=r["target"].get("path") or r["target"].get("url") or r["target"].get("source") or "?",
+                     model=r["model"], sessions_total=r["sessions_total"], resource=run_uri(r["id"]))
+            for r in runs
+        ])
+
+    @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, openWorldHint=False))
+    async def cancel_run(run_id: Annotated[str, Field(description="The run to stop.")]) -> RunSummary:
+        """Stop a running run. Completed turns are kept; unfinished sessions end with stop reason 'cancelled'."""
+        try:
+            summary = await run_summary(store, run_id)
+        except ConvsimError as e:
+            raise ToolError(str(e)) from e
+        if summary.status != RunStatus.RUNNING:
+            raise ToolError(f"run '{run_id}' is not running (status: {summary.status.value}); nothing to cancel")
+        if not registry.cancel(run_id):
+            raise ToolError(f"run '{run_id}' is running in another process; stop that process to cancel it")
+        await registry.wait(run_id)
+        return await run_summary(store, run_id)
+
+    @server.resource("convsim://runs/{run_id}", mime_type="application/json",
+                     description="A run: summary and every session's full transcript (JSON).")
+    async def run_resource(run_id: str) -> str:
+        try:
+            summary = await run_summary(store, run_id)
+            sessions = await store.get_sessions(run_id)
+        except NotFound as e:
+            raise ResourceError(str(e)) from e
+        return json.dumps({"run": summary.model_dump(mode="json", exclude={"sessions"}),
+                           "sessions": [session_to_record(s) for s in sessions]}, ensure_ascii=False)
+
+    @server.resource("convsim://runs/{run_id}/sessions/{session_id}", mime_type="application/json",
+                     description="One session's full transcript with test case, stop reason and usage (JSON).")
+    async def session_resource(run_id: str, session_id: str) -> str:
+        try:
+            session = await store.get_session(session_id, run_id=run_id)
+        except NotFound as e:
+            raise ResourceError(str(e)) from e
+        return json.dumps(session_to_record(session), ensure_ascii=False)
+
+    return server
