@@ -1,0 +1,138 @@
+"""The MCP server in-process, through the real MCP client (transports: test_mcp_transports.py)."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import pytest
+from mcp import Client
+
+from convsim_mcp.server import build_server
+
+pytestmark = pytest.mark.anyio
+
+CASES = [{"goal": "Check order A1. Ask about returns.", "id": "order"}, {"goal": "Say hi."}]
+
+
+@pytest.fixture
+def server(store):
+    return build_server(store)
+
+
+async def poll_until_done(client: Client, run_id: str, timeout: float = 20) -> dict:
+    with anyio.fail_after(timeout):
+        while True:
+            result = await client.call_tool("get_run", {"run_id": run_id})
+            if result.structured_content["status"] != "running":
+                return result.structured_content
+            await anyio.sleep(0.05)
+
+
+async def test_tools_publish_schemas_with_descriptions(server):
+    async with Client(server) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+    assert {"simulate_conversations", "get_run", "list_runs", "cancel_run"} <= set(tools)
+    sim = tools["simulate_conversations"]
+    props = sim.input_schema["properties"]
+    assert props["test_cases"]["anyOf"][0]["items"]["properties"]["goal"]["description"]
+    assert "wait" in props and "description" in props["max_turns"]
+    assert sim.output_schema["properties"]["sessions"]
+
+
+async def test_simulate_with_wait_reports_progress_per_turn(server):
+    updates: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress, total, message):
+        updates.append((progress, total, message))
+
+    async with Client(server) as client:
+        result = await client.call_tool(
+            "simulate_conversations", {"target": "tests.agents:echo", "test_cases": CASES, "max_turns": 4},
+            progress_callback=on_progress,
+        )
+    assert not result.is_error, result.content
+    run = result.structured_content
+    assert run["status"] == "completed" and run["offline"] is True
+    assert {s["case_id"] for s in run["sessions"]} == {"order", None}
+    assert all(s["stop_reason"] and s["last_agent_reply"].startswith("You said") for s in run["sessions"])
+    assert updates and updates[-1][0] == updates[-1][1] == 8
+    assert [u[0] for u in updates] == sorted(u[0] for u in updates)
+    assert sum("turn" in (u[2] or "") for u in updates) == run["turns_done"]
+
+
+async def test_background_run_then_get_run_until_done(server):
+    async with Client(server) as client:
+        started = await client.call_tool(
+            "simulate_conversations", {"target": "tests.agents:echo", "test_cases": CASES, "wait": False}
+        )
+        assert started.structured_content["status"] == "running"
+        done = await poll_until_done(client, started.structured_content["run_id"])
+        runs = (await client.call_tool("list_runs", {})).structured_content["runs"]
+    assert done["status"] == "completed" and done["sessions_done"] == 2
+    assert runs[0]["run_id"] == done["run_id"]
+
+
+async def test_cancel_run_stops_a_background_run_and_keeps_turns(server):
+    async with Client(server) as client:
+        started = await client.call_tool(
+            "simulate_conversations",
+            {"target": {"path": "tests.agents:slow", "timeout_s": 30}, "test_cases": [{"goal": "Ask A. Ask B. Ask C."}],
+             "wait": False},
+        )
+        run_id = started.structured_content["run_id"]
+        await anyio.sleep(2.3)  # the slow agent has answered turn 1
+        cancelled = await client.call_tool("cancel_run", {"run_id": run_id})
+        again = await client.call_tool("cancel_run", {"run_id": run_id})
+        transcript = json.loads((await client.read_resource(f"convsim://runs/{run_id}")).contents[0].text)
+    run = cancelled.structured_content
+    assert run["status"] == "cancelled"
+    assert run["sessions"][0]["stop_reason"] == "cancelled"
+    assert run["sessions"][0]["last_agent_reply"] == "too late"
+    assert again.is_error and "not running" in again.content[0].text
+    assert [m["role"] for m in transcript["sessions"][0]["messages"]][:2] == ["user", "assistant"]
+
+
+async def test_transcripts_are_resources(server):
+    async with Client(server) as client:
+        run = (await client.call_tool(
+            "simulate_conversations", {"target": "tests.agents:echo", "test_cases": CASES[:1]}
+        )).structured_content
+        session = run["sessions"][0]
+        body = json.loads((await client.read_resource(session["resource"])).contents[0].text)
+        whole = json.loads((await client.read_resource(run["resource"])).contents[0].text)
+        templates = [t.uri_template for t in (await client.list_resource_templates()).resource_templates]
+    assert body["session_id"] == session["session_id"] and body["test_case"]["id"] == "order"
+    assert body["messages"][0] == {"role": "user", "content": "Hello! I'd like to check order A1.", "turn": 1,
+                                   "latency_ms": body["messages"][0]["latency_ms"], "usage": body["messages"][0]["usage"]}
+    assert whole["run"]["run_id"] == run["run_id"] and len(whole["sessions"]) == 1
+    assert "convsim://runs/{run_id}/sessions/{session_id}" in templates
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        pytest.param({"target": "no_such_pkg.agent:fn", "test_cases": CASES}, "no_such_pkg", id="bad-module"),
+        pytest.param({"target": "tests.agents:no_history_param", "test_cases": CASES}, "'messages' or 'input'",
+                     id="bad-signature"),
+        pytest.param({"target": "tests.agents:echo", "test_cases": [{"goal": "ok"}, {"persona": "x"}]},
+                     "test case 1, field 'goal': is required", id="case-missing-goal"),
+        pytest.param({"target": "tests.agents:echo", "test_cases": [{"goal": "ok", "gaol": "x"}]},
+                     "did you mean 'goal'", id="case-typo"),
+        pytest.param({"target": "tests.agents:echo", "test_cases": "missing.yaml"}, "file not found", id="no-file"),
+        pytest.param({"target": "tests.agents:echo", "test_cases": CASES, "max_turns": 0}, "max_turns", id="max-turns"),
+        pytest.param({"target": "tests.agents:echo", "test_cases": CASES, "model": "gpt-4o"}, "provider prefix",
+                     id="model-without-provider"),
+    ],
+)
+async def test_bad_input_gets_a_specific_error(server, arguments, expected):
+    async with Client(server) as client:
+        result = await client.call_tool("simulate_conversations", arguments)
+    assert result.is_error
+    assert expected in result.content[0].text
+
+
+async def test_unknown_run_id_is_a_specific_error(server):
+    async with Client(server) as client:
+        result = await client.call_tool("get_run", {"run_id": "run-nope"})
+    assert result.is_error and "no run with id 'run-nope'" in result.content[0].text
