@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import anyio
 
 from engine import ConvsimError, JobRegistry, Progress, RunSummary, Store, UserInputError
-from engine.pipeline import run_summary, simulate
+from engine.pipeline import describe_target, run_summary, simulate
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -166,7 +166,7 @@ def _run_simulation(db: str | None, target: str, cases: str, opts: argparse.Name
 def _runs_list(args: argparse.Namespace) -> int:
     runs = anyio.run(lambda: Store(args.db).list_runs(args.limit))
     rows = [[r["id"], r["kind"], r["status"], time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])),
-             str(r["sessions_total"]), r["model"], r["target"].get("path") or r["target"].get("url") or "?"]
+             str(r["sessions_total"]), r["model"], describe_target(r["target"])]
             for r in runs]
     print(_table(["run", "kind", "status", "created", "sessions", "model", "target"], rows) if rows else "no runs yet")
     return 0

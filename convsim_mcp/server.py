@@ -20,7 +20,7 @@ from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field, WithJsonSchema
 
 from engine import ConvsimError, JobRegistry, NotFound, Progress, RunStatus, RunSummary, Store, TargetSpec, TestCase
-from engine.pipeline import prepare_simulation, run_summary, run_uri
+from engine.pipeline import describe_target, prepare_simulation, run_summary, run_uri
 from engine.store import session_to_record
 
 log = logging.getLogger("convsim.server")
@@ -142,7 +142,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         runs = await store.list_runs(limit)
         return RunList(runs=[
             RunBrief(run_id=r["id"], kind=r["kind"], status=RunStatus(r["status"]), created_at=r["created_at"],
-                     target=r["target"].get("path") or r["target"].get("url") or r["target"].get("source") or "?",
+                     target=describe_target(r["target"]),
                      model=r["model"], sessions_total=r["sessions_total"], resource=run_uri(r["id"]))
             for r in runs
         ])

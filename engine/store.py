@@ -279,28 +279,35 @@ class Store:
 
     async def import_jsonl(self, lines: Iterable[str], *, source: str = "import") -> str:
         """Store sessions from JSONL (our export format, or one bare list of messages per line) as a new run."""
-        sessions = [record_to_session(json.loads(line), n) for n, line in _numbered(lines)]
+        sessions = [record_to_session(_json_line(line, n), n) for n, line in _numbered(lines)]
         if not sessions:
             raise InvalidOption(f"{source}: no sessions found (expected one JSON object or message list per line)")
+        taken = await self._run(lambda: {
+            r[0] for r in self._db.execute(
+                f"SELECT id FROM sessions WHERE id IN ({','.join('?' * len(sessions))})", [s.id for s in sessions])
+        })
+        for s in sessions:
+            if s.id in taken:  # already in this database or earlier in the file: keep both, note the original
+                s.metadata["original_session_id"] = s.id
+                s.id = new_session_id()
+            taken.add(s.id)
         run_id = new_run_id()
         cases = [s.test_case or TestCase(goal="(imported conversation)") for s in sessions]
         await self.create_run(
             run_id=run_id, kind="import", target={"source": source}, options={}, model="n/a", offline=False,
             test_cases=cases, sessions_total=len(sessions),
         )
-        taken = await self._run(lambda: {
-            r[0] for r in self._db.execute(
-                f"SELECT id FROM sessions WHERE id IN ({','.join('?' * len(sessions))})", [s.id for s in sessions])
-        })
-        for i, s in enumerate(sessions):
-            s.run_id, s.case_index = run_id, i
-            if s.id in taken:  # already in this database (re-import): keep both, note the original
-                s.metadata["original_session_id"] = s.id
-                s.id = new_session_id()
-            await self.create_session(s)
-            for seq, m in enumerate(s.messages):
-                await self.add_message(s.id, seq, m, s.turns)
-            await self.finish_session(s)
+        try:
+            for i, s in enumerate(sessions):
+                s.run_id, s.case_index = run_id, i
+                await self.create_session(s)
+                for seq, m in enumerate(s.messages):
+                    await self.add_message(s.id, seq, m, s.turns)
+                await self.finish_session(s)
+        except BaseException as e:
+            with anyio.CancelScope(shield=True):
+                await self.finish_run(run_id, RunStatus.FAILED, f"import stopped: {type(e).__name__}: {e}")
+            raise
         await self.finish_run(run_id, RunStatus.COMPLETED)
         return run_id
 
@@ -357,6 +364,13 @@ def record_to_session(record: Any, line_no: int) -> Session:
         started_at=time.time(),
         finished_at=time.time(),
     )
+
+
+def _json_line(line: str, line_no: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InvalidOption(f"line {line_no} is not valid JSON: {e.msg} (column {e.colno})") from None
 
 
 def _numbered(lines: Iterable[str]) -> Iterable[tuple[int, str]]:

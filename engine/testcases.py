@@ -86,7 +86,10 @@ def _read_file(path: Path) -> list[Any]:
     except json.JSONDecodeError as e:
         raise InvalidTestCase(f"{path} is not valid JSON: {e.msg} (line {e.lineno})") from None
     except yaml.YAMLError as e:
-        raise InvalidTestCase(f"{path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InvalidTestCase(f"{path} is not valid YAML: {problem}{where}") from None
     if isinstance(data, dict) and isinstance(data.get("test_cases"), list):
         data = data["test_cases"]
     if isinstance(data, dict):
