@@ -37,6 +37,7 @@ from .errors import AgentError, InvalidTarget
 from .models import Message, TargetSpec, TestCase, ToolCall
 
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+SCHEME_ONLY = re.compile(r"\s*(?:Bearer|Basic|Token|Bot|ApiKey)?\s*", re.I)
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.]*)\s*\}\}")
 HISTORY_PARAMS = ("messages", "input")
 SESSION_PARAMS = ("session_id", "mlflow_session_id")
@@ -138,8 +139,13 @@ def redacted_spec(spec: TargetSpec) -> dict[str, Any]:
     data = spec.model_dump(exclude_none=True, exclude_defaults=True)
     data["kind"] = spec.kind
     if spec.headers:
-        data["headers"] = {k: v if ENV_REF.fullmatch(v.strip()) else "***" for k, v in spec.headers.items()}
+        data["headers"] = {k: v if _only_references(v) else "***" for k, v in spec.headers.items()}
     return data
+
+
+def _only_references(value: str) -> bool:
+    """True if a header value holds no literal secret: only ${VAR} references and an auth scheme word."""
+    return bool(ENV_REF.search(value)) and bool(SCHEME_ONLY.fullmatch(ENV_REF.sub("", value)))
 
 
 # --- Python callables ---------------------------------------------------------------------------

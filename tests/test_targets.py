@@ -189,8 +189,11 @@ async def test_openai_target_sends_full_history_model_and_expanded_headers(http_
 
 
 def test_secrets_are_redacted_from_the_stored_spec():
-    spec = parse_target_spec({"url": "http://x", "headers": {"Authorization": "Bearer literal", "X-Key": "${AGENT_TOKEN}"}})
-    assert redacted_spec(spec)["headers"] == {"Authorization": "***", "X-Key": "${AGENT_TOKEN}"}
+    headers = {"Authorization": "Bearer literal", "X-Key": "${AGENT_TOKEN}", "X-Auth": "Bearer ${AGENT_TOKEN}",
+               "X-Mixed": "abc${AGENT_TOKEN}"}
+    spec = parse_target_spec({"url": "http://x", "headers": headers})
+    assert redacted_spec(spec)["headers"] == {"Authorization": "***", "X-Key": "${AGENT_TOKEN}",
+                                              "X-Auth": "Bearer ${AGENT_TOKEN}", "X-Mixed": "***"}
 
 
 def test_unset_header_variable_is_reported_before_the_run(monkeypatch):
