@@ -116,6 +116,9 @@ def _serve(args: argparse.Namespace) -> int:
     # server's lifespan separately, and a background run must outlive the connection that started it.
     registry = JobRegistry()
     server = build_server(Store(args.db), registry)
+    if args.transport != "stdio" and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}: reachable from other machines, and the MCP SDK's DNS-rebinding "
+              "protection is off for non-loopback hosts. Put it behind a proxy that authenticates.", file=sys.stderr)
     if args.transport == "stdio":
         sys.stdout.reconfigure(line_buffering=True)
         serve = server.run_stdio_async
@@ -206,7 +209,8 @@ def render_summary(s: RunSummary) -> str:
     """A run summary as a plain-text table for terminals and CI logs."""
     head = f"run {s.run_id}  {s.status.value}  target {s.target}  user model {s.model}"
     counts = ", ".join(f"{k} {v}" for k, v in sorted(s.stop_reasons.items())) or "none"
-    lines = [head, f"sessions {s.sessions_done}/{s.sessions_total}, turns {s.turns_done}; stop reasons: {counts}"]
+    lines = [head, f"sessions {s.sessions_done}/{s.sessions_total} ({s.progress:.0%}), turns {s.turns_done}; "
+                   f"stop reasons: {counts}"]
     for role, u in s.usage.items():
         cost = f", ${u.cost_usd:.4f}" if u.cost_usd else ""
         lines.append(f"usage {role}: {u.calls} calls, {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens{cost}")

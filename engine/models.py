@@ -221,6 +221,7 @@ class RunSummary(BaseModel):
     sessions_total: int
     sessions_done: int
     turns_done: int
+    progress: float = Field(description="Fraction of the run done, 0-1 (a finished session counts as all its turns).")
     stop_reasons: dict[str, int] = Field(default_factory=dict)
     usage: dict[str, Usage] = Field(default_factory=dict, description="Model usage by role.")
     error: str | None = None

@@ -180,6 +180,8 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
         if s.stop_reason:
             reasons[s.stop_reason.value] = reasons.get(s.stop_reason.value, 0) + 1
     status = RunStatus(run["status"])
+    max_turns = run["options"].get("max_turns") or 1
+    steps = sum(max_turns if s.stop_reason else min(s.turns, max_turns) for s in sessions)
     notes = []
     if run["offline"]:
         notes.append("The offline backend played the user: a deterministic heuristic, not an LLM. "
@@ -200,6 +202,7 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
         sessions_total=run["sessions_total"],
         sessions_done=sum(1 for s in sessions if s.stop_reason),
         turns_done=sum(s.turns for s in sessions),
+        progress=round(steps / max(run["sessions_total"] * max_turns, 1), 4) if status == RunStatus.RUNNING else 1.0,
         stop_reasons=reasons,
         usage=usage,
         error=run["error"],

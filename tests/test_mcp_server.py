@@ -67,9 +67,10 @@ async def test_background_run_then_get_run_until_done(server):
             "simulate_conversations", {"target": "tests.agents:echo", "test_cases": CASES, "wait": False}
         )
         assert started.structured_content["status"] == "running"
+        assert 0 <= started.structured_content["progress"] < 1
         done = await poll_until_done(client, started.structured_content["run_id"])
         runs = (await client.call_tool("list_runs", {})).structured_content["runs"]
-    assert done["status"] == "completed" and done["sessions_done"] == 2
+    assert done["status"] == "completed" and done["sessions_done"] == 2 and done["progress"] == 1.0
     assert runs[0]["run_id"] == done["run_id"]
 
 
