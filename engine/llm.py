@@ -70,7 +70,7 @@ class LLMSettings:
     timeout_s: float = 60.0
     max_retries: int = 4
     backoff_s: float = 1.0
-    max_concurrency: int = 16
+    max_concurrency: int = 64
     temperature: float | None = None
 
 
@@ -200,8 +200,14 @@ def resolve_llm(
     api_key: str | None = None,
     timeout_s: float | None = None,
     max_retries: int | None = None,
+    max_concurrency: int | None = None,
 ) -> LLM:
-    """Build the backend for `model` (see `resolve_model`). Per-call options beat CONVSIM_API_BASE / CONVSIM_API_KEY."""
+    """Build the backend for `model` (see `resolve_model`). Per-call options beat the environment
+    (CONVSIM_API_BASE, CONVSIM_API_KEY, CONVSIM_LLM_TIMEOUT, CONVSIM_LLM_RETRIES, CONVSIM_LLM_CONCURRENCY).
+
+    `max_concurrency` caps model calls in flight; a job passes its own concurrency, since
+    each conversation has at most one call in flight.
+    """
     name = resolve_model(model)
     if name == OFFLINE:
         return OfflineBackend()
@@ -215,6 +221,7 @@ def resolve_llm(
         api_key=api_key or os.environ.get("CONVSIM_API_KEY") or None,
         timeout_s=timeout_s if timeout_s is not None else float(os.environ.get("CONVSIM_LLM_TIMEOUT", "60")),
         max_retries=max_retries if max_retries is not None else int(os.environ.get("CONVSIM_LLM_RETRIES", "4")),
+        max_concurrency=min(max_concurrency or 64, int(os.environ.get("CONVSIM_LLM_CONCURRENCY", "100000"))),
     )
     return LiteLLMBackend(settings)
 

@@ -152,7 +152,7 @@ async def prepare_simulation(
     resolved = resolve_target(target, base_dir=base_dir)
     resolved.check_cases(cases)
     user_class = load_user_class(user_agent)
-    llm = llm or resolve_llm(model, api_base=api_base, api_key=api_key)
+    llm = llm or resolve_llm(model, api_base=api_base, api_key=api_key, max_concurrency=concurrency)
     run_id = new_run_id()
     options = {"max_turns": max_turns, "concurrency": concurrency, "repeats": repeats, "user_agent": user_agent}
     await store.create_run(

@@ -81,6 +81,7 @@ class _BadRequest(Exception):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go in separate writes: no delayed-ACK stall
     server_version = "AcmeSupportAgent/1.0"
     server: AgentServer
 

@@ -97,3 +97,10 @@ def test_building_the_server_does_not_import_litellm(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "db.sqlite")], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_model_calls_in_flight_follow_the_run_concurrency(monkeypatch):
+    assert resolve_llm("openai/x", max_concurrency=50)._limiter.total_tokens == 50
+    monkeypatch.setenv("CONVSIM_LLM_CONCURRENCY", "3")
+    assert resolve_llm("openai/x")._limiter.total_tokens == 3
+    assert resolve_llm("openai/x", max_concurrency=50)._limiter.total_tokens == 3  # the environment only lowers it
