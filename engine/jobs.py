@@ -1,9 +1,9 @@
 """Background jobs: start a prepared job, watch its progress, cancel it.
 
 The MCP protocol version we serve has no long-running tasks, so the server
-keeps its own registry. Job state that must survive (status, turns, stop
-reasons) lives in the store; this registry holds only what is live: the
-cancel scope and the latest progress of jobs running in this process.
+keeps its own registry. Job state (status, turns, stop reasons, progress)
+lives in the store; this registry holds only what is live: the cancel scope
+and completion event of each job running in this process.
 
 The registry owns one task group, opened by `running()`. It is re-entrant:
 the outermost `running()` (the server's lifetime) owns the group; nested
@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Protocol
 import anyio
 from anyio.abc import TaskGroup
 
-from .pipeline import Progress, ProgressFn
+from .pipeline import ProgressFn
 
 log = logging.getLogger("convsim.jobs")
 
@@ -36,7 +36,6 @@ class Job(Protocol):
 class _Live:
     scope: anyio.CancelScope
     done: anyio.Event
-    progress: Progress | None = None
 
 
 class JobRegistry:
@@ -66,14 +65,9 @@ class JobRegistry:
         self._tg.start_soon(self._run, job, live, on_progress)
 
     async def _run(self, job: Job, live: _Live, on_progress: ProgressFn | None) -> None:
-        async def progress(p: Progress) -> None:
-            live.progress = p
-            if on_progress:
-                await on_progress(p)
-
         try:
             with live.scope:
-                await job.run(progress)
+                await job.run(on_progress)
         except Exception:
             log.exception("background job %s failed", job.run_id)
         finally:
@@ -82,10 +76,6 @@ class JobRegistry:
 
     def is_live(self, run_id: str) -> bool:
         return run_id in self._live
-
-    def progress(self, run_id: str) -> Progress | None:
-        live = self._live.get(run_id)
-        return live.progress if live else None
 
     def cancel(self, run_id: str) -> bool:
         """Cancel a live job; False if it is not running in this process."""

@@ -77,8 +77,9 @@ class LLMSettings:
 class LLM:
     """A structured-completion backend.
 
-    Subclasses implement `_complete`; `complete` adds nothing but the contract.
-    Raises `LLMError` (after retries) or `LLMOutputError` (unparseable reply).
+    `offline` is the caller's deterministic stand-in for the model, used only by
+    `OfflineBackend`. Raises `LLMError` (after retries) or `LLMOutputError`
+    (unparseable reply).
     """
 
     model: str = ""
@@ -92,12 +93,7 @@ class LLM:
         role: Role,
         offline: Callable[[], T] | None = None,
     ) -> LLMResult[T]:
-        return await self._complete(messages, schema, role=role, offline=offline)
-
-    async def _complete(
-        self, messages: list[dict[str, Any]], schema: type[T], *, role: Role, offline: Callable[[], T] | None
-    ) -> LLMResult[T]:
-        raise NotImplementedError(f"{type(self).__name__} does not implement _complete")
+        raise NotImplementedError(f"{type(self).__name__} does not implement complete")
 
 
 class OfflineBackend(LLM):
@@ -106,7 +102,7 @@ class OfflineBackend(LLM):
     model = OFFLINE
     offline = True
 
-    async def _complete(self, messages, schema, *, role, offline):
+    async def complete(self, messages, schema, *, role, offline=None):
         if offline is None:
             raise LLMError(
                 f"The offline backend has no heuristic for {schema.__name__}; configure a model "
@@ -124,7 +120,7 @@ class LiteLLMBackend(LLM):
         self.model = settings.model
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
 
-    async def _complete(self, messages, schema, *, role, offline):
+    async def complete(self, messages, schema, *, role, offline=None):
         usage = Usage()
         convo = list(messages)
         last_error = ""

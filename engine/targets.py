@@ -85,10 +85,6 @@ class Target:
     def check_cases(self, cases: list[TestCase]) -> None:
         """Raise InvalidTarget if the agent cannot be called for some case (before anything runs)."""
 
-    def describe(self) -> str:
-        """A one-line description with secrets redacted, safe to store and show."""
-        return redacted_spec(self.spec).get("path") or redacted_spec(self.spec).get("url") or "?"
-
     async def aclose(self) -> None:
         """Release connections."""
 
@@ -213,9 +209,6 @@ class PythonTarget(Target):
         except Exception as e:
             raise AgentError(f"{type(e).__name__}: {e}", kind="exception") from e
 
-    def describe(self) -> str:
-        return self.spec.path or ""
-
 
 def load_callable(path: str, *, base_dir: str | Path | None = None, what: str = "function") -> Callable[..., Any]:
     """Load `pkg.module:attr` or `path/to/file.py:attr`; raise InvalidTarget saying what to fix."""
@@ -298,9 +291,6 @@ class _HTTPTarget(Target):
             if resp.text.strip() and "json" not in resp.headers.get("content-type", ""):
                 return resp.text  # a plain-text reply is a valid reply
             raise AgentError(f"agent reply is not JSON: {_excerpt(resp.text)}", kind="unparseable") from None
-
-    def describe(self) -> str:
-        return self.spec.url or ""
 
     async def aclose(self) -> None:
         if self._client is not None:

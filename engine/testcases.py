@@ -98,7 +98,3 @@ def _read_file(path: Path) -> list[Any]:
         raise InvalidTestCase(f"{path} must hold a list of test cases (or {{'test_cases': [...]}})")
     return data
 
-
-def dump_test_cases(cases: list[TestCase]) -> list[dict[str, Any]]:
-    """Cases as plain dicts without empty fields (for export and for MCP results)."""
-    return [c.model_dump(exclude_defaults=True) for c in cases]
