@@ -153,7 +153,7 @@ class LiteLLMBackend(LLM):
                 async with self._limiter:
                     resp = await litellm.acompletion(**kwargs)
             except Exception as e:  # classify at the boundary, decide here
-                err = _classify(e)
+                err = _classify(e, secret=s.api_key)
                 usage = usage.add(Usage(calls=1))
                 if not err.retryable or attempt == s.max_retries:
                     raise err from e
@@ -247,8 +247,8 @@ def _import_litellm():
     return _litellm
 
 
-def _classify(e: Exception) -> LLMError:
-    """Translate a litellm/openai exception into LLMError, retryable or not. Never echoes the key."""
+def _classify(e: Exception, *, secret: str | None = None) -> LLMError:
+    """Translate a litellm/openai exception into LLMError, retryable or not. Never echoes a key."""
     status = getattr(e, "status_code", None)
     name = type(e).__name__
     message = str(getattr(e, "message", "") or e).strip().splitlines()[0][:300] if str(e) else name
@@ -259,7 +259,18 @@ def _classify(e: Exception) -> LLMError:
         retryable = True
     if name == "ContextWindowExceededError":
         retryable = False
-    return LLMError(f"{name}: {message}", retryable=retryable, status_code=status if isinstance(status, int) else None)
+    return LLMError(f"{name}: {_redact(message, secret)}", retryable=retryable,
+                    status_code=status if isinstance(status, int) else None)
+
+
+def _redact(text: str, secret: str | None) -> str:
+    """Remove API keys (ours and any *_API_KEY / *_TOKEN in the environment) from text bound for storage."""
+    secrets = [v for k, v in os.environ.items() if k.endswith(("_API_KEY", "_TOKEN")) and len(v) >= 8]
+    if secret and len(secret) >= 4:
+        secrets.append(secret)
+    for value in sorted(secrets, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
 
 
 def _retry_after(e: Exception) -> float | None:

@@ -104,3 +104,14 @@ def test_model_calls_in_flight_follow_the_run_concurrency(monkeypatch):
     monkeypatch.setenv("CONVSIM_LLM_CONCURRENCY", "3")
     assert resolve_llm("openai/x")._limiter.total_tokens == 3
     assert resolve_llm("openai/x", max_concurrency=50)._limiter.total_tokens == 3  # the environment only lowers it
+
+
+@pytest.mark.anyio
+async def test_keys_echoed_by_the_provider_are_redacted_from_errors(fake_llm, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env-0123456789")
+    fake_llm.set_handler(lambda req: FakeReply(status=401, content="Incorrect API key: k-secret-42 / sk-env-0123456789"))
+    llm = LiteLLMBackend(LLMSettings(model="openai/x", api_base=fake_llm.url, api_key="k-secret-42", max_retries=0))
+    with pytest.raises(LLMError) as info:
+        await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+    assert "k-secret-42" not in str(info.value) and "sk-env-0123456789" not in str(info.value)
+    assert "Incorrect API key" in str(info.value)
