@@ -113,6 +113,8 @@ def parse_target_spec(spec: str | dict[str, Any] | TargetSpec) -> TargetSpec:
                 raise InvalidTarget(f"target looks like JSON but does not parse: {e}") from e
         parsed = TargetSpec(url=text) if re.match(r"^https?://", text) else TargetSpec(path=text)
     elif isinstance(spec, dict):
+        if "protocol" in spec and "kind" not in spec:  # the design guide's name for the same field
+            spec = {("kind" if k == "protocol" else k): v for k, v in spec.items()}
         try:
             parsed = TargetSpec.model_validate(spec)
         except Exception as e:

@@ -212,6 +212,10 @@ async def test_json_target_fills_the_template_and_follows_response_path(http_age
     assert srv.requests[0][1] == {"q": "c", "sid": "sim-test", "ctx": {"tier": "gold"}, "tier": "t=gold"}
 
 
+def test_protocol_is_accepted_as_another_name_for_kind():
+    assert parse_target_spec({"url": "http://x", "protocol": "json"}).kind == "json"
+
+
 async def test_json_target_with_a_wrong_response_path_is_an_agent_error(http_agent):
     srv = http_agent(lambda path, body, headers: (200, {"answer": "x"}))
     with pytest.raises(AgentError, match="response_path 'reply.text'.*answer"):
