@@ -2,6 +2,7 @@
 
     convsim-mcp serve [--transport stdio|sse|http] [--host 127.0.0.1 --port 8000]
     convsim-mcp simulate TARGET CASES_FILE [--max-turns N --model M --concurrency N --repeats N]
+    convsim-mcp score (RUN_ID | --file FILE | --session ID ...) [--scorer NAME ...] [--model M]
     convsim-mcp runs list | show RUN_ID | export RUN_ID [-o FILE] | import FILE
     convsim-mcp demo
 
@@ -24,7 +25,8 @@ from typing import Any, Sequence
 import anyio
 
 from engine import ConvsimError, JobRegistry, Progress, RunSummary, Store, UserInputError
-from engine.pipeline import describe_target, run_summary, simulate
+from engine.models import ScorerSummary
+from engine.pipeline import describe_target, run_summary, score_sessions, simulate
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -68,6 +70,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_options(sim)
     sim.set_defaults(func=_simulate)
 
+    score = sub.add_parser("score", help="judge stored or exported conversations")
+    score.add_argument("run_id", nargs="?", help="score every session of this run")
+    score.add_argument("--file", help="a JSONL file of conversations (export format or message lists)")
+    score.add_argument("--session", action="append", dest="session_ids", help="a stored session id (repeatable)")
+    score.add_argument("--scorer", action="append", dest="scorers",
+                       help="built-in name, 'pkg.mod:fn', or a JSON object (repeatable; default: the default set)")
+    score.add_argument("--model", help="judges' model ('provider/model' or 'offline')")
+    score.add_argument("--concurrency", type=int, default=8)
+    score.add_argument("--json", action="store_true", help="print the result as JSON")
+    score.add_argument("--db")
+    score.set_defaults(func=_score)
+
     runs = sub.add_parser("runs", help="inspect stored runs").add_subparsers(metavar="ACTION")
     ls = runs.add_parser("list", help="recent runs")
     ls.add_argument("--limit", type=int, default=20)
@@ -102,6 +116,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--user-agent", help="custom simulated user class, 'pkg.mod:Class'")
+    p.add_argument("--scorer", action="append", dest="scorers",
+                   help="score sessions as they finish: built-in name, 'pkg.mod:fn' or JSON object (repeatable)")
+    p.add_argument("--judge-model", help="judges' model (default: the user's model)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON instead of a table")
     p.add_argument("--db", help="SQLite file (default $CONVSIM_HOME/convsim.sqlite)")
 
@@ -147,7 +164,7 @@ def _demo(args: argparse.Namespace) -> int:
     if not cases.is_file():
         raise UserInputError(f"the bundled examples are not at {EXAMPLES}; run the demo from a clone of the repository")
     ns = argparse.Namespace(max_turns=args.max_turns, model=args.model or "offline", concurrency=8, repeats=1,
-                            user_agent=None)
+                            user_agent=None, scorers=None, judge_model=None)
     print(f"Simulating the bundled example agent ({target}) with {cases.name}.", file=sys.stderr)
     summary = _run_simulation(args.db, target, str(cases), ns)
     print(render_summary(summary))
@@ -160,10 +177,23 @@ def _run_simulation(db: str | None, target: str, cases: str, opts: argparse.Name
     target_arg: Any = json.loads(target) if target.strip().startswith("{") else target
     summary = anyio.run(lambda: simulate(
         store, target_arg, cases, progress=bar.update, max_turns=opts.max_turns, model=opts.model,
-        concurrency=opts.concurrency, repeats=opts.repeats, user_agent=opts.user_agent,
+        concurrency=opts.concurrency, repeats=opts.repeats, user_agent=opts.user_agent, scorers=opts.scorers,
+        judge_model=opts.judge_model,
     ))
     bar.close()
     return summary
+
+
+def _score(args: argparse.Namespace) -> int:
+    store = Store(args.db)
+    bar = ProgressBar()
+    result = anyio.run(lambda: score_sessions(
+        store, progress=bar.update, run_id=args.run_id, session_ids=args.session_ids, file=args.file,
+        scorers=args.scorers, model=args.model, concurrency=args.concurrency, base_dir=Path.cwd(),
+    ))
+    bar.close()
+    print(result.model_dump_json(indent=2) if args.json else render_scores(result.scorers, result.note))
+    return 0
 
 
 def _runs_list(args: argparse.Namespace) -> int:
@@ -220,11 +250,29 @@ def render_summary(s: RunSummary) -> str:
         rows.append([x.session_id, x.case_id or str(x.case_index), x.stop_reason.value if x.stop_reason else "running",
                      str(x.turns), _one_line(last, 70)])
     lines += ["", _table(["session", "case", "stop reason", "turns", "last agent reply / error"], rows)]
+    if s.scores:
+        lines += ["", render_scores(s.scores)]
     if s.error:
         lines.append(f"error: {s.error}")
     if s.note:
         lines.append(f"note: {s.note}")
     lines.append(f"transcripts: convsim-mcp runs export {s.run_id}")
+    return "\n".join(lines)
+
+
+def render_scores(scores: list[ScorerSummary], note: str | None = None) -> str:
+    """Per scorer a line of counts, then its failing sessions with the turn and a one-line rationale."""
+    rows = [[x.scorer, "-" if x.pass_rate is None else f"{x.pass_rate:.0%}", str(x.passed), str(x.failed),
+             str(x.unscored), "heuristic" if x.heuristic else "model"] for x in scores]
+    lines = [_table(["scorer", "pass rate", "passed", "failed", "unscored", "judged by"], rows)]
+    for x in scores:
+        for f in x.failing:
+            where = f" turn {f.turn}" if f.turn else ""
+            lines.append(f"  FAIL {x.scorer} {f.session_id}{where}: {_one_line(f.rationale, 110)}")
+        for e in x.errors[:3]:
+            lines.append(f"  UNSCORED {x.scorer} {e.session_id}: {_one_line(e.rationale, 110)}")
+    if note:
+        lines.append(f"note: {note}")
     return "\n".join(lines)
 
 

@@ -20,7 +20,16 @@ from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field, WithJsonSchema
 
 from engine import ConvsimError, JobRegistry, NotFound, Progress, RunStatus, RunSummary, Store, TargetSpec, TestCase
-from engine.pipeline import describe_target, prepare_simulation, run_summary, run_uri
+from engine.models import ScoreSummary
+from engine.pipeline import (
+    describe_target,
+    prepare_scoring,
+    prepare_simulation,
+    run_summary,
+    run_uri,
+    summarize_scores,
+)
+from engine.scorers import list_builtin_scorers
 from engine.store import session_to_record
 
 log = logging.getLogger("convsim.server")
@@ -29,7 +38,10 @@ INSTRUCTIONS = """\
 convsim tests a conversational agent by playing simulated users against it.
 Start with simulate_conversations (target = the agent, test_cases = goals and personas).
 Long runs: pass wait=false, then poll get_run; cancel_run stops a run and keeps completed turns.
-Full transcripts are resources: convsim://runs/{run_id} and convsim://runs/{run_id}/sessions/{session_id}."""
+Judge conversations with score_sessions (a run id, session ids, inline transcripts or a JSONL file);
+list_scorers describes the built-in judges. simulate_conversations also takes scorers to score as it goes.
+Full transcripts are resources: convsim://runs/{run_id} and convsim://runs/{run_id}/sessions/{session_id};
+full verdicts with evidence: convsim://runs/{run_id}/scores."""
 
 TARGET_SCHEMA = {
     "anyOf": [
@@ -52,6 +64,28 @@ TestCasesArg = Annotated[
     Field(description="Test cases (goal required; persona, simulation_guidelines, context, expectations, "
                       "scripted_turns, id optional), inline or as a file path."),
 ]
+
+
+ScorersArg = Annotated[
+    list[str | dict[str, Any]] | None,
+    Field(description="Scorers: built-in judge names (see list_scorers), {name: 'guidelines', guidelines: [...]}, "
+                      "custom judges {name, instructions with {{ conversation }}, output: 'bool' | "
+                      "{labels, pass} | {range, threshold}}, or code scorers 'pkg.mod:fn' / 'file.py:fn'."),
+]
+
+
+class ScorerInfo(BaseModel):
+    name: str
+    kind: str
+    description: str = ""
+    output: str = ""
+    default: bool = Field(False, description="Used when no scorers are given.")
+
+
+class ScorerList(BaseModel):
+    scorers: list[ScorerInfo]
+    custom_judge_format: str
+    code_scorer_format: str
 
 
 class RunBrief(BaseModel):
@@ -95,6 +129,9 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         repeats: Annotated[int, Field(description="Run each test case this many times (separate sessions).")] = 1,
         user_agent: Annotated[str | None, Field(description="Custom simulated user: 'pkg.mod:Class' subclassing "
                                                             "engine.SimulatedUser.")] = None,
+        scorers: Annotated[ScorersArg, Field(description="Score each session as it finishes (see score_sessions). "
+                                                         "Default: none.")] = None,
+        judge_model: Annotated[str | None, Field(description="Judges' model; default: the user's model.")] = None,
         wait: Annotated[bool, Field(description="true: return when done, reporting progress per turn. false: "
                                                 "return the run id at once; poll get_run.")] = True,
     ) -> RunSummary:
@@ -106,7 +143,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         try:
             job = await prepare_simulation(
                 store, target, test_cases, max_turns=max_turns, model=model, concurrency=concurrency,
-                repeats=repeats, user_agent=user_agent,
+                repeats=repeats, user_agent=user_agent, scorers=scorers, judge_model=judge_model,
             )
         except ConvsimError as e:
             raise ToolError(str(e)) from e
@@ -127,6 +164,55 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
             registry.cancel(job.run_id)  # the caller gave up waiting: stop the run, keep its turns
             raise
         return await run_summary(store, job.run_id)
+
+    @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
+    async def score_sessions(
+        ctx: Context,
+        run_id: Annotated[str | None, Field(description="Score every session of this run.")] = None,
+        session_ids: Annotated[list[str] | None, Field(description="Score these stored sessions.")] = None,
+        transcripts: Annotated[list[dict[str, Any]] | None, Field(
+            description="Conversations you already have: [{session_id?, messages: [{role, content, tool_calls?}], "
+                        "goal?, expectations?}]. Stored as a new run.")] = None,
+        file: Annotated[str | None, Field(description="A JSONL file: one session per line (convsim export format) "
+                                                      "or one list of OpenAI messages per line.")] = None,
+        scorers: Annotated[ScorersArg, Field(description="Default: goal_achievement, conversation_completeness, "
+                                                         "user_frustration, knowledge_retention, tool_call_efficiency.")] = None,
+        model: Annotated[str | None, Field(description="Judges' model ('provider/model'); 'offline' for the "
+                                                       "deterministic heuristics. Default as for simulation.")] = None,
+        concurrency: Annotated[int, Field(description="Judge calls at the same time.")] = 8,
+    ) -> ScoreSummary:
+        """Judge whole conversations: per scorer, the pass rate and the failing sessions with one-line rationales.
+
+        Give exactly one of run_id, session_ids, transcripts or file. Full verdicts (rationale, evidence turns
+        and quotes) are in convsim://runs/{run_id}/scores. Reports progress per scored (session, scorer) pair.
+        """
+        try:
+            job = await prepare_scoring(store, run_id=run_id, session_ids=session_ids, transcripts=transcripts,
+                                        file=file, scorers=scorers, model=model, concurrency=concurrency)
+        except ConvsimError as e:
+            raise ToolError(str(e)) from e
+
+        async def forward(p: Progress) -> None:
+            try:
+                await ctx.report_progress(p.done, p.total, p.message)
+            except Exception:
+                pass
+
+        return await job.run(forward)
+
+    @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
+    async def list_scorers() -> ScorerList:
+        """The built-in judges, and how to write custom judges and code scorers."""
+        return ScorerList(
+            scorers=[ScorerInfo(**d) for d in list_builtin_scorers()],
+            custom_judge_format='{"name": "polite", "instructions": "Is the assistant polite? {{ conversation }}", '
+                                '"output": "bool" | {"labels": ["good", "ok", "bad"], "pass": ["good", "ok"]} | '
+                                '{"range": [1, 5], "threshold": 4}}; variables: {{ conversation }} (required), '
+                                '{{ goal }}, {{ expectations }}',
+            code_scorer_format="'pkg.mod:fn' or 'file.py:fn'. fn(session, expectations?) is session-level; "
+                               "fn(inputs?, outputs?, turn?, expectations?) runs per agent turn. Return bool, a "
+                               "number, a label, or {value, passed, rationale}.",
+        )
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
     async def get_run(run_id: Annotated[str, Field(description="Id returned by simulate_conversations.")]) -> RunSummary:
@@ -171,6 +257,20 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
             raise ResourceError(str(e)) from e
         return json.dumps({"run": summary.model_dump(mode="json", exclude={"sessions"}),
                            "sessions": [session_to_record(s) for s in sessions]}, ensure_ascii=False)
+
+    @server.resource("convsim://runs/{run_id}/scores", mime_type="application/json",
+                     description="Every verdict on a run's sessions: value, pass, rationale, evidence turns and quotes.")
+    async def scores_resource(run_id: str) -> str:
+        try:
+            await store.get_run(run_id)
+            sessions = await store.get_sessions(run_id, with_messages=False)
+        except NotFound as e:
+            raise ResourceError(str(e)) from e
+        assessments = await store.get_assessments([s.id for s in sessions])
+        return json.dumps({"run_id": run_id,
+                           "summary": [x.model_dump(mode="json") for x in summarize_scores(assessments)],
+                           "assessments": [a.model_dump(mode="json", exclude_none=True) for a in assessments]},
+                          ensure_ascii=False)
 
     @server.resource("convsim://runs/{run_id}/sessions/{session_id}", mime_type="application/json",
                      description="One session's full transcript with test case, stop reason and usage (JSON).")

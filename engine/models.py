@@ -226,5 +226,67 @@ class RunSummary(BaseModel):
     usage: dict[str, Usage] = Field(default_factory=dict, description="Model usage by role.")
     error: str | None = None
     sessions: list[SessionSummary] = Field(default_factory=list)
+    scores: list["ScorerSummary"] = Field(default_factory=list, description="Per-scorer results, when scored.")
     resource: str = Field(description="URI of the full run (all transcripts).")
     note: str | None = Field(None, description="What to do next, or caveats (e.g. offline backend).")
+
+
+class Evidence(BaseModel):
+    """Where a verdict comes from: a turn of the conversation and a short quote from it."""
+
+    turn: int = Field(description="1-based turn number (the exchange of one user message and the agent's reply).")
+    role: Literal["user", "assistant", "tool"] | None = Field(None, description="Whose message is quoted.")
+    quote: str = Field("", description="A short verbatim excerpt (at most ~200 characters).")
+
+
+class Assessment(BaseModel):
+    """One scorer's verdict on one session (or on one agent turn, for per-turn code scorers)."""
+
+    session_id: str
+    scorer: str
+    value: bool | float | str | None = Field(None, description="The verdict: bool, a number, or a label.")
+    passed: bool | None = Field(None, description="None when unscored (see error) or when the scorer has no pass rule.")
+    rationale: str = ""
+    evidence: list[Evidence] = Field(default_factory=list)
+    turn: int | None = Field(None, description="Set for per-turn scorers: the agent turn scored.")
+    heuristic: bool = Field(False, description="Produced by the offline heuristic, not by a model.")
+    error: str | None = Field(None, description="Why the session is unscored (judge failure, scorer exception).")
+    usage: Usage | None = None
+    created_at: float | None = None
+
+
+class FailingSession(BaseModel):
+    session_id: str
+    value: bool | float | str | None = None
+    rationale: str = Field("", description="One line.")
+    turn: int | None = Field(None, description="First turn the evidence points to.")
+    quote: str | None = None
+
+
+class ScorerSummary(BaseModel):
+    """One scorer over many sessions: pass rate and the failures to look at."""
+
+    scorer: str
+    sessions: int = Field(description="Sessions with a verdict from this scorer (scored or unscored).")
+    passed: int
+    failed: int
+    unscored: int = Field(description="Judge or scorer failures, recorded with their reason; never counted as passes.")
+    pass_rate: float | None = Field(description="passed / (passed + failed); None when nothing was scored.")
+    heuristic: bool = Field(False, description="Verdicts came from the offline heuristic, not a model.")
+    failing: list[FailingSession] = Field(default_factory=list)
+    errors: list[FailingSession] = Field(default_factory=list, description="Unscored sessions with the reason.")
+
+
+class ScoreSummary(BaseModel):
+    """The result of scoring: per scorer, the pass rate and the failing sessions."""
+
+    run_ids: list[str]
+    sessions: int
+    scorers: list[ScorerSummary]
+    usage: dict[str, Usage] = Field(default_factory=dict, description="Judge model usage (role 'judge').")
+    offline: bool
+    resources: list[str] = Field(description="Full assessments (rationale, evidence) per run.")
+    note: str | None = None
+
+
+RunSummary.model_rebuild()

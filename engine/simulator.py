@@ -190,7 +190,7 @@ _UNHELPFUL = re.compile(
     r"\b(sorry|can(?:'|no)t|cannot|unable|not able|don'?t know|do not know|no idea|unfortunately)\b", re.I
 )
 _OUTCOME = re.compile(r"(?i)^(?:you(?:'re| are) (?:satisfied|done|happy)|you expect|the assistant should|success\b)")
-_CONDITION = re.compile(r"(?i)^if (?:it|the assistant|they)\b[^,]*,\s*")
+_CONDITION = re.compile(r"(?i)^(?:if|when|once|after) (?:it|the assistant|they)\b[^,]*,\s*")
 _PRONOUNS = [
     (r"\byourself\b", "myself"), (r"\byour\b", "my"), (r"\byours\b", "mine"), (r"\byou\b", "I"),
     (r"\bthe assistant\b", "you"), (r"\bthe agent\b", "you"),
@@ -230,6 +230,9 @@ def as_user_speech(step: str) -> str:
     m = re.match(r"(?i)^ask (?:me |you )?(?:whether|if) (.+)", text)
     if m:
         return f"Can you tell me whether {m.group(1)}?"
+    m = re.match(r"(?i)^ask (?:you|me) to (.+)", text)
+    if m:
+        return f"Could you {m.group(1)}?"
     m = re.match(r"(?i)^ask (?:you |about |for )?(.+)", text)
     if m:
         return f"Could you help me with {m.group(1)}?"

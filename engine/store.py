@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import anyio
 
 from .errors import InvalidOption, NotFound
-from .models import Message, RunStatus, Session, StopReason, TestCase, Usage
+from .models import Assessment, Message, RunStatus, Session, StopReason, TestCase, Usage
 
 R = TypeVar("R")
 
@@ -67,6 +67,14 @@ CREATE TABLE IF NOT EXISTS messages (
     data TEXT NOT NULL,            -- Message JSON
     created_at REAL NOT NULL,
     PRIMARY KEY (session_id, seq)
+);
+CREATE TABLE IF NOT EXISTS assessments (
+    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    scorer TEXT NOT NULL,
+    turn INTEGER NOT NULL,         -- -1 for session-level
+    data TEXT NOT NULL,            -- Assessment JSON
+    created_at REAL NOT NULL,
+    PRIMARY KEY (session_id, scorer, turn)
 );
 """
 
@@ -270,6 +278,35 @@ class Store:
             metadata=json.loads(row["metadata"]),
         )
 
+    # --- assessments ----------------------------------------------------------------------------
+
+    async def save_assessments(self, assessments: list[Assessment]) -> None:
+        """Store verdicts; scoring a session again with the same scorer replaces the earlier verdict."""
+
+        def write() -> None:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO assessments (session_id, scorer, turn, data, created_at) VALUES (?, ?, ?, ?, ?)",
+                    [(a.session_id, a.scorer, -1 if a.turn is None else a.turn, a.model_dump_json(exclude_defaults=True),
+                      a.created_at or time.time()) for a in assessments],
+                )
+
+        if assessments:
+            await self._run(write)
+
+    async def get_assessments(self, session_ids: list[str]) -> list[Assessment]:
+        def read() -> list[Assessment]:
+            out = []
+            for i in range(0, len(session_ids), 500):
+                chunk = session_ids[i:i + 500]
+                out += [Assessment.model_validate_json(r["data"]) for r in self._db.execute(
+                    f"SELECT data FROM assessments WHERE session_id IN ({','.join('?' * len(chunk))}) "
+                    "ORDER BY session_id, scorer, turn", chunk)]
+            return out
+
+        return await self._run(read) if session_ids else []
+
     # --- JSONL export / import ------------------------------------------------------------------
 
     async def export_jsonl(self, run_id: str) -> list[str]:
@@ -279,7 +316,11 @@ class Store:
 
     async def import_jsonl(self, lines: Iterable[str], *, source: str = "import") -> str:
         """Store sessions from JSONL (our export format, or one bare list of messages per line) as a new run."""
-        sessions = [record_to_session(_json_line(line, n), n) for n, line in _numbered(lines)]
+        return await self.import_sessions([record_to_session(_json_line(line, n), n) for n, line in _numbered(lines)],
+                                          source=source)
+
+    async def import_sessions(self, sessions: list[Session], *, source: str = "import") -> str:
+        """Store already-parsed sessions (see `record_to_session`) as a new run; returns its id."""
         if not sessions:
             raise InvalidOption(f"{source}: no sessions found (expected one JSON object or message list per line)")
         taken = await self._run(lambda: {
@@ -338,18 +379,26 @@ def session_to_record(s: Session) -> dict[str, Any]:
     }
 
 
-def record_to_session(record: Any, line_no: int) -> Session:
-    """Parse one JSONL record: our export object, or a bare list of OpenAI messages."""
+def record_to_session(record: Any, line_no: int, *, what: str = "line") -> Session:
+    """Parse one record: our export object, {session_id?, messages, goal?, expectations?}, or a bare message list."""
     if isinstance(record, list):
         record = {"messages": record}
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-        raise InvalidOption(f"line {line_no}: expected an object with 'messages' (a list) or a list of messages")
+        raise InvalidOption(f"{what} {line_no}: expected an object with 'messages' (a list) or a list of messages")
+    if not record["messages"]:
+        raise InvalidOption(f"{what} {line_no}: 'messages' is empty")
     try:
         messages = [Message.model_validate(m) for m in record["messages"]]
-        case = TestCase.model_validate(record["test_case"]) if record.get("test_case") else None
+        if record.get("test_case"):
+            case = TestCase.model_validate(record["test_case"])
+        elif record.get("goal"):
+            case = TestCase(goal=record["goal"], expectations=record.get("expectations") or {})
+        else:
+            case = None
         stop = StopReason(record["stop_reason"]) if record.get("stop_reason") else None
     except Exception as e:
-        raise InvalidOption(f"line {line_no}: {str(e).splitlines()[0]}") from None
+        detail = str(e).splitlines()
+        raise InvalidOption(f"{what} {line_no}: {' '.join(detail[:3])}") from None
     turns = record.get("turns") or sum(1 for m in messages if m.role == "user")
     return Session(
         id=record.get("session_id") or new_session_id(),
