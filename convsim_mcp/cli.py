@@ -26,6 +26,7 @@ import anyio
 
 from engine import ConvsimError, JobRegistry, Progress, RunSummary, Store, UserInputError
 from engine.models import ScorerSummary
+from engine.scorers import DEFAULT_SCORERS
 from engine.pipeline import describe_target, run_summary, score_sessions, simulate
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -102,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--db")
     imp.set_defaults(func=_runs_import)
 
-    demo = sub.add_parser("demo", help="simulate the bundled example agent (offline unless a model is configured)")
+    demo = sub.add_parser("demo", help="simulate and score the bundled example agent (offline unless --model)")
     demo.add_argument("--model", help="simulated user's model (default: offline, no API key needed)")
     demo.add_argument("--max-turns", type=int, default=6)
     demo.add_argument("--db")
@@ -164,8 +165,9 @@ def _demo(args: argparse.Namespace) -> int:
     if not cases.is_file():
         raise UserInputError(f"the bundled examples are not at {EXAMPLES}; run the demo from a clone of the repository")
     ns = argparse.Namespace(max_turns=args.max_turns, model=args.model or "offline", concurrency=8, repeats=1,
-                            user_agent=None, scorers=None, judge_model=None)
-    print(f"Simulating the bundled example agent ({target}) with {cases.name}.", file=sys.stderr)
+                            user_agent=None, scorers=list(DEFAULT_SCORERS), judge_model=None)
+    print(f"Simulating the bundled example agent ({target}) with {cases.name}, then scoring each conversation.",
+          file=sys.stderr)
     summary = _run_simulation(args.db, target, str(cases), ns)
     print(render_summary(summary))
     return 0

@@ -242,7 +242,7 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
         usage=usage,
         error=run["error"],
         sessions=[summarize_session(s) for s in sessions[:max_sessions]],
-        scores=summarize_scores(assessments),
+        scores=summarize_scores(assessments, order=run["options"].get("scorers")),
         resource=run_uri(run_id),
         note=" ".join(notes) or None,
     )
@@ -415,7 +415,8 @@ def summarize_scores(assessments: list[Assessment], *, order: list[str] | None =
             bad = next((v for v in verdicts if v.passed is False), None)
             if bad:
                 failed += 1
-                ev = bad.evidence[0] if bad.evidence else None
+                # the failure is the agent's: point at the first assistant evidence (a fact's source comes first)
+                ev = next((e for e in bad.evidence if e.role == "assistant"), bad.evidence[0] if bad.evidence else None)
                 failing.append(FailingSession(session_id=session_id, value=bad.value, rationale=_one_line(bad.rationale),
                                               turn=ev.turn if ev else bad.turn, quote=ev.quote if ev else None))
             elif any(v.passed is True for v in verdicts):

@@ -223,3 +223,31 @@ def test_demo_runs_the_bundled_example_offline(convsim_home, tmp_path):
     assert "offline" in proc.stdout  # user model offline, plus the note that no LLM played the user
     assert "heuristic" in proc.stdout
     assert "sim-" in proc.stdout
+
+
+def test_score_prints_pass_rates_and_failures_for_a_run(db, convsim_home):
+    sim = convsim("simulate", "examples/support_agent.py:support_agent", "examples/support_cases.yaml",
+                  "--max-turns", "6", "--json", "--db", db, home=convsim_home)
+    run_id = json.loads(sim.stdout)["run_id"]
+    proc = convsim("score", run_id, "--scorer", "knowledge_retention", "--scorer", "goal_achievement", "--db", db,
+                   home=convsim_home)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"knowledge_retention\s+83%\s+5\s+1\s+0\s+heuristic", proc.stdout), proc.stdout
+    assert "FAIL knowledge_retention" in proc.stdout and "turn 4" in proc.stdout
+    assert "offline heuristics" in proc.stdout
+
+
+def test_score_a_jsonl_file_with_a_custom_judge_offline_is_unscored(db, convsim_home, tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]) + "\n")
+    judge = json.dumps({"name": "polite", "instructions": "Polite? {{ conversation }}"})
+    proc = convsim("score", "--file", str(path), "--scorer", judge, "--json", "--db", db, home=convsim_home)
+    assert proc.returncode == 0, proc.stderr
+    (s,) = json.loads(proc.stdout)["scorers"]
+    assert s["unscored"] == 1 and "needs a model" in s["errors"][0]["rationale"]
+
+
+def test_score_with_a_bad_scorer_exits_2(db, convsim_home):
+    proc = convsim("score", "run-x", "--scorer", "no_such_judge", "--db", db, home=convsim_home)
+    line = assert_one_line_error(proc, "InvalidOption")
+    assert "unknown scorer 'no_such_judge'" in line

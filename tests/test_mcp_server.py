@@ -137,3 +137,67 @@ async def test_unknown_run_id_is_a_specific_error(server):
     async with Client(server) as client:
         result = await client.call_tool("get_run", {"run_id": "run-nope"})
     assert result.is_error and "no run with id 'run-nope'" in result.content[0].text
+
+
+async def test_list_scorers_describes_the_builtins(server):
+    async with Client(server) as client:
+        result = (await client.call_tool("list_scorers", {})).structured_content
+    names = {s["name"]: s for s in result["scorers"]}
+    assert {"goal_achievement", "knowledge_retention", "guidelines", "tool_call_efficiency"} <= set(names)
+    assert names["user_frustration"]["output"].startswith("one of ['none', 'resolved', 'unresolved']")
+    assert names["goal_achievement"]["default"] and "{{ conversation }}" in result["custom_judge_format"]
+
+
+async def test_score_sessions_over_mcp_with_progress_and_resource(server):
+    updates = []
+
+    async def on_progress(progress, total, message):
+        updates.append((progress, total))
+
+    async with Client(server) as client:
+        run = (await client.call_tool("simulate_conversations", {
+            "target": "examples/support_agent.py:support_agent", "test_cases": "examples/support_cases.yaml",
+            "max_turns": 6})).structured_content
+        result = await client.call_tool("score_sessions", {
+            "run_id": run["run_id"], "scorers": ["knowledge_retention", "goal_achievement"]},
+            progress_callback=on_progress)
+        scores = json.loads((await client.read_resource(f"convsim://runs/{run['run_id']}/scores")).contents[0].text)
+        again = (await client.call_tool("get_run", {"run_id": run["run_id"]})).structured_content
+    assert not result.is_error, result.content
+    summary = {s["scorer"]: s for s in result.structured_content["scorers"]}
+    remember = next(s["session_id"] for s in run["sessions"] if s["case_id"] == "remember-name")
+    failing = summary["knowledge_retention"]["failing"]
+    assert remember in {f["session_id"] for f in failing}
+    assert all(f["turn"] and f["rationale"] for f in failing)
+    assert summary["knowledge_retention"]["heuristic"] and result.structured_content["offline"]
+    assert updates[-1] == (12, 12)
+    assert {a["scorer"] for a in scores["assessments"]} == {"knowledge_retention", "goal_achievement"}
+    assert all(a["evidence"] for a in scores["assessments"] if a.get("passed") is False)
+    assert {s["scorer"] for s in again["scores"]} == {"knowledge_retention", "goal_achievement"}
+
+
+async def test_score_inline_transcripts_over_mcp(server):
+    transcript = {"messages": [{"role": "user", "content": "Never say 'guaranteed'."},
+                               {"role": "assistant", "content": "Delivery is guaranteed by Friday."}]}
+    async with Client(server) as client:
+        result = await client.call_tool("score_sessions", {
+            "transcripts": [transcript],
+            "scorers": [{"name": "guidelines", "guidelines": ["Never say \"guaranteed\""]}]})
+    (s,) = result.structured_content["scorers"]
+    assert s["failed"] == 1 and s["failing"][0]["turn"] == 1
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        pytest.param({"run_id": "run-nope"}, "no run with id", id="unknown-run"),
+        pytest.param({}, "exactly one of run_id", id="no-source"),
+        pytest.param({"run_id": "r", "scorers": [{"name": "x", "instructions": "no variable"}]},
+                     "must contain {{ conversation }}", id="custom-judge-without-conversation"),
+        pytest.param({"run_id": "r", "scorers": ["tests.code_scorers:mixed"]}, "cannot also take", id="mixed-levels"),
+    ],
+)
+async def test_bad_scoring_requests_get_specific_errors(server, arguments, expected):
+    async with Client(server) as client:
+        result = await client.call_tool("score_sessions", arguments)
+    assert result.is_error and expected in result.content[0].text
