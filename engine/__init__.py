@@ -19,10 +19,14 @@ from .errors import (
 from .jobs import JobRegistry
 from .llm import LLM, LiteLLMBackend, LLMResult, OfflineBackend, resolve_llm, resolve_model
 from .models import (
+    Assessment,
+    Evidence,
     Message,
     Role,
     RunStatus,
     RunSummary,
+    ScorerSummary,
+    ScoreSummary,
     Session,
     SessionSummary,
     StopReason,
@@ -31,7 +35,17 @@ from .models import (
     ToolCall,
     Usage,
 )
-from .pipeline import Progress, SimulationJob, prepare_simulation, run_summary, simulate
+from .pipeline import (
+    Progress,
+    ScoringJob,
+    SimulationJob,
+    prepare_scoring,
+    prepare_simulation,
+    run_summary,
+    score_sessions,
+    simulate,
+)
+from .scorers import BuiltinJudge, CodeScorer, CustomJudge, Scorer, parse_scorers
 from .simulator import LLMSimulatedUser, SimulatedUser, SimulatorContext, UserTurn
 from .store import Store
 from .targets import Target, resolve_target
@@ -39,7 +53,12 @@ from .testcases import load_test_cases
 
 __all__ = [
     "AgentError",
+    "Assessment",
+    "BuiltinJudge",
+    "CodeScorer",
     "ConvsimError",
+    "CustomJudge",
+    "Evidence",
     "InvalidOption",
     "InvalidTarget",
     "InvalidTestCase",
@@ -58,6 +77,10 @@ __all__ = [
     "RunError",
     "RunStatus",
     "RunSummary",
+    "ScoreSummary",
+    "Scorer",
+    "ScorerSummary",
+    "ScoringJob",
     "Session",
     "SessionSummary",
     "SimulatedUser",
@@ -73,10 +96,13 @@ __all__ = [
     "UserInputError",
     "UserTurn",
     "load_test_cases",
+    "parse_scorers",
+    "prepare_scoring",
     "prepare_simulation",
     "resolve_llm",
     "resolve_model",
     "resolve_target",
     "run_summary",
+    "score_sessions",
     "simulate",
 ]

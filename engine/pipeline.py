@@ -260,8 +260,8 @@ def summarize_session(s: Session) -> SessionSummary:
         stop_reason=s.stop_reason,
         stop_detail=s.stop_detail,
         turns=s.turns,
-        last_user_message=_clip(last_user),
-        last_agent_reply=_clip(last_agent.content) if last_agent else None,
+        last_user_message=_one_line(last_user, 300) if last_user is not None else None,
+        last_agent_reply=_one_line(last_agent.content, 300) if last_agent and last_agent.content is not None else None,
         error=last_agent.error if last_agent else None,
         resource=session_uri(s.run_id or "", s.id),
     )
@@ -269,12 +269,6 @@ def summarize_session(s: Session) -> SessionSummary:
 
 def describe_target(spec: dict[str, Any]) -> str:
     return spec.get("path") or spec.get("url") or spec.get("source") or "?"
-
-
-def _clip(text: str | None, limit: int = 300) -> str | None:
-    if text is None:
-        return None
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:
@@ -437,5 +431,6 @@ def summarize_scores(assessments: list[Assessment], *, order: list[str] | None =
 
 
 def _one_line(text: str, limit: int = 200) -> str:
+    """`text` on one line, clipped to `limit` characters, for summaries sized for an assistant's context."""
     text = " ".join((text or "").split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
