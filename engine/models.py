@@ -39,6 +39,7 @@ class Role(str, enum.Enum):
     USER = "simulated_user"
     JUDGE = "judge"
     GENERATOR = "generator"
+    ANALYST = "analyst"  # issue discovery
 
 
 class Usage(BaseModel):
@@ -286,6 +287,93 @@ class ScoreSummary(BaseModel):
     usage: dict[str, Usage] = Field(default_factory=dict, description="Judge model usage (role 'judge').")
     offline: bool
     resources: list[str] = Field(description="Full assessments (rationale, evidence) per run.")
+    note: str | None = None
+
+
+
+class AgentProfile(BaseModel):
+    """What the agent under test is for, gathered from a description, the agent itself, or its source."""
+
+    name: str | None = None
+    description: str = Field("", description="What the agent does, in a few sentences.")
+    capabilities: list[str] = Field(default_factory=list, description="Things it is meant to help with.")
+    tools: list[str] = Field(default_factory=list, description="Its tools, as 'name: what it does'.")
+    limits: list[str] = Field(default_factory=list, description="Out of scope, constraints, policies.")
+    system_prompt: str | None = Field(None, description="The system prompt found in its source, if any.")
+    sources: list[str] = Field(default_factory=list, description="Where this came from: description, "
+                                                                 "self_description, source:<path>.")
+
+
+class TestSet(BaseModel):
+    """Generated test cases stored under an id, reusable by simulate_conversations."""
+
+    __test__ = False
+    id: str
+    name: str
+    created_at: float
+    cases: list[TestCase]
+    profile: AgentProfile | None = None
+    sources: list[str] = Field(default_factory=list)
+    offline: bool = False
+    usage: dict[str, Usage] = Field(default_factory=dict)
+
+
+Severity = Literal["high", "medium", "low"]
+Category = Literal["correctness", "memory", "adherence", "safety", "robustness", "latency", "cost"]
+SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2}
+
+
+class IssueEvidence(BaseModel):
+    session_id: str
+    turn: int | None = None
+    quote: str = ""
+    scorer: str | None = Field(None, description="The scorer that failed, or 'agent_error' / a stop reason.")
+
+
+class Issue(BaseModel):
+    """A distinct problem found in a run, with what it takes to act on it."""
+
+    id: str = Field(description="Stable id (same failure signature, same id across runs).")
+    title: str
+    description: str
+    severity: Severity
+    severity_reason: str = Field(description="One line: why this severity.")
+    category: Category
+    affected_sessions: int
+    total_sessions: int
+    evidence: list[IssueEvidence] = Field(default_factory=list)
+    suspected_cause: str = ""
+    suggested_fix: str = ""
+    reproduction: TestCase | None = Field(
+        None, description="A minimal reproducing case: the original case plus the user turns up to the failing "
+                          "turn as scripted_turns.")
+    source: Literal["agent", "simulator"] = Field(
+        "agent", description="'simulator': caused by the simulated user (went off-goal, broke persona), not the agent.")
+    signals: list[str] = Field(default_factory=list, description="Scorers / stop reasons behind it.")
+    session_ids: list[str] = Field(default_factory=list)
+
+    @property
+    def frequency(self) -> str:
+        return f"{self.affected_sessions} of {self.total_sessions} sessions"
+
+
+class Report(BaseModel):
+    """The outcome of test_agent: what was tested, what broke, how badly, and what it cost."""
+
+    run_id: str
+    created_at: float
+    duration_s: float
+    target: str
+    offline: bool
+    models: dict[str, str] = Field(default_factory=dict, description="Model per role.")
+    agent: AgentProfile | None = None
+    test_set_id: str | None = None
+    test_cases: list[TestCase] = Field(default_factory=list)
+    sessions: list[SessionSummary] = Field(default_factory=list)
+    scores: list[ScorerSummary] = Field(default_factory=list)
+    issues: list[Issue] = Field(default_factory=list, description="Agent issues, most severe first.")
+    simulator_issues: list[Issue] = Field(default_factory=list, description="Problems of the simulated user.")
+    usage: dict[str, Usage] = Field(default_factory=dict)
     note: str | None = None
 
 

@@ -1,0 +1,241 @@
+"""The simulation job: play simulated users against the agent, store every turn, summarise the run.
+
+    job = await prepare_simulation(store, target, cases, max_turns=5)   # validates; raises UserInputError
+    summary = await job.run(progress)                                    # runs; every turn is stored
+
+`prepare_*` does every check that can fail because of the request before a
+run exists, so a bad target or test case is reported at once. `run` never
+raises for a failing agent or model: those end the affected session with a
+stop reason, and the run completes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ..llm import LLM, resolve_llm
+from ..models import Message, Role, RunStatus, RunSummary, Session, SessionSummary, StopReason, TargetSpec, TestCase, Usage
+from ..scorers import Scorer, parse_scorers
+from ..simulator import ConversationRunner, SessionRecorder, SimulatedUser, TurnEvent, load_user_class
+from ..store import Store, new_run_id, new_session_id
+from ..targets import Target, redacted_spec, resolve_target
+from ..testcases import load_test_cases
+from ._shared import (
+    MAX_CONCURRENCY,
+    MAX_REPEATS,
+    MAX_TURNS_LIMIT,
+    Progress,
+    ProgressFn,
+    check_range,
+    one_line,
+    run_uri,
+    session_uri,
+)
+from .scoring import score_one, summarize_scores
+
+log = logging.getLogger("convsim.pipeline")
+
+
+class _StoreRecorder(SessionRecorder):
+    def __init__(self, store: Store):
+        self.store = store
+
+    async def message(self, session: Session, message: Message) -> None:
+        await self.store.add_message(session.id, len(session.messages) - 1, message, session.turns)
+
+    async def finished(self, session: Session) -> None:
+        await self.store.finish_session(session)
+
+
+@dataclass
+class SimulationJob:
+    """A validated simulation whose run row exists; `run()` plays every session."""
+
+    store: Store
+    run_id: str
+    target: Target
+    cases: list[TestCase]
+    llm: LLM
+    user_class: type[SimulatedUser]
+    max_turns: int
+    concurrency: int
+    repeats: int
+    scorers: list[Scorer] = field(default_factory=list)
+    judge_llm: LLM | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.cases) * self.repeats * self.max_turns
+
+    async def run(self, progress: ProgressFn | None = None) -> RunSummary:
+        sessions = [
+            Session(id=new_session_id(), run_id=self.run_id, case_index=i, repeat=r, test_case=case, started_at=None)
+            for i, case in enumerate(self.cases)
+            for r in range(self.repeats)
+        ]
+        for s in sessions:
+            await self.store.create_session(s)
+        steps = {s.id: 0 for s in sessions}
+        limiter = anyio.CapacityLimiter(self.concurrency)
+        recorder = _StoreRecorder(self.store)
+
+        async def on_event(event: TurnEvent) -> None:
+            steps[event.session_id] = self.max_turns if event.finished else event.turn
+            if progress:
+                what = f"ended: {event.stop_reason.value}" if event.finished and event.stop_reason else f"turn {event.turn}"
+                await progress(Progress(sum(steps.values()), self.total_steps, f"{event.session_id} {what}"))
+
+        async def play(session: Session) -> None:
+            async with limiter:
+                session.started_at = time.time()
+                runner = ConversationRunner(self.target, self.user_class(self.llm), self.max_turns, recorder, on_event)
+                await runner.run(session)
+                if self.scorers and session.stop_reason != StopReason.CANCELLED:
+                    await score_one(self.store, session, self.scorers, self.judge_llm or self.llm)
+
+        status, error = RunStatus.COMPLETED, None
+        try:
+            async with anyio.create_task_group() as tg:
+                for s in sessions:
+                    tg.start_soon(play, s)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self._close(RunStatus.CANCELLED, "cancelled; completed turns are kept", sessions)
+            raise
+        except Exception as e:  # a bug, not an agent or model failure: keep what was stored
+            log.exception("run %s failed", self.run_id)
+            status, error = RunStatus.FAILED, f"{type(e).__name__}: {e}"
+        await self._close(status, error, sessions)
+        return await run_summary(self.store, self.run_id)
+
+    async def _close(self, status: RunStatus, error: str | None, sessions: list[Session]) -> None:
+        for s in sessions:
+            if s.stop_reason is None:  # never started, or stopped by a failure elsewhere
+                s.stop_reason, s.stop_detail, s.finished_at = StopReason.CANCELLED, error or "not run", time.time()
+                await self.store.finish_session(s)
+        await self.target.aclose()
+        await self.store.finish_run(self.run_id, status, error)
+
+
+async def prepare_simulation(
+    store: Store,
+    target: str | dict[str, Any] | TargetSpec,
+    test_cases: str | Path | list[Any],
+    *,
+    max_turns: int = 10,
+    model: str | None = None,
+    concurrency: int = 8,
+    repeats: int = 1,
+    user_agent: str | None = None,
+    scorers: list[Any] | None = None,
+    judge_model: str | None = None,
+    base_dir: str | Path | None = None,
+    api_base: str | None = None,
+    api_key: str | None = None,
+    llm: LLM | None = None,
+) -> SimulationJob:
+    """Validate every input, then create the run. Raises UserInputError naming what to fix."""
+    check_range("max_turns", max_turns, 1, MAX_TURNS_LIMIT)
+    check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
+    check_range("repeats", repeats, 1, MAX_REPEATS)
+    cases = load_test_cases(test_cases, base_dir=base_dir)
+    resolved = resolve_target(target, base_dir=base_dir)
+    resolved.check_cases(cases)
+    user_class = load_user_class(user_agent)
+    scorer_list = parse_scorers(scorers, base_dir=base_dir) if scorers else []
+    llm = llm or resolve_llm(model, api_base=api_base, api_key=api_key, max_concurrency=concurrency)
+    judge_llm = resolve_llm(judge_model, api_base=api_base, api_key=api_key, max_concurrency=concurrency) \
+        if judge_model else llm
+    run_id = new_run_id()
+    options = {"max_turns": max_turns, "concurrency": concurrency, "repeats": repeats, "user_agent": user_agent,
+               "scorers": [sc.name for sc in scorer_list], "judge_model": judge_llm.model}
+    await store.create_run(
+        run_id=run_id, kind="simulate", target=redacted_spec(resolved.spec), options=options, model=llm.model,
+        offline=llm.offline, test_cases=cases, sessions_total=len(cases) * repeats,
+    )
+    return SimulationJob(store, run_id, resolved, cases, llm, user_class, max_turns, concurrency, repeats,
+                         scorer_list, judge_llm)
+
+
+async def simulate(store: Store, target: Any, test_cases: Any, *, progress: ProgressFn | None = None, **options: Any) -> RunSummary:
+    """Validate, then run to completion: `prepare_simulation(...).run(progress)`."""
+    job = await prepare_simulation(store, target, test_cases, **options)
+    return await job.run(progress)
+
+
+async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> RunSummary:
+    """Status, progress and per-session summaries of a run (transcripts stay in resources)."""
+    run = await store.get_run(run_id)
+    sessions = await store.get_sessions(run_id)
+    usage: dict[str, Usage] = {}
+    reasons: dict[str, int] = {}
+    for s in sessions:
+        for role, u in s.usage.items():
+            usage[role] = usage.get(role, Usage()).add(u)
+        if s.stop_reason:
+            reasons[s.stop_reason.value] = reasons.get(s.stop_reason.value, 0) + 1
+    assessments = await store.get_assessments([s.id for s in sessions])
+    for a in assessments:
+        if a.usage:
+            usage[Role.JUDGE.value] = usage.get(Role.JUDGE.value, Usage()).add(a.usage)
+    status = RunStatus(run["status"])
+    max_turns = run["options"].get("max_turns") or 1
+    steps = sum(max_turns if s.stop_reason else min(s.turns, max_turns) for s in sessions)
+    notes = []
+    if run["offline"]:
+        notes.append("The offline backend played the user: a deterministic heuristic, not an LLM. "
+                     "Set --model / CONVSIM_MODEL and a provider key for realistic users.")
+    if status == RunStatus.RUNNING:
+        notes.append(f"Still running: call get_run with run_id '{run_id}' again, or cancel_run to stop it.")
+    if len(sessions) > max_sessions:
+        notes.append(f"Showing {max_sessions} of {len(sessions)} sessions; read {run_uri(run_id)} for all.")
+    return RunSummary(
+        run_id=run_id,
+        kind=run["kind"],
+        status=status,
+        created_at=run["created_at"],
+        finished_at=run["finished_at"],
+        target=describe_target(run["target"]),
+        model=run["model"],
+        offline=run["offline"],
+        sessions_total=run["sessions_total"],
+        sessions_done=sum(1 for s in sessions if s.stop_reason),
+        turns_done=sum(s.turns for s in sessions),
+        progress=round(steps / max(run["sessions_total"] * max_turns, 1), 4) if status == RunStatus.RUNNING else 1.0,
+        stop_reasons=reasons,
+        usage=usage,
+        error=run["error"],
+        sessions=[summarize_session(s) for s in sessions[:max_sessions]],
+        scores=summarize_scores(assessments, order=run["options"].get("scorers")),
+        resource=run_uri(run_id),
+        note=" ".join(notes) or None,
+    )
+
+
+def summarize_session(s: Session) -> SessionSummary:
+    last_user = next((m.content for m in reversed(s.messages) if m.role == "user"), None)
+    last_agent = next((m for m in reversed(s.messages) if m.role == "assistant"), None)
+    return SessionSummary(
+        session_id=s.id,
+        case_index=s.case_index,
+        case_id=s.test_case.id if s.test_case else None,
+        goal=s.test_case.goal if s.test_case else None,
+        repeat=s.repeat,
+        stop_reason=s.stop_reason,
+        stop_detail=s.stop_detail,
+        turns=s.turns,
+        last_user_message=one_line(last_user, 300) if last_user is not None else None,
+        last_agent_reply=one_line(last_agent.content, 300) if last_agent and last_agent.content is not None else None,
+        error=last_agent.error if last_agent else None,
+        resource=session_uri(s.run_id or "", s.id),
+    )
+
+
+def describe_target(spec: dict[str, Any]) -> str:
+    return spec.get("path") or spec.get("url") or spec.get("source") or "?"
