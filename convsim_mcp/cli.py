@@ -1,6 +1,10 @@
 """`convsim-mcp`: serve the MCP server, or run the same jobs from a terminal or CI.
 
     convsim-mcp serve [--transport stdio|sse|http] [--host 127.0.0.1 --port 8000]
+    convsim-mcp test-agent TARGET [--num-test-cases N --guidance G --max-turns N --model M
+                                   --report report.md --json report.json --fail-on high|medium|low]
+    convsim-mcp rerun RUN_ID [--issue ISSUE_ID] [--target TARGET]
+    convsim-mcp generate [--description D] [--target T] [--from-run RUN_ID | --file F] [-o cases.yaml]
     convsim-mcp simulate TARGET CASES_FILE [--max-turns N --model M --concurrency N --repeats N]
     convsim-mcp score (RUN_ID | --file FILE | --session ID ...) [--scorer NAME ...] [--model M]
     convsim-mcp runs list | show RUN_ID | export RUN_ID [-o FILE] | import FILE
@@ -25,8 +29,9 @@ from typing import Any, Sequence
 import anyio
 
 from engine import ConvsimError, JobRegistry, Progress, RunSummary, Store, UserInputError
-from engine.models import ScorerSummary
-from engine.scorers import DEFAULT_SCORERS
+from engine.models import SEVERITY_ORDER, ScorerSummary
+from engine.pipeline.agent_test import rerun_issues, test_agent
+from engine.pipeline.generation import build_test_set, export_test_set
 from engine.pipeline import describe_target, run_summary, score_sessions, simulate
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -65,9 +70,54 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", help="SQLite file (default $CONVSIM_HOME/convsim.sqlite)")
     serve.set_defaults(func=_serve)
 
+    ta = sub.add_parser("test-agent", help="generate cases, simulate, score, and report issues (CI: --fail-on)")
+    ta.add_argument("target", help="'pkg.module:func', 'path/to/file.py:func', an http(s) URL, or a JSON object")
+    ta.add_argument("--description", help="what the agent is for (optional)")
+    ta.add_argument("--cases", help="your own test cases file (or test set id), run besides the generated ones")
+    ta.add_argument("--num-test-cases", type=int, default=7)
+    ta.add_argument("--guidance", help="what to focus the generated cases on")
+    ta.add_argument("--adversarial", type=float, default=0.0, help="share of red-team cases, 0-1")
+    ta.add_argument("--max-turns", type=int, default=8)
+    ta.add_argument("--model", help="model for every role ('provider/model' or 'offline')")
+    ta.add_argument("--user-model")
+    ta.add_argument("--judge-model")
+    ta.add_argument("--generator-model")
+    ta.add_argument("--scorer", action="append", dest="scorers", help="repeatable; default: the default set")
+    ta.add_argument("--repeats", type=int, default=1)
+    ta.add_argument("--concurrency", type=int, default=8)
+    ta.add_argument("--no-ask-agent", action="store_true", help="do not ask the agent to describe itself")
+    ta.add_argument("--report", help="write the Markdown report here")
+    ta.add_argument("--json", dest="json_path", help="write the full report as JSON here")
+    ta.add_argument("--fail-on", choices=["high", "medium", "low"],
+                    help="exit 1 when an agent issue of this severity or worse is found")
+    ta.add_argument("--db")
+    ta.set_defaults(func=_test_agent)
+
+    rr = sub.add_parser("rerun", help="after a fix: re-run a test_agent run's issues and say which still reproduce")
+    rr.add_argument("run_id")
+    rr.add_argument("--issue", help="one issue id (default: every case of the run)")
+    rr.add_argument("--target", help="the agent, if different from the run's")
+    rr.add_argument("--max-turns", type=int)
+    rr.add_argument("--model")
+    rr.add_argument("--db")
+    rr.set_defaults(func=_rerun)
+
+    gen = sub.add_parser("generate", help="write test cases and store them as a test set")
+    gen.add_argument("--description")
+    gen.add_argument("--target", help="the agent (asked to describe itself; Python source is read)")
+    gen.add_argument("--from-run", dest="run_id", help="distill cases from this run's conversations")
+    gen.add_argument("--file", help="distill cases from a JSONL file of conversations")
+    gen.add_argument("--num-test-cases", type=int, default=7)
+    gen.add_argument("--guidance")
+    gen.add_argument("--adversarial", type=float, default=0.0)
+    gen.add_argument("--model")
+    gen.add_argument("-o", "--output", help="also write the cases to this .yaml, .json or .jsonl file")
+    gen.add_argument("--db")
+    gen.set_defaults(func=_generate)
+
     sim = sub.add_parser("simulate", help="simulate conversations with an agent")
     sim.add_argument("target", help="'pkg.module:func', 'path/to/file.py:func', an http(s) URL, or a JSON object")
-    sim.add_argument("cases_file", help="test cases: .json, .jsonl, .yaml or .yml")
+    sim.add_argument("cases_file", help="test cases: .json, .jsonl, .yaml or .yml, or a test set id")
     _add_run_options(sim)
     sim.set_defaults(func=_simulate)
 
@@ -103,9 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--db")
     imp.set_defaults(func=_runs_import)
 
-    demo = sub.add_parser("demo", help="simulate and score the bundled example agent (offline unless --model)")
-    demo.add_argument("--model", help="simulated user's model (default: offline, no API key needed)")
+    demo = sub.add_parser("demo", help="test_agent on the bundled example agent (offline unless --model)")
+    demo.add_argument("--model", help="model for every role (default: offline, no API key needed)")
     demo.add_argument("--max-turns", type=int, default=6)
+    demo.add_argument("--report", help="also write the Markdown report here")
     demo.add_argument("--db")
     demo.set_defaults(func=_demo)
     return p
@@ -160,16 +211,82 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """test_agent on the bundled example agent, with its seed cases besides the generated ones."""
     target = str(EXAMPLES / "support_agent.py") + ":support_agent"
     cases = EXAMPLES / "support_cases.yaml"
     if not cases.is_file():
         raise UserInputError(f"the bundled examples are not at {EXAMPLES}; run the demo from a clone of the repository")
-    ns = argparse.Namespace(max_turns=args.max_turns, model=args.model or "offline", concurrency=8, repeats=1,
-                            user_agent=None, scorers=list(DEFAULT_SCORERS), judge_model=None)
-    print(f"Simulating the bundled example agent ({target}) with {cases.name}, then scoring each conversation.",
-          file=sys.stderr)
-    summary = _run_simulation(args.db, target, str(cases), ns)
-    print(render_summary(summary))
+    model = args.model or "offline"
+    if model == "offline":
+        print("No model given: the offline backend plays every role (heuristic users, judges and generator, "
+              "not an LLM). Pass --model provider/model for the real thing.", file=sys.stderr)
+    print(f"Testing the bundled example agent {target}: 5 generated cases + {cases.name}.", file=sys.stderr)
+    ns = argparse.Namespace(target=target, description=None, cases=str(cases), num_test_cases=5, guidance=None,
+                            adversarial=0.0, max_turns=args.max_turns, model=model, user_model=None,
+                            judge_model=None, generator_model=None, scorers=None, repeats=1, concurrency=8,
+                            no_ask_agent=False, report=args.report, json_path=None, fail_on=None, db=args.db)
+    return _test_agent(ns)
+
+
+def _test_agent(args: argparse.Namespace) -> int:
+    store = Store(args.db)
+    bar = ProgressBar()
+    target: Any = json.loads(args.target) if args.target.strip().startswith("{") else args.target
+    report = anyio.run(lambda: test_agent(
+        store, target, progress=bar.update, description=args.description, test_cases=args.cases,
+        num_test_cases=args.num_test_cases, guidance=args.guidance, adversarial=args.adversarial,
+        max_turns=args.max_turns, repeats=args.repeats, concurrency=args.concurrency, scorers=args.scorers,
+        model=args.model, user_model=args.user_model, judge_model=args.judge_model,
+        generator_model=args.generator_model, ask_agent=not args.no_ask_agent, base_dir=Path.cwd(),
+    ))
+    bar.close()
+    _, markdown = anyio.run(lambda: store.get_report(report.run_id))
+    print(markdown)
+    if args.report:
+        Path(args.report).write_text(markdown, encoding="utf-8")
+        print(f"wrote {args.report}", file=sys.stderr)
+    if args.json_path:
+        Path(args.json_path).write_text(report.model_dump_json(indent=2), encoding="utf-8")
+        print(f"wrote {args.json_path}", file=sys.stderr)
+    if args.fail_on:
+        worst = [i for i in report.issues if SEVERITY_ORDER[i.severity] <= SEVERITY_ORDER[args.fail_on]]
+        if worst:
+            print(f"{len(worst)} issue(s) at or above '{args.fail_on}': failing (--fail-on)", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _rerun(args: argparse.Namespace) -> int:
+    store = Store(args.db)
+    bar = ProgressBar()
+    target: Any = None
+    if args.target:
+        target = json.loads(args.target) if args.target.strip().startswith("{") else args.target
+    new_run, checks = anyio.run(lambda: rerun_issues(store, args.run_id, issue_id=args.issue, target=target,
+                                                     max_turns=args.max_turns, model=args.model, base_dir=Path.cwd(),
+                                                     progress=bar.update))
+    bar.close()
+    rows = [[c.issue_id, c.severity, "STILL FAILS" if c.reproduces else "fixed", _one_line(c.title, 50),
+             _one_line(c.detail, 60)] for c in checks]
+    print(f"re-ran {args.run_id} as {new_run}")
+    print(_table(["issue", "severity", "result", "title", "detail"], rows) if rows else "no issues to check")
+    return 1 if any(c.reproduces for c in checks) else 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    store = Store(args.db)
+    test_set = anyio.run(lambda: build_test_set(
+        store, description=args.description, target=args.target, run_id=args.run_id, file=args.file,
+        num_test_cases=args.num_test_cases, guidance=args.guidance, adversarial=args.adversarial,
+        model=args.model, base_dir=Path.cwd(),
+    ))
+    if args.output:
+        export_test_set(test_set, args.output)
+        print(f"wrote {len(test_set.cases)} cases to {args.output}", file=sys.stderr)
+    rows = [[c.id or str(i), _one_line(c.goal, 90)] for i, c in enumerate(test_set.cases)]
+    print(f"test set {test_set.id} ({len(test_set.cases)} cases{', offline templates' if test_set.offline else ''})")
+    print(_table(["id", "goal"], rows))
+    print(f"run them: convsim-mcp simulate TARGET {test_set.id}")
     return 0
 
 

@@ -20,15 +20,19 @@ from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field, WithJsonSchema
 
 from engine import ConvsimError, JobRegistry, NotFound, Progress, RunStatus, RunSummary, Store, TargetSpec, TestCase
-from engine.models import ScoreSummary
+from engine.models import AgentProfile, Report, ScoreSummary, Usage
 from engine.pipeline import (
     describe_target,
     prepare_scoring,
     prepare_simulation,
     run_summary,
     run_uri,
+    scores_uri,
     summarize_scores,
 )
+from engine.pipeline.agent_test import prepare_agent_test, report_uri, rerun_issues
+from engine.pipeline.generation import build_test_set
+from engine.report import ReportDigest, compact_result
 from engine.scorers import list_builtin_scorers
 from engine.store import session_to_record
 
@@ -36,7 +40,10 @@ log = logging.getLogger("convsim.server")
 
 INSTRUCTIONS = """\
 convsim tests a conversational agent by playing simulated users against it.
-Start with simulate_conversations (target = the agent, test_cases = goals and personas).
+"Test my agent": call test_agent with the target (import path or URL). It describes the agent, generates test
+cases, simulates, scores and returns ranked issues with evidence and reproducing cases; after a fix, call
+rerun_issue to check whether each issue still reproduces.
+Finer steps: generate_test_cases, simulate_conversations (target = the agent, test_cases = goals and personas).
 Long runs: pass wait=false, then poll get_run; cancel_run stops a run and keeps completed turns.
 Judge conversations with score_sessions (a run id, session ids, inline transcripts or a JSONL file);
 list_scorers describes the built-in judges. simulate_conversations also takes scorers to score as it goes.
@@ -86,6 +93,62 @@ class ScorerList(BaseModel):
     scorers: list[ScorerInfo]
     custom_judge_format: str
     code_scorer_format: str
+
+
+class TestAgentResult(BaseModel):
+    """Compact: the issues and the numbers once done; the full report is a resource (and get_report)."""
+
+    __test__ = False
+    run_id: str
+    status: RunStatus
+    report: ReportDigest | None = Field(None, description="Issues ranked by severity, pass rates, usage; None "
+                                                          "while the run is in progress.")
+    markdown: str | None = Field(None, description="The human-readable report (get_report with markdown=true).")
+    resources: dict[str, str] = Field(default_factory=dict)
+    note: str | None = None
+
+
+class TestSetResult(BaseModel):
+    __test__ = False
+    test_set_id: str
+    name: str
+    cases: list[TestCase]
+    agent: AgentProfile | None = None
+    sources: list[str]
+    offline: bool
+    usage: dict[str, Usage]
+    resource: str
+    note: str
+
+
+class IssueCheckResult(BaseModel):
+    issue_id: str
+    title: str
+    severity: str
+    reproduces: bool
+    sessions: list[str]
+    detail: str
+
+
+class RerunResult(BaseModel):
+    run_id: str = Field(description="The new run.")
+    rerun_of: str
+    checks: list[IssueCheckResult]
+    still_failing: int
+    fixed: int
+    resource: str
+
+
+def _resources(run_id: str) -> dict[str, str]:
+    return {"report": report_uri(run_id), "report_md": report_uri(run_id) + ".md", "run": run_uri(run_id),
+            "scores": scores_uri(run_id)}
+
+
+def _done(report: Report, markdown: str | None = None) -> TestAgentResult:
+    resources = _resources(report.run_id)
+    return TestAgentResult(run_id=report.run_id, status=RunStatus.COMPLETED,
+                           report=compact_result(report, resources=resources), markdown=markdown,
+                           resources=resources, note=report.note)
 
 
 class RunBrief(BaseModel):
@@ -151,19 +214,144 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
             registry.start(job)
             return await run_summary(store, job.run_id)
 
-        async def forward(p: Progress) -> None:
-            try:
-                await ctx.report_progress(p.done, p.total, p.message)
-            except Exception:  # the client went away; the run goes on
-                pass
-
-        registry.start(job, on_progress=forward)
+        registry.start(job, on_progress=_forward(ctx))
         try:
             await registry.wait(job.run_id)
         except anyio.get_cancelled_exc_class():
             registry.cancel(job.run_id)  # the caller gave up waiting: stop the run, keep its turns
             raise
         return await run_summary(store, job.run_id)
+
+    @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
+    async def test_agent(
+        target: TargetArg,
+        ctx: Context,
+        description: Annotated[str | None, Field(description="What the agent is for, in plain text (optional: "
+                                                             "the agent is also asked, and Python agents' source "
+                                                             "is read).")] = None,
+        test_cases: Annotated[TestCasesArg | None, Field(description="Your own cases (or a test set id) to run "
+                                                                     "besides the generated ones.")] = None,
+        num_test_cases: Annotated[int, Field(description="Cases to generate (0-50).")] = 7,
+        guidance: Annotated[str | None, Field(description="What to focus the generated cases on.")] = None,
+        adversarial: Annotated[float, Field(description="Share of red-team cases (0-1).")] = 0.0,
+        max_turns: Annotated[int, Field(description="Most user messages per conversation.")] = 8,
+        model: Annotated[str | None, Field(description="Model for every role unless set per role; 'offline' for "
+                                                       "the no-LLM heuristics.")] = None,
+        user_model: Annotated[str | None, Field(description="Simulated user's model.")] = None,
+        judge_model: Annotated[str | None, Field(description="Judges' and issue analysis's model.")] = None,
+        generator_model: Annotated[str | None, Field(description="Test-case generator's model.")] = None,
+        scorers: Annotated[ScorersArg, Field(description="Default: goal_achievement, conversation_completeness, "
+                                                         "user_frustration, knowledge_retention, "
+                                                         "tool_call_efficiency.")] = None,
+        repeats: Annotated[int, Field(description="Run each case this many times (finds intermittent issues).")] = 1,
+        concurrency: Annotated[int, Field(description="Conversations at the same time.")] = 8,
+        wait: Annotated[bool, Field(description="true: return the issues when done (progress per stage and turn). "
+                                                "false: return the run id at once; poll get_run, then get_report.")] = True,
+    ) -> TestAgentResult:
+        """Test an agent end to end: describe it, generate cases, simulate users, judge, and report issues.
+
+        Returns the issues ranked by severity (what broke, how badly, where: session, turn, quote) and the
+        numbers; each issue in the full report has a reproducing test case. After changing the agent, call
+        rerun_issue to see whether each issue still reproduces.
+        """
+        try:
+            job = await prepare_agent_test(
+                store, target, description=description, test_cases=test_cases, num_test_cases=num_test_cases,
+                guidance=guidance, adversarial=adversarial, max_turns=max_turns, repeats=repeats,
+                concurrency=concurrency, scorers=scorers, model=model, user_model=user_model,
+                judge_model=judge_model, generator_model=generator_model,
+            )
+        except ConvsimError as e:
+            raise ToolError(str(e)) from e
+        if not wait:
+            registry.start(job)
+            return TestAgentResult(
+                run_id=job.run_id, status=RunStatus.RUNNING, resources=_resources(job.run_id),
+                note=f"Running in the background: call get_run with run_id '{job.run_id}' for progress, then "
+                     "get_report when its status is completed.",
+            )
+        registry.start(job, on_progress=_forward(ctx))
+        try:
+            await registry.wait(job.run_id)
+        except anyio.get_cancelled_exc_class():
+            registry.cancel(job.run_id)
+            raise
+        try:
+            report, _ = await store.get_report(job.run_id)
+        except NotFound:
+            run = await store.get_run(job.run_id)
+            raise ToolError(f"test_agent run {job.run_id} ended {run['status']}: {run['error'] or 'no report'}") from None
+        return _done(report)
+
+    @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
+    async def get_report(
+        run_id: Annotated[str, Field(description="A test_agent run.")],
+        markdown: Annotated[bool, Field(description="Include the Markdown report a person reads.")] = False,
+    ) -> TestAgentResult:
+        """The issues and numbers of a finished test_agent run (optionally with the Markdown report)."""
+        try:
+            report, text = await store.get_report(run_id)
+        except ConvsimError as e:
+            raise ToolError(str(e)) from e
+        return _done(report, markdown=text if markdown else None)
+
+    @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
+    async def rerun_issue(
+        run_id: Annotated[str, Field(description="The test_agent run whose issues to check.")],
+        ctx: Context,
+        issue_id: Annotated[str | None, Field(description="One issue (its reproducing case is re-run); omit to "
+                                                          "re-run every case of the run.")] = None,
+        target: Annotated[TargetArg | None, Field(description="The agent, if it moved or its headers held "
+                                                               "secrets; default: the run's target.")] = None,
+        max_turns: Annotated[int | None, Field(description="Default: the run's.")] = None,
+        model: Annotated[str | None, Field(description="Default: the run's models.")] = None,
+    ) -> RerunResult:
+        """After changing the agent: re-run and say, per issue, whether it still reproduces."""
+        try:
+            new_run, checks = await rerun_issues(store, run_id, issue_id=issue_id, target=target,
+                                                 max_turns=max_turns, model=model, progress=_forward(ctx))
+        except ConvsimError as e:
+            raise ToolError(str(e)) from e
+        results = [IssueCheckResult(**vars(c)) for c in checks]
+        return RerunResult(run_id=new_run, rerun_of=run_id, checks=results,
+                           still_failing=sum(c.reproduces for c in results),
+                           fixed=sum(not c.reproduces for c in results), resource=run_uri(new_run))
+
+    @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
+    async def generate_test_cases(
+        description: Annotated[str | None, Field(description="What the agent does, in plain text.")] = None,
+        target: Annotated[TargetArg | None, Field(description="The agent: it is asked to describe itself, and a "
+                                                               "Python agent's source (system prompt, tools, "
+                                                               "docstrings) is read.")] = None,
+        run_id: Annotated[str | None, Field(description="Distill cases from this run's conversations.")] = None,
+        session_ids: Annotated[list[str] | None, Field(description="Distill cases from these sessions.")] = None,
+        file: Annotated[str | None, Field(description="Distill cases from a JSONL file of conversations.")] = None,
+        num_test_cases: Annotated[int, Field(description="Cases to generate (1-50); each distinct transcript adds "
+                                                         "one distilled case.")] = 7,
+        guidance: Annotated[str | None, Field(description="What to focus on.")] = None,
+        adversarial: Annotated[float, Field(description="Share of red-team cases (0-1).")] = 0.0,
+        ask_agent: Annotated[bool, Field(description="Ask the target to describe itself.")] = True,
+        model: Annotated[str | None, Field(description="Generator's model; 'offline' for templates.")] = None,
+        name: Annotated[str | None, Field(description="A name for the test set.")] = None,
+    ) -> TestSetResult:
+        """Write realistic test cases (goal, persona, guidelines, expectations) and store them as a test set.
+
+        Sources, any combination: a description, the agent itself, its source, existing transcripts.
+        """
+        try:
+            test_set = await build_test_set(store, description=description, target=target, run_id=run_id,
+                                            session_ids=session_ids, file=file, num_test_cases=num_test_cases,
+                                            guidance=guidance, adversarial=adversarial, ask_agent=ask_agent,
+                                            model=model, name=name)
+        except ConvsimError as e:
+            raise ToolError(str(e)) from e
+        return TestSetResult(
+            test_set_id=test_set.id, name=test_set.name, cases=test_set.cases, agent=test_set.profile,
+            sources=test_set.sources, offline=test_set.offline, usage=test_set.usage,
+            resource=f"convsim://test-sets/{test_set.id}",
+            note=f"Pass test_cases='{test_set.id}' to simulate_conversations or test_agent to run these cases."
+                 + (" Written by the offline templates, not a model." if test_set.offline else ""),
+        )
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     async def score_sessions(
@@ -192,13 +380,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         except ConvsimError as e:
             raise ToolError(str(e)) from e
 
-        async def forward(p: Progress) -> None:
-            try:
-                await ctx.report_progress(p.done, p.total, p.message)
-            except Exception:
-                pass
-
-        return await job.run(forward)
+        return await job.run(_forward(ctx))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
     async def list_scorers() -> ScorerList:
@@ -258,6 +440,33 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         return json.dumps({"run": summary.model_dump(mode="json", exclude={"sessions"}),
                            "sessions": [session_to_record(s) for s in sessions]}, ensure_ascii=False)
 
+    @server.resource("convsim://runs/{run_id}/report", mime_type="application/json",
+                     description="A test_agent run's full report (JSON): agent profile, cases, sessions, scores, "
+                                 "issues with evidence and reproducing cases, usage.")
+    async def report_resource(run_id: str) -> str:
+        try:
+            report, _ = await store.get_report(run_id)
+        except NotFound as e:
+            raise ResourceError(str(e)) from e
+        return report.model_dump_json()
+
+    @server.resource("convsim://runs/{run_id}/report.md", mime_type="text/markdown",
+                     description="A test_agent run's report as Markdown, for a person.")
+    async def report_markdown_resource(run_id: str) -> str:
+        try:
+            _, text = await store.get_report(run_id)
+        except NotFound as e:
+            raise ResourceError(str(e)) from e
+        return text
+
+    @server.resource("convsim://test-sets/{set_id}", mime_type="application/json",
+                     description="A generated test set: its cases (loadable as test cases) and the agent profile.")
+    async def test_set_resource(set_id: str) -> str:
+        try:
+            return (await store.get_test_set(set_id)).model_dump_json()
+        except NotFound as e:
+            raise ResourceError(str(e)) from e
+
     @server.resource("convsim://runs/{run_id}/scores", mime_type="application/json",
                      description="Every verdict on a run's sessions: value, pass, rationale, evidence turns and quotes.")
     async def scores_resource(run_id: str) -> str:
@@ -282,3 +491,15 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         return json.dumps(session_to_record(session), ensure_ascii=False)
 
     return server
+
+
+def _forward(ctx: Context):
+    """A progress callback that reports to the MCP client and outlives it (a gone client stops nothing)."""
+
+    async def forward(p: Progress) -> None:
+        try:
+            await ctx.report_progress(p.done, p.total, p.message)
+        except Exception:
+            pass
+
+    return forward

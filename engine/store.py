@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import anyio
 
 from .errors import InvalidOption, NotFound
-from .models import Assessment, Message, RunStatus, Session, StopReason, TestCase, Usage
+from .models import Assessment, Message, Report, RunStatus, Session, StopReason, TestCase, TestSet, Usage
 
 R = TypeVar("R")
 
@@ -76,6 +76,18 @@ CREATE TABLE IF NOT EXISTS assessments (
     created_at REAL NOT NULL,
     PRIMARY KEY (session_id, scorer, turn)
 );
+CREATE TABLE IF NOT EXISTS test_sets (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    data TEXT NOT NULL             -- TestSet JSON
+);
+CREATE TABLE IF NOT EXISTS reports (
+    run_id TEXT PRIMARY KEY REFERENCES runs(id) ON DELETE CASCADE,
+    data TEXT NOT NULL,            -- Report JSON
+    markdown TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
 """
 
 
@@ -90,6 +102,10 @@ def new_run_id() -> str:
 
 def new_session_id() -> str:
     return "sim-" + uuid.uuid4().hex[:16]
+
+
+def new_test_set_id() -> str:
+    return "set-" + uuid.uuid4().hex[:12]
 
 
 class Store:
@@ -143,6 +159,19 @@ class Store:
                     "INSERT INTO test_cases (run_id, idx, data) VALUES (?, ?, ?)",
                     [(run_id, i, c.model_dump_json()) for i, c in enumerate(test_cases)],
                 )
+
+        await self._run(write)
+
+    async def set_run_cases(self, run_id: str, test_cases: list[TestCase], sessions_total: int) -> None:
+        """Attach test cases to a run created before they existed (test_agent generates them inside the run)."""
+
+        def write() -> None:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.execute("DELETE FROM test_cases WHERE run_id = ?", (run_id,))
+                self._db.executemany("INSERT INTO test_cases (run_id, idx, data) VALUES (?, ?, ?)",
+                                     [(run_id, i, c.model_dump_json()) for i, c in enumerate(test_cases)])
+                self._db.execute("UPDATE runs SET sessions_total = ? WHERE id = ?", (sessions_total, run_id))
 
         await self._run(write)
 
@@ -306,6 +335,35 @@ class Store:
             return out
 
         return await self._run(read) if session_ids else []
+
+    # --- test sets and reports ------------------------------------------------------------------
+
+    async def save_test_set(self, test_set: TestSet) -> None:
+        await self._run(lambda: self._db.execute(
+            "INSERT OR REPLACE INTO test_sets (id, name, created_at, data) VALUES (?, ?, ?, ?)",
+            (test_set.id, test_set.name, test_set.created_at, test_set.model_dump_json()),
+        ))
+
+    async def get_test_set(self, set_id: str) -> TestSet:
+        row = await self._run(lambda: self._db.execute("SELECT data FROM test_sets WHERE id = ?", (set_id,)).fetchone())
+        if row is None:
+            raise NotFound(f"no test set with id '{set_id}'; generate_test_cases returns test set ids")
+        return TestSet.model_validate_json(row["data"])
+
+    async def save_report(self, report: Report, markdown: str) -> None:
+        await self._run(lambda: self._db.execute(
+            "INSERT OR REPLACE INTO reports (run_id, data, markdown, created_at) VALUES (?, ?, ?, ?)",
+            (report.run_id, report.model_dump_json(), markdown, time.time()),
+        ))
+
+    async def get_report(self, run_id: str) -> tuple[Report, str]:
+        row = await self._run(
+            lambda: self._db.execute("SELECT data, markdown FROM reports WHERE run_id = ?", (run_id,)).fetchone()
+        )
+        if row is None:
+            await self.get_run(run_id)  # NotFound for an unknown run
+            raise NotFound(f"run '{run_id}' has no report yet: reports come from test_agent runs once they finish")
+        return Report.model_validate_json(row["data"]), row["markdown"]
 
     # --- JSONL export / import ------------------------------------------------------------------
 

@@ -68,6 +68,7 @@ class SimulationJob:
     repeats: int
     scorers: list[Scorer] = field(default_factory=list)
     judge_llm: LLM | None = None
+    finish_run: bool = True  # False when a later stage (test_agent's report) still belongs to the run
 
     @property
     def total_steps(self) -> int:
@@ -120,7 +121,8 @@ class SimulationJob:
                 s.stop_reason, s.stop_detail, s.finished_at = StopReason.CANCELLED, error or "not run", time.time()
                 await self.store.finish_session(s)
         await self.target.aclose()
-        await self.store.finish_run(self.run_id, status, error)
+        if self.finish_run or status != RunStatus.COMPLETED:
+            await self.store.finish_run(self.run_id, status, error)
 
 
 async def prepare_simulation(
@@ -144,7 +146,7 @@ async def prepare_simulation(
     check_range("max_turns", max_turns, 1, MAX_TURNS_LIMIT)
     check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
     check_range("repeats", repeats, 1, MAX_REPEATS)
-    cases = load_test_cases(test_cases, base_dir=base_dir)
+    cases = await resolve_cases(store, test_cases, base_dir=base_dir)
     resolved = resolve_target(target, base_dir=base_dir)
     resolved.check_cases(cases)
     user_class = load_user_class(user_agent)
@@ -161,6 +163,13 @@ async def prepare_simulation(
     )
     return SimulationJob(store, run_id, resolved, cases, llm, user_class, max_turns, concurrency, repeats,
                          scorer_list, judge_llm)
+
+
+async def resolve_cases(store: Store, test_cases: Any, *, base_dir: str | Path | None = None) -> list[TestCase]:
+    """Cases given inline, as a file path, or as the id of a stored test set ('set-...')."""
+    if isinstance(test_cases, str) and test_cases.startswith("set-") and not Path(test_cases).exists():
+        return (await store.get_test_set(test_cases)).cases
+    return load_test_cases(test_cases, base_dir=base_dir)
 
 
 async def simulate(store: Store, target: Any, test_cases: Any, *, progress: ProgressFn | None = None, **options: Any) -> RunSummary:
@@ -193,6 +202,8 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
                      "Set --model / CONVSIM_MODEL and a provider key for realistic users.")
     if status == RunStatus.RUNNING:
         notes.append(f"Still running: call get_run with run_id '{run_id}' again, or cancel_run to stop it.")
+    if run["kind"] == "test_agent" and status == RunStatus.COMPLETED:
+        notes.append(f"The report: get_report with run_id '{run_id}', or convsim://runs/{run_id}/report.md.")
     if len(sessions) > max_sessions:
         notes.append(f"Showing {max_sessions} of {len(sessions)} sessions; read {run_uri(run_id)} for all.")
     return RunSummary(

@@ -1,0 +1,284 @@
+"""The headline job: test an agent end to end, and re-run what failed after a fix.
+
+    describe -> generate -> simulate + score (each session scored as it ends) -> discover issues -> report
+
+Each stage reports progress. The run row exists from the start, so a
+background run can be watched with get_run; the report is stored when the
+run completes and served as convsim://runs/{run_id}/report(.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ..errors import InvalidOption, InvalidTarget, RunError
+from ..generator import describe_agent, generate_cases
+from ..issues import collect_failures, discover_issues
+from ..llm import LLM, resolve_llm
+from ..models import AgentProfile, Report, Role, RunStatus, TargetSpec, TestCase, TestSet, Usage, add_usage
+from ..report import build_report, render_markdown
+from ..scorers import DEFAULT_SCORERS, Scorer, parse_scorers
+from ..simulator import SimulatedUser, load_user_class
+from ..store import Store, new_run_id, new_test_set_id
+from ..targets import Target, redacted_spec, resolve_target
+from ._shared import MAX_CONCURRENCY, MAX_REPEATS, MAX_TURNS_LIMIT, Progress, ProgressFn, check_range
+from .generation import MAX_TEST_CASES
+from .simulation import SimulationJob, resolve_cases
+
+log = logging.getLogger("convsim.pipeline")
+
+STAGES = ("describe", "generate", "simulate", "discover", "report")
+
+
+def report_uri(run_id: str) -> str:
+    return f"convsim://runs/{run_id}/report"
+
+
+@dataclass
+class AgentTestJob:
+    """A validated test_agent request whose run row exists; `run()` does every stage."""
+
+    store: Store
+    run_id: str
+    target: Target
+    description: str | None
+    given_cases: list[TestCase]
+    num_test_cases: int
+    guidance: str | None
+    adversarial: float
+    max_turns: int
+    repeats: int
+    concurrency: int
+    scorers: list[Scorer]
+    user_llm: LLM
+    judge_llm: LLM
+    generator_llm: LLM
+    user_class: type[SimulatedUser]
+    ask_agent: bool = True
+    introspect: bool = True
+    base_dir: str | Path | None = None
+    usage: dict[str, Usage] = field(default_factory=dict)
+
+    async def run(self, progress: ProgressFn | None = None) -> Report:
+        started = time.time()
+        total_cases = len(self.given_cases) + self.num_test_cases
+        sim_steps = total_cases * self.repeats * self.max_turns
+        total = 2 + sim_steps + 2
+
+        async def stage(done: int, message: str) -> None:
+            if progress:
+                await progress(Progress(min(done, total), total, message))
+
+        try:
+            profile: AgentProfile | None = None
+            cases = list(self.given_cases)
+            if self.num_test_cases:
+                await stage(0, "describe: reading the agent (description, self-description, source)")
+                profile, spent = await describe_agent(self.generator_llm, description=self.description,
+                                                      target=self.target, ask_agent=self.ask_agent,
+                                                      introspect=self.introspect, base_dir=self.base_dir)
+                self.usage = add_usage(self.usage, Role.GENERATOR.value, spent)
+                await stage(1, f"generate: writing {self.num_test_cases} test cases")
+                generated, spent = await generate_cases(profile, self.generator_llm,
+                                                        num_test_cases=self.num_test_cases, guidance=self.guidance,
+                                                        adversarial=self.adversarial)
+                self.usage = add_usage(self.usage, Role.GENERATOR.value, spent)
+                cases += generated
+            test_set = TestSet(id=new_test_set_id(), name=f"test_agent {self.run_id}", created_at=time.time(),
+                               cases=cases, profile=profile, sources=profile.sources if profile else ["given"],
+                               offline=self.generator_llm.offline, usage=self.usage)
+            await self.store.save_test_set(test_set)
+            await self.store.set_run_cases(self.run_id, cases, len(cases) * self.repeats)
+            await stage(2, f"simulate: {len(cases) * self.repeats} conversations")
+
+            async def sim_progress(p: Progress) -> None:
+                await stage(2 + round(p.done * sim_steps / max(p.total, 1)), f"simulate: {p.message}")
+
+            simulation = SimulationJob(self.store, self.run_id, self.target, cases, self.user_llm, self.user_class,
+                                       self.max_turns, self.concurrency, self.repeats, self.scorers, self.judge_llm,
+                                       finish_run=False)
+            summary = await simulation.run(sim_progress)
+            await stage(2 + sim_steps, "discover: clustering failures into issues")
+            sessions = await self.store.get_sessions(self.run_id)
+            assessments = await self.store.get_assessments([s.id for s in sessions])
+            issues, spent = await discover_issues(sessions, assessments, self.judge_llm)
+            self.usage = add_usage(self.usage, Role.ANALYST.value, spent)
+            await stage(3 + sim_steps, "report: writing the report")
+            usage = dict(summary.usage)
+            for role, u in self.usage.items():
+                usage = add_usage(usage, role, u)
+            report = build_report(
+                run_id=self.run_id, target=summary.target, started_at=started, finished_at=time.time(),
+                offline=self.user_llm.offline or self.judge_llm.offline or self.generator_llm.offline,
+                models={Role.USER.value: self.user_llm.model, Role.JUDGE.value: self.judge_llm.model,
+                        Role.GENERATOR.value: self.generator_llm.model, Role.ANALYST.value: self.judge_llm.model},
+                agent=profile, test_set_id=test_set.id, test_cases=cases, sessions=summary.sessions,
+                scores=summary.scores, issues=issues, usage=usage,
+            )
+            await self.store.save_report(report, render_markdown(report))
+            await self.store.finish_run(self.run_id, RunStatus.COMPLETED)
+            await stage(total, f"done: {len(report.issues)} issues")
+            return report
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                run = await self.store.get_run(self.run_id)
+                if run["status"] == RunStatus.RUNNING.value:
+                    await self.store.finish_run(self.run_id, RunStatus.CANCELLED, "cancelled; completed turns are kept")
+            raise
+        except Exception as e:
+            log.exception("test_agent run %s failed", self.run_id)
+            await self.store.finish_run(self.run_id, RunStatus.FAILED, f"{type(e).__name__}: {e}")
+            raise RunError(f"test_agent run {self.run_id} failed: {type(e).__name__}: {e}") from e
+        finally:
+            await self.target.aclose()
+
+
+async def prepare_agent_test(
+    store: Store,
+    target: str | dict[str, Any] | TargetSpec,
+    *,
+    description: str | None = None,
+    test_cases: Any = None,
+    num_test_cases: int = 7,
+    guidance: str | None = None,
+    adversarial: float = 0.0,
+    max_turns: int = 8,
+    repeats: int = 1,
+    concurrency: int = 8,
+    scorers: list[Any] | None = None,
+    model: str | None = None,
+    user_model: str | None = None,
+    judge_model: str | None = None,
+    generator_model: str | None = None,
+    user_agent: str | None = None,
+    ask_agent: bool = True,
+    introspect: bool = True,
+    base_dir: str | Path | None = None,
+    llm: LLM | None = None,
+) -> AgentTestJob:
+    """Validate everything a test_agent run needs, then create its run. Raises UserInputError."""
+    check_range("max_turns", max_turns, 1, MAX_TURNS_LIMIT)
+    check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
+    check_range("repeats", repeats, 1, MAX_REPEATS)
+    check_range("num_test_cases", num_test_cases, 0, MAX_TEST_CASES)
+    if not 0.0 <= adversarial <= 1.0:
+        raise InvalidOption(f"adversarial must be a share from 0 to 1, got {adversarial!r}")
+    given = await resolve_cases(store, test_cases, base_dir=base_dir) if test_cases else []
+    if not given and num_test_cases == 0:
+        raise InvalidOption("num_test_cases is 0 and no test_cases were given: nothing to test")
+    resolved = resolve_target(target, base_dir=base_dir)
+    resolved.check_cases(given)
+    scorer_list = parse_scorers(scorers if scorers is not None else list(DEFAULT_SCORERS), base_dir=base_dir)
+    user_class = load_user_class(user_agent)
+
+    def model_for(specific: str | None) -> LLM:
+        if llm is not None and specific is None:
+            return llm
+        return resolve_llm(specific or model, max_concurrency=concurrency)
+
+    user_llm, judge_llm, generator_llm = model_for(user_model), model_for(judge_model), model_for(generator_model)
+    run_id = new_run_id()
+    options = {"max_turns": max_turns, "concurrency": concurrency, "repeats": repeats, "user_agent": user_agent,
+               "scorers": [s.name for s in scorer_list], "num_test_cases": num_test_cases, "guidance": guidance,
+               "adversarial": adversarial, "judge_model": judge_llm.model, "generator_model": generator_llm.model}
+    await store.create_run(run_id=run_id, kind="test_agent", target=redacted_spec(resolved.spec), options=options,
+                           model=user_llm.model, offline=user_llm.offline, test_cases=given,
+                           sessions_total=(len(given) + num_test_cases) * repeats)
+    return AgentTestJob(store, run_id, resolved, description, given, num_test_cases, guidance, adversarial, max_turns,
+                        repeats, concurrency, scorer_list, user_llm, judge_llm, generator_llm, user_class,
+                        ask_agent, introspect, base_dir)
+
+
+async def test_agent(store: Store, target: Any, *, progress: ProgressFn | None = None, **options: Any) -> Report:
+    """Validate, then run every stage: `prepare_agent_test(...).run(progress)`."""
+    return await (await prepare_agent_test(store, target, **options)).run(progress)
+
+
+test_agent.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+
+
+# --- the fix loop -------------------------------------------------------------------------------
+
+
+@dataclass
+class IssueCheck:
+    issue_id: str
+    title: str
+    severity: str
+    reproduces: bool
+    sessions: list[str]
+    detail: str
+
+
+async def rerun_issues(
+    store: Store,
+    run_id: str,
+    *,
+    issue_id: str | None = None,
+    target: str | dict[str, Any] | TargetSpec | None = None,
+    max_turns: int | None = None,
+    model: str | None = None,
+    repeats: int = 1,
+    base_dir: str | Path | None = None,
+    llm: LLM | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[str, list[IssueCheck]]:
+    """Re-run one issue's reproducing case, or every case of the run, against the (changed) agent.
+
+    Returns the new run's id and, per issue, whether it still reproduces: some re-run session of the
+    issue's case fails again on the issue's primary signal (the scorer or stop reason that named it;
+    secondary signals, like a goal failure caused by a crash, do not count on their own).
+    """
+    report, _ = await store.get_report(run_id)
+    run = await store.get_run(run_id)
+    issues = report.issues + report.simulator_issues
+    if issue_id:
+        issues = [i for i in issues if i.id == issue_id]
+        if not issues:
+            known = ", ".join(i.id for i in report.issues) or "none"
+            raise InvalidOption(f"run '{run_id}' has no issue '{issue_id}' (its issues: {known})")
+    spec = target if target is not None else TargetSpec.model_validate(run["target"])
+    if target is None and "***" in str(run["target"].get("headers", {})):
+        raise InvalidTarget("the original target's header values were redacted when stored; pass target again")
+    options = run["options"]
+    if issue_id:
+        cases = [i.reproduction for i in issues if i.reproduction]
+        case_of = {issues[0].id: list(range(len(cases)))}
+    else:
+        cases = await store.get_test_cases(run_id)
+        original = {s.id: s.case_index for s in await store.get_sessions(run_id, with_messages=False)}
+        case_of = {i.id: sorted({original[s] for s in i.session_ids if s in original}) for i in issues}
+    if not cases:
+        raise InvalidOption("nothing to re-run: the issue has no reproducing case")
+    resolved = resolve_target(spec, base_dir=base_dir)
+    resolved.check_cases(cases)
+    scorers = parse_scorers(options.get("scorers") or list(DEFAULT_SCORERS), base_dir=base_dir)
+    user_llm = llm or resolve_llm(model or (None if run["offline"] else run["model"]))
+    judge_llm = llm or resolve_llm(model or options.get("judge_model"))
+    new_run = new_run_id()
+    turns = max_turns or options.get("max_turns") or 8
+    await store.create_run(run_id=new_run, kind="rerun", target=redacted_spec(resolved.spec),
+                           options={**options, "rerun_of": run_id, "issue_id": issue_id, "max_turns": turns},
+                           model=user_llm.model, offline=user_llm.offline, test_cases=cases,
+                           sessions_total=len(cases) * repeats)
+    job = SimulationJob(store, new_run, resolved, cases, user_llm, load_user_class(options.get("user_agent")), turns,
+                        options.get("concurrency") or 8, repeats, scorers, judge_llm)
+    await job.run(progress)
+    sessions = await store.get_sessions(new_run)
+    failures = collect_failures(sessions, await store.get_assessments([s.id for s in sessions]))
+    checks = []
+    for issue in issues:
+        rerun_sessions = [s for s in sessions if s.case_index in case_of.get(issue.id, [])]
+        ids = {s.id for s in rerun_sessions}
+        primary = issue.signals[0] if issue.signals else None
+        hits = [f for f in failures if f.session_id in ids and f.signal == primary]
+        detail = (f"{primary} at turn {hits[0].turn}: {hits[0].rationale or hits[0].quote}"[:200] if hits
+                  else f"{primary} did not fail in {len(ids)} re-run session(s)")
+        checks.append(IssueCheck(issue.id, issue.title, issue.severity, bool(hits), sorted(ids), detail))
+    return new_run, checks

@@ -1,0 +1,301 @@
+"""The report of a test_agent run: one object, one page of Markdown, one small digest.
+
+`build_report` assembles the `Report` (agent issues sorted, simulator issues
+apart, a note when the offline heuristics did the work). `render_markdown`
+writes it for a person who has a minute: the verdict first, then the numbers,
+then each issue with what it takes to act on it (cause, fix, evidence, a
+reproducing case), then the harness's own problems, clearly separated, and
+finally what was tested. `compact_result` is the digest a tool returns inline;
+the full report stays a resource.
+
+Everything rendered comes from the report, whose target and transcripts are
+already redacted; nothing here adds data.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+
+import yaml
+from pydantic import BaseModel, Field
+
+from .issues import sort_issues
+from .models import (
+    SEVERITY_ORDER,
+    AgentProfile,
+    Issue,
+    IssueEvidence,
+    Report,
+    ScorerSummary,
+    SessionSummary,
+    TestCase,
+    Usage,
+)
+
+OFFLINE_NOTE = (
+    "offline heuristics, not a model: the simulated user, the judges and the issue grouping were deterministic "
+    "rules. They catch obvious failures (crashes, refusals, a forgotten name) and miss subtle ones; configure a "
+    "model (--model or CONVSIM_MODEL and its API key) for realistic users and judges."
+)
+MAX_EVIDENCE_SHOWN = 3
+QUOTE_CHARS = 160
+GOAL_CHARS = 140
+
+
+def build_report(*, run_id: str, target: str, started_at: float, finished_at: float, offline: bool,
+                 models: dict[str, str], agent: AgentProfile | None, test_set_id: str | None,
+                 test_cases: list[TestCase], sessions: list[SessionSummary], scores: list[ScorerSummary],
+                 issues: list[Issue], usage: dict[str, Usage]) -> Report:
+    """A `Report` with agent issues most severe first and simulator issues kept apart."""
+    return Report(
+        run_id=run_id,
+        created_at=finished_at,
+        duration_s=round(max(finished_at - started_at, 0.0), 3),
+        target=target,
+        offline=offline,
+        models=dict(models),
+        agent=agent,
+        test_set_id=test_set_id,
+        test_cases=list(test_cases),
+        sessions=list(sessions),
+        scores=list(scores),
+        issues=sort_issues([i for i in issues if i.source == "agent"]),
+        simulator_issues=sort_issues([i for i in issues if i.source == "simulator"]),
+        usage=dict(usage),
+        note=OFFLINE_NOTE if offline else None,
+    )
+
+
+def verdict(report: Report) -> str:
+    """"3 issues: 2 high, 1 medium", or "no issues found"."""
+    if not report.issues:
+        head = "no issues found"
+    else:
+        counts = Counter(i.severity for i in report.issues)
+        parts = [f"{counts[s]} {s}" for s in sorted(counts, key=SEVERITY_ORDER.__getitem__)]
+        head = f"{len(report.issues)} issue{'s' if len(report.issues) != 1 else ''}: {', '.join(parts)}"
+    n = len(report.simulator_issues)
+    return head + (f" (+{n} simulator issue{'s' if n != 1 else ''})" if n else "")
+
+
+# --- Markdown -----------------------------------------------------------------------------------
+
+
+def render_markdown(report: Report) -> str:
+    """The report as plain Markdown (no HTML), readable in a minute."""
+    parts = [_header(report), _numbers(report), _issues_section(report)]
+    if report.simulator_issues:
+        parts.append(_simulator_section(report))
+    if report.agent:
+        parts.append(_agent_section(report.agent))
+    if report.test_cases:
+        parts.append(_cases_section(report.test_cases))
+    return "\n\n".join(p for p in parts if p).rstrip() + "\n"
+
+
+def _header(report: Report) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(report.created_at))
+    lines = [f"# {_inline(report.target)}: {verdict(report)}", "",
+             f"Run `{report.run_id}`, {when}."]
+    if report.offline:
+        lines.append(f"Produced by {report.note or OFFLINE_NOTE}")
+    elif report.note:
+        lines.append(report.note)
+    return "\n".join(lines)
+
+
+def _numbers(report: Report) -> str:
+    sessions = report.sessions
+    stops = Counter(s.stop_reason.value if s.stop_reason else "running" for s in sessions)
+    lines = ["## Numbers", "",
+             (f"- Sessions: {len(sessions)} from {len(report.test_cases)} test case(s), "
+              f"{sum(s.turns for s in sessions)} turns, {_duration(report.duration_s)}")]
+    if stops:
+        lines.append("- Stopped: " + ", ".join(f"{k} {v}" for k, v in stops.most_common()))
+    if report.models:
+        lines.append("- Models: " + ", ".join(f"{role} {model}" for role, model in report.models.items()))
+    for role, u in report.usage.items():
+        lines.append(f"- Usage, {role}: {_usage(u)}")
+    if report.scores:
+        lines += ["", "| scorer | pass rate | passed | failed | unscored |", "|---|---|---|---|---|"]
+        lines += [f"| {_cell(s.scorer)}{' (heuristic)' if s.heuristic else ''} | {_rate(s.pass_rate)} | {s.passed} "
+                  f"| {s.failed} | {s.unscored} |" for s in report.scores]
+    return "\n".join(lines)
+
+
+def _issues_section(report: Report) -> str:
+    if not report.issues:
+        scored = "no scorer failed and " if report.scores else ""
+        return f"## Issues\n\nNo issues found: {scored}no session crashed or returned an empty reply."
+    return "## Issues\n\n" + "\n\n".join(_issue_block(i) for i in report.issues)
+
+
+def _simulator_section(report: Report) -> str:
+    intro = ("These are problems of the test harness (the simulated user), not of the agent: the affected "
+             "sessions did not test what they were meant to. Fix the simulator setup and re-run them.")
+    return "## Simulator issues (test harness, not the agent)\n\n" + intro + "\n\n" + \
+        "\n\n".join(_issue_block(i) for i in report.simulator_issues)
+
+
+def _issue_block(issue: Issue) -> str:
+    lines = [f"### [{issue.severity.upper()}] {issue.id}: {_inline(issue.title)}", "",
+             f"Why {issue.severity}: {_inline(issue.severity_reason)}", "",
+             f"- Category: {issue.category}; frequency: {issue.frequency}; signals: {', '.join(issue.signals)}",
+             f"- What happens: {_inline(issue.description)}"]
+    if issue.suspected_cause:
+        lines.append(f"- Suspected cause: {_inline(issue.suspected_cause)}")
+    if issue.suggested_fix:
+        lines.append(f"- Suggested fix: {_inline(issue.suggested_fix)}")
+    if issue.evidence:
+        lines.append("- Evidence:")
+        lines += [f"  - {_evidence(e)}" for e in issue.evidence[:MAX_EVIDENCE_SHOWN]]
+    if issue.reproduction:
+        repro = issue.reproduction
+        lines += ["", f"Reproduce with this test case (`{repro.id}`):", "", _reproduction(repro)]
+    return "\n".join(lines)
+
+
+def _evidence(e: IssueEvidence) -> str:
+    where = f"`{e.session_id}`" + (f", turn {e.turn}" if e.turn is not None else "")
+    by = f" ({e.scorer})" if e.scorer else ""
+    quote = _inline(e.quote, QUOTE_CHARS)
+    return f"{where}{by}: \"{quote}\"" if quote else f"{where}{by}"
+
+
+def _reproduction(case: TestCase) -> str:
+    data: dict = {"goal": case.goal}
+    if case.context:
+        data["context"] = case.context
+    data["scripted_turns"] = list(case.scripted_turns)
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100, default_flow_style=False).rstrip()
+    fence = "`" * max(3, _longest_backtick_run(text) + 1)  # a quoted ``` cannot close the block
+    return f"{fence}yaml\n{text}\n{fence}"
+
+
+def _agent_section(agent: AgentProfile) -> str:
+    lines = ["## The agent", ""]
+    if agent.name:
+        lines.append(f"**{_inline(agent.name)}**")
+    if agent.description:
+        lines.append(_inline(agent.description, 600))
+    if agent.capabilities:
+        lines += ["", "Capabilities:"] + [f"- {_inline(c)}" for c in agent.capabilities]
+    return "\n".join(lines)
+
+
+def _cases_section(cases: list[TestCase]) -> str:
+    lines = ["## Test cases", ""]
+    lines += [f"- {case.id or f'#{i}'}: {_inline(case.goal, GOAL_CHARS)}" for i, case in enumerate(cases)]
+    return "\n".join(lines)
+
+
+# --- the digest a tool returns ------------------------------------------------------------------
+
+
+class IssueDigest(BaseModel):
+    """One issue in a line or two; the full issue is in the report resource."""
+
+    id: str
+    severity: str
+    category: str
+    title: str
+    frequency: str = Field(description="'k of n sessions'.")
+    severity_reason: str = ""
+    evidence: IssueEvidence | None = Field(None, description="The first piece of evidence.")
+    suggested_fix: str = ""
+    source: str = "agent"
+
+
+class ReportDigest(BaseModel):
+    """What a tool returns inline about a report: counts, issues, pass rates, usage, and where the rest is."""
+
+    run_id: str
+    target: str
+    verdict: str = Field(description="e.g. '3 issues: 2 high, 1 medium'.")
+    offline: bool
+    sessions: int
+    turns: int
+    stop_reasons: dict[str, int] = Field(default_factory=dict)
+    issues: list[IssueDigest] = Field(default_factory=list, description="Agent issues, most severe first.")
+    simulator_issues: list[IssueDigest] = Field(default_factory=list)
+    pass_rates: dict[str, float | None] = Field(default_factory=dict, description="Per scorer; None: nothing scored.")
+    usage: Usage = Field(default_factory=Usage, description="Total over all roles.")
+    usage_by_role: dict[str, Usage] = Field(default_factory=dict)
+    resources: dict[str, str] = Field(default_factory=dict, description="URIs of the full report, transcripts, ...")
+    test_set_id: str | None = Field(None, description="The cases run; pass it to simulate_conversations.")
+    duration_s: float = 0.0
+    note: str | None = None
+
+
+def compact_result(report: Report, *, resources: dict[str, str]) -> ReportDigest:
+    """The small, schema'd summary of `report` for a tool result."""
+    total = Usage()
+    for u in report.usage.values():
+        total = total.add(u)
+    return ReportDigest(
+        run_id=report.run_id,
+        target=report.target,
+        verdict=verdict(report),
+        offline=report.offline,
+        sessions=len(report.sessions),
+        turns=sum(s.turns for s in report.sessions),
+        stop_reasons=dict(Counter(s.stop_reason.value for s in report.sessions if s.stop_reason)),
+        issues=[_digest(i) for i in report.issues],
+        simulator_issues=[_digest(i) for i in report.simulator_issues],
+        pass_rates={s.scorer: s.pass_rate for s in report.scores},
+        usage=total,
+        usage_by_role=dict(report.usage),
+        resources=dict(resources),
+        test_set_id=report.test_set_id,
+        duration_s=round(report.duration_s, 2),
+        note=report.note,
+    )
+
+
+def _digest(issue: Issue) -> IssueDigest:
+    return IssueDigest(id=issue.id, severity=issue.severity, category=issue.category, title=issue.title,
+                       frequency=issue.frequency, severity_reason=issue.severity_reason,
+                       evidence=issue.evidence[0] if issue.evidence else None,
+                       suggested_fix=issue.suggested_fix, source=issue.source)
+
+
+# --- formatting helpers -------------------------------------------------------------------------
+
+
+def _inline(text: str | None, limit: int = 400) -> str:
+    """One line, clipped: quotes and model-written text never break the page's structure."""
+    text = " ".join((text or "").split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _cell(text: str) -> str:
+    return _inline(text).replace("|", "\\|")
+
+
+def _rate(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{rate:.0%}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s"
+
+
+def _usage(u: Usage) -> str:
+    text = f"{u.calls} call{'s' if u.calls != 1 else ''}"
+    tokens = u.prompt_tokens + u.completion_tokens
+    if tokens:
+        text += f", {tokens:,} tokens ({u.prompt_tokens:,} in, {u.completion_tokens:,} out)"
+    if u.cost_usd:
+        text += f", ${u.cost_usd:.4f}"
+    if u.cost_unknown_calls:
+        text += f" ({u.cost_unknown_calls} without a known price)"
+    return text
+
+
+def _longest_backtick_run(text: str) -> int:
+    return max((len(m) for m in re.findall(r"`+", text)), default=0)
