@@ -21,7 +21,6 @@ imperative step per sentence so that the offline simulated user
 from __future__ import annotations
 
 import ast
-import difflib
 import importlib.machinery
 import inspect
 import logging
@@ -1020,26 +1019,31 @@ def _one_sentence(text: str, limit: int = 300) -> str:
 # --- dedupe --------------------------------------------------------------------------------------
 
 
-def dedupe_cases(cases: list[TestCase], *, threshold: float = 0.85) -> list[TestCase]:
-    """Drop each case whose goal is near-identical to an earlier kept one; order is kept.
+def dedupe_cases(cases: list[TestCase], *, threshold: float = 0.85,
+                 against: list[TestCase] = ()) -> list[TestCase]:
+    """Drop each case whose goal is near-identical to an earlier kept one (or to one in `against`).
 
-    Goals are compared lowercased with punctuation removed: equal word sets, or a difflib
-    similarity ratio of at least `threshold`, count as duplicates.
+    Goals are compared as sets of lowercased words (a plural "s" dropped): a Jaccard similarity
+    of at least `threshold` counts as a duplicate. Words, not characters, so that two templated goals
+    differing in their one meaningful word ("order status" / "order cancellation") both stay,
+    while rewordings of the same request ("my order A1234" / "order A1234") do not.
     """
     if not 0.0 < threshold <= 1.0:
         raise InvalidOption(f"threshold must be in (0, 1], got {threshold!r}")
     kept: list[TestCase] = []
-    norms: list[str] = []
+    seen: list[set[str]] = [_goal_words(c.goal) for c in against]
     for case in cases:
-        norm = " ".join(re.findall(r"[a-z0-9]+", case.goal.lower()))
-        tokens = set(norm.split())
-        if any(tokens == set(other.split())
-               or difflib.SequenceMatcher(None, norm, other, autojunk=False).ratio() >= threshold
-               for other in norms):
+        words = _goal_words(case.goal)
+        if any(len(words & other) / max(len(words | other), 1) >= threshold for other in seen):
             continue
         kept.append(case)
-        norms.append(norm)
+        seen.append(words)
     return kept
+
+
+def _goal_words(goal: str) -> set[str]:
+    return {w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w
+            for w in re.findall(r"[a-z0-9]+", goal.lower())}
 
 
 # --- small text helpers --------------------------------------------------------------------------

@@ -253,3 +253,40 @@ def test_score_with_a_bad_scorer_exits_2(db, convsim_home):
     proc = convsim("score", "run-x", "--scorer", "no_such_judge", "--db", db, home=convsim_home)
     line = assert_one_line_error(proc, "InvalidOption")
     assert "unknown scorer 'no_such_judge'" in line
+
+
+def test_test_agent_fail_on_sets_the_exit_code_and_writes_reports(db, convsim_home, tmp_path):
+    md, js = tmp_path / "report.md", tmp_path / "report.json"
+    args = ("test-agent", "examples/support_agent.py:support_agent", "--cases", "examples/support_cases.yaml",
+            "--num-test-cases", "0", "--max-turns", "6", "--model", "offline", "--db", db)
+    failing = convsim(*args, "--fail-on", "high", "--report", str(md), "--json", str(js), home=convsim_home)
+    assert failing.returncode == 1, failing.stderr
+    assert "at or above 'high'" in failing.stderr
+    assert md.read_text().startswith("# ") and json.loads(js.read_text())["issues"][0]["severity"] == "high"
+    lenient = convsim(*args, home=convsim_home)
+    assert lenient.returncode == 0, lenient.stderr
+
+
+def test_rerun_exits_1_while_an_issue_reproduces_and_0_once_fixed(db, convsim_home, tmp_path):
+    js = tmp_path / "r.json"
+    convsim("test-agent", "examples/support_agent.py:support_agent", "--cases", "examples/support_cases.yaml",
+            "--num-test-cases", "0", "--max-turns", "6", "--json", str(js), "--db", db, home=convsim_home)
+    report = json.loads(js.read_text())
+    crash = report["issues"][0]["id"]
+    still = convsim("rerun", report["run_id"], "--issue", crash, "--db", db, home=convsim_home)
+    assert still.returncode == 1 and "STILL FAILS" in still.stdout
+    fixed = convsim("rerun", report["run_id"], "--issue", crash, "--target", "tests.fixed_agent:support_agent",
+                    "--db", db, home=convsim_home)
+    assert fixed.returncode == 0 and "fixed" in fixed.stdout
+
+
+def test_generate_writes_a_loadable_file_and_a_runnable_test_set(db, convsim_home, tmp_path):
+    out = tmp_path / "cases.yaml"
+    proc = convsim("generate", "--target", "examples/support_agent.py:support_agent", "--num-test-cases", "3",
+                   "-o", str(out), "--db", db, home=convsim_home)
+    assert proc.returncode == 0, proc.stderr
+    set_id = re.search(r"test set (set-\w+)", proc.stdout).group(1)
+    sim = convsim("simulate", "examples/support_agent.py:support_agent", set_id, "--json", "--db", db,
+                  home=convsim_home)
+    assert json.loads(sim.stdout)["sessions_total"] == 3
+    assert out.read_text().count("goal:") == 3

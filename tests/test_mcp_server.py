@@ -201,3 +201,84 @@ async def test_bad_scoring_requests_get_specific_errors(server, arguments, expec
     async with Client(server) as client:
         result = await client.call_tool("score_sessions", arguments)
     assert result.is_error and expected in result.content[0].text
+
+
+AGENT = "examples/support_agent.py:support_agent"
+
+
+async def test_test_agent_in_background_with_progress_then_report(server):
+    async with Client(server) as client:
+        started = await client.call_tool("test_agent", {"target": AGENT, "test_cases": "examples/support_cases.yaml",
+                                                        "num_test_cases": 3, "max_turns": 6, "wait": False})
+        run_id = started.structured_content["run_id"]
+        assert started.structured_content["status"] == "running" and started.structured_content["report"] is None
+        seen = []
+        with anyio.fail_after(30):
+            while True:
+                run = (await client.call_tool("get_run", {"run_id": run_id})).structured_content
+                seen.append(run["progress"])
+                if run["status"] != "running":
+                    break
+                await anyio.sleep(0.02)
+        result = (await client.call_tool("get_report", {"run_id": run_id, "markdown": True})).structured_content
+        report_md = (await client.read_resource(f"convsim://runs/{run_id}/report.md")).contents[0].text
+        report_json = json.loads((await client.read_resource(f"convsim://runs/{run_id}/report")).contents[0].text)
+    assert run["status"] == "completed" and "get_report" in run["note"]
+    assert seen == sorted(seen)
+    digest = result["report"]
+    assert digest["issues"][0]["severity"] == "high" and "KeyError" in digest["issues"][0]["title"]
+    assert digest["issues"][0]["evidence"]["turn"] == 2
+    assert result["markdown"] == report_md and report_md.startswith("# ")
+    assert report_json["issues"][0]["reproduction"]["scripted_turns"]
+    assert set(result["resources"]) == {"report", "report_md", "run", "scores"}
+
+
+async def test_test_agent_waiting_reports_progress_per_stage(server):
+    messages = []
+
+    async def on_progress(progress, total, message):
+        messages.append(message)
+
+    async with Client(server) as client:
+        result = await client.call_tool("test_agent", {"target": AGENT, "num_test_cases": 2, "max_turns": 4},
+                                        progress_callback=on_progress)
+    assert not result.is_error, result.content
+    stages = [m.split(":")[0] for m in messages]
+    for stage in ("describe", "generate", "simulate", "discover", "report", "done"):
+        assert stage in stages
+    assert result.structured_content["report"]["sessions"] == 2
+
+
+async def test_generate_test_cases_then_simulate_by_test_set_id(server):
+    async with Client(server) as client:
+        generated = (await client.call_tool("generate_test_cases", {
+            "target": AGENT, "num_test_cases": 3, "adversarial": 0.34})).structured_content
+        sim = (await client.call_tool("simulate_conversations", {
+            "target": AGENT, "test_cases": generated["test_set_id"], "max_turns": 4})).structured_content
+        stored = json.loads((await client.read_resource(generated["resource"])).contents[0].text)
+    assert len(generated["cases"]) == 3 and generated["offline"]
+    assert sum(c["expectations"].get("kind") == "adversarial" for c in generated["cases"]) == 1
+    assert "lookup_order" in " ".join(generated["agent"]["tools"])
+    assert sim["sessions_total"] == 3 and stored["id"] == generated["test_set_id"]
+
+
+async def test_rerun_issue_over_mcp_says_whether_it_still_reproduces(server):
+    async with Client(server) as client:
+        done = (await client.call_tool("test_agent", {"target": AGENT, "test_cases": "examples/support_cases.yaml",
+                                                      "num_test_cases": 0, "max_turns": 6})).structured_content
+        crash = done["report"]["issues"][0]["id"]
+        same = (await client.call_tool("rerun_issue", {"run_id": done["run_id"], "issue_id": crash})).structured_content
+        fixed = (await client.call_tool("rerun_issue", {"run_id": done["run_id"], "issue_id": crash,
+                                                        "target": "tests.fixed_agent:support_agent"})).structured_content
+        bad = await client.call_tool("rerun_issue", {"run_id": done["run_id"], "issue_id": "ISS-nope"})
+    assert (same["still_failing"], same["checks"][0]["reproduces"]) == (1, True)
+    assert (fixed["fixed"], fixed["checks"][0]["reproduces"]) == (1, False)
+    assert bad.is_error and "has no issue 'ISS-nope'" in bad.content[0].text
+
+
+async def test_get_report_before_a_report_exists_is_a_specific_error(server):
+    async with Client(server) as client:
+        run = (await client.call_tool("simulate_conversations", {"target": "tests.agents:echo",
+                                                                 "test_cases": CASES[:1]})).structured_content
+        result = await client.call_tool("get_report", {"run_id": run["run_id"]})
+    assert result.is_error and "has no report" in result.content[0].text

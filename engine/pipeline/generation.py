@@ -59,9 +59,10 @@ async def build_test_set(
     base_dir: str | Path | None = None,
     llm: LLM | None = None,
 ) -> TestSet:
-    """Generate (from a description and/or the target) and distill (from transcripts), dedupe, store.
+    """Generate (from a description and/or the target) and distill (from transcripts), then store.
 
-    `num_test_cases` bounds the generated cases; each distinct transcript adds one distilled case.
+    `num_test_cases` bounds the generated cases; each distinct transcript adds one distilled case
+    (a transcript whose case nearly repeats an earlier one is dropped).
     """
     check_range("num_test_cases", num_test_cases, 1, MAX_TEST_CASES)
     if not 0.0 <= adversarial <= 1.0:
@@ -86,14 +87,14 @@ async def build_test_set(
             sources += profile.sources
         sessions = await collect_sessions(store, run_id=run_id, session_ids=session_ids, file=file, base_dir=base_dir)
         if sessions:
-            distilled, spent = await distill_cases(sessions, llm)
+            distilled, spent = await distill_cases(sessions, llm)  # deduped among themselves
             usage = add_usage(usage, Role.GENERATOR.value, spent)
-            cases += distilled
+            cases += dedupe_cases(distilled, against=cases)
             sources.append(f"transcripts:{len(sessions)} sessions")
     finally:
         if resolved is not None and not isinstance(target, Target):
             await resolved.aclose()
-    cases = _unique_ids(dedupe_cases(cases))
+    cases = _unique_ids(cases)
     test_set = TestSet(id=new_test_set_id(), name=name or _default_name(profile, sources), created_at=time.time(),
                        cases=cases, profile=profile, sources=sources, offline=llm.offline, usage=usage)
     await store.save_test_set(test_set)

@@ -1,0 +1,132 @@
+"""test_agent end to end, and the fix loop: reproducing cases reproduce, fixed issues show as fixed."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import RunError
+from engine.llm import LiteLLMBackend, LLMSettings
+from engine.pipeline.agent_test import prepare_agent_test, rerun_issues, test_agent
+from engine.pipeline.generation import build_test_set, export_test_set
+from engine.testcases import load_test_cases
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.anyio
+
+AGENT = "examples/support_agent.py:support_agent"
+SEEDS = str(ROOT / "examples" / "support_cases.yaml")
+
+
+async def offline_report(store, **options):
+    options = {"test_cases": SEEDS, "num_test_cases": 3, "model": "offline", "base_dir": ROOT, "max_turns": 6,
+               **options}
+    return await test_agent(store, AGENT, **options)
+
+
+async def test_offline_test_agent_finds_the_crash_and_the_memory_flaw(store):
+    report = await offline_report(store)
+    crash = report.issues[0]
+    assert (crash.severity, crash.category, crash.signals[0]) == ("high", "robustness", "agent_error")
+    assert "KeyError" in crash.title and crash.frequency.endswith(f"of {len(report.sessions)} sessions")
+    assert crash.evidence[0].turn == 2 and crash.reproduction.scripted_turns[-1].lower().count("gift card")
+    memory = next(i for i in report.issues if i.category == "memory")
+    assert memory.signals[0] == "knowledge_retention" and memory.evidence[0].turn == 4
+    assert report.offline and "offline" in report.note
+    assert len(report.test_cases) == 3 + 6 and report.test_set_id.startswith("set-")
+    assert {"simulated_user", "generator"} <= set(report.usage)
+    stored, markdown = await store.get_report(report.run_id)
+    assert stored.issues[0].id == crash.id and markdown.startswith("# ")
+
+
+async def test_issue_ids_are_stable_across_runs(store):
+    first = await offline_report(store, num_test_cases=0)
+    second = await offline_report(store, num_test_cases=0)
+    assert [i.id for i in first.issues] == [i.id for i in second.issues]
+
+
+async def test_reproducing_case_reproduces_and_a_fix_shows_as_fixed(store):
+    report = await offline_report(store, num_test_cases=0)
+    crash = report.issues[0]
+    _, unchanged = await rerun_issues(store, report.run_id, issue_id=crash.id, base_dir=ROOT)
+    assert [c.reproduces for c in unchanged] == [True]
+    _, fixed = await rerun_issues(store, report.run_id, issue_id=crash.id, target="tests.fixed_agent:support_agent",
+                                  base_dir=ROOT)
+    assert [c.reproduces for c in fixed] == [False]
+    assert "did not fail" in fixed[0].detail
+
+
+async def test_rerun_of_all_cases_checks_every_issue(store):
+    report = await offline_report(store, num_test_cases=0)
+    new_run, checks = await rerun_issues(store, report.run_id, target="tests.fixed_agent:support_agent",
+                                         base_dir=ROOT)
+    by_id = {c.issue_id: c for c in checks}
+    assert set(by_id) == {i.id for i in report.issues + report.simulator_issues}
+    assert by_id[report.issues[0].id].reproduces is False  # the crash was fixed
+    memory = next(i for i in report.issues if i.category == "memory")
+    assert by_id[memory.id].reproduces is True  # the forgetting was not
+    assert (await store.get_run(new_run))["kind"] == "rerun"
+
+
+async def test_rerun_rejects_unknown_issues_and_runs_without_reports(store):
+    report = await offline_report(store, num_test_cases=0)
+    with pytest.raises(Exception, match="has no issue 'ISS-nope'"):
+        await rerun_issues(store, report.run_id, issue_id="ISS-nope", base_dir=ROOT)
+    with pytest.raises(Exception, match="no run with id"):
+        await rerun_issues(store, "run-missing")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"num_test_cases": 0, "test_cases": None}, "nothing to test"), ({"adversarial": 2}, "adversarial"),
+     ({"max_turns": 0}, "max_turns"), ({"num_test_cases": 99}, "num_test_cases")],
+)
+async def test_bad_requests_are_rejected_before_a_run_exists(store, options, message):
+    with pytest.raises(Exception, match=message):
+        await prepare_agent_test(store, AGENT, **{"test_cases": SEEDS, "model": "offline", "base_dir": ROOT, **options})
+    assert await store.list_runs() == []
+
+
+async def test_test_agent_through_litellm_uses_every_role(store, fake_llm):
+    """With a model for every role: the fake answers schema-valid defaults; the pipeline must still finish."""
+    llm = LiteLLMBackend(LLMSettings(model="openai/fake", api_base=fake_llm.url, api_key="k", max_retries=0))
+    cases = [{"goal": "Get a refund to a gift card", "scripted_turns": ["Refund order A1234 to a gift card"]},
+             {"goal": "Ask about shipping", "id": "shipping"}]
+    report = await test_agent(store, AGENT, test_cases=cases, num_test_cases=0, llm=llm, base_dir=ROOT, max_turns=2,
+                              scorers=["goal_achievement", "knowledge_retention"])
+    assert not report.offline
+    assert {"simulated_user", "judge"} <= set(report.usage)
+    crash = next(i for i in report.issues if "agent_error" in i.signals)
+    assert crash.severity == "high"
+    schemas = {r["response_format"]["json_schema"]["name"] for r in fake_llm.requests}
+    assert {"UserTurn", "JudgeVerdict"} <= schemas
+
+
+async def test_generation_failure_marks_the_run_failed(store, fake_llm):
+    fake_llm.set_handler(lambda req: "not json")
+    llm = LiteLLMBackend(LLMSettings(model="openai/fake", api_base=fake_llm.url, api_key="k", max_retries=0))
+    job = await prepare_agent_test(store, AGENT, description="A support bot", num_test_cases=2, llm=llm,
+                                   base_dir=ROOT, ask_agent=False)
+    with pytest.raises(RunError, match="failed"):
+        await job.run()
+    run = await store.get_run(job.run_id)
+    assert run["status"] == "failed" and run["error"]
+
+
+async def test_generated_test_set_is_stored_exported_and_runnable_by_id(store, tmp_path):
+    from engine import simulate
+
+    test_set = await build_test_set(store, target=AGENT, num_test_cases=4, model="offline", base_dir=ROOT)
+    assert len(test_set.cases) == 4 and test_set.profile.tools and test_set.offline
+    assert any(s.startswith("source:") for s in test_set.sources)
+    for suffix in ("yaml", "json", "jsonl"):
+        path = export_test_set(test_set, tmp_path / f"cases.{suffix}")
+        assert [c.goal for c in load_test_cases(str(path))] == [c.goal for c in test_set.cases]
+    summary = await simulate(store, AGENT, test_set.id, model="offline", base_dir=ROOT, max_turns=6)
+    assert summary.sessions_total == 4
+
+
+async def test_distilling_from_a_run_gives_one_case_per_distinct_conversation(store):
+    report = await offline_report(store, num_test_cases=0)
+    test_set = await build_test_set(store, run_id=report.run_id, model="offline")
+    assert 1 <= len(test_set.cases) <= 6
+    assert any("transcripts" in s for s in test_set.sources)
