@@ -28,11 +28,19 @@ from typing import Any, Sequence
 
 import anyio
 
-from engine import ConvsimError, JobRegistry, Progress, RunSummary, Store, UserInputError
+from engine import (
+    ConvsimError,
+    JobRegistry,
+    Progress,
+    RunSummary,
+    Store,
+    UserInputError,
+)
 from engine.models import SEVERITY_ORDER, ScorerSummary
+from engine.pipeline import describe_target, run_summary, score_sessions, simulate
 from engine.pipeline.agent_test import rerun_issues, test_agent
 from engine.pipeline.generation import build_test_set, export_test_set
-from engine.pipeline import describe_target, run_summary, score_sessions, simulate
+from engine.text import one_line
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -179,7 +187,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import build_server  # the MCP SDK costs ~1 s to import; other commands skip it
+    from .server import (
+        build_server,  # the MCP SDK costs ~1 s to import; other commands skip it
+    )
 
     # The registry is owned here, for the life of the process: with SSE each connection enters the
     # server's lifespan separately, and a background run must outlive the connection that started it.
@@ -266,8 +276,8 @@ def _rerun(args: argparse.Namespace) -> int:
                                                      max_turns=args.max_turns, model=args.model, base_dir=Path.cwd(),
                                                      progress=bar.update))
     bar.close()
-    rows = [[c.issue_id, c.severity, "STILL FAILS" if c.reproduces else "fixed", _one_line(c.title, 50),
-             _one_line(c.detail, 60)] for c in checks]
+    rows = [[c.issue_id, c.severity, "STILL FAILS" if c.reproduces else "fixed", one_line(c.title, 50),
+             one_line(c.detail, 60)] for c in checks]
     print(f"re-ran {args.run_id} as {new_run}")
     print(_table(["issue", "severity", "result", "title", "detail"], rows) if rows else "no issues to check")
     return 1 if any(c.reproduces for c in checks) else 0
@@ -283,7 +293,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.output:
         export_test_set(test_set, args.output)
         print(f"wrote {len(test_set.cases)} cases to {args.output}", file=sys.stderr)
-    rows = [[c.id or str(i), _one_line(c.goal, 90)] for i, c in enumerate(test_set.cases)]
+    rows = [[c.id or str(i), one_line(c.goal, 90)] for i, c in enumerate(test_set.cases)]
     print(f"test set {test_set.id} ({len(test_set.cases)} cases{', offline templates' if test_set.offline else ''})")
     print(_table(["id", "goal"], rows))
     print(f"run them: convsim-mcp simulate TARGET {test_set.id}")
@@ -367,7 +377,7 @@ def render_summary(s: RunSummary) -> str:
     for x in s.sessions:
         last = x.error or x.last_agent_reply or ""
         rows.append([x.session_id, x.case_id or str(x.case_index), x.stop_reason.value if x.stop_reason else "running",
-                     str(x.turns), _one_line(last, 70)])
+                     str(x.turns), one_line(last, 70)])
     lines += ["", _table(["session", "case", "stop reason", "turns", "last agent reply / error"], rows)]
     if s.scores:
         lines += ["", render_scores(s.scores)]
@@ -387,9 +397,9 @@ def render_scores(scores: list[ScorerSummary], note: str | None = None) -> str:
     for x in scores:
         for f in x.failing:
             where = f" turn {f.turn}" if f.turn else ""
-            lines.append(f"  FAIL {x.scorer} {f.session_id}{where}: {_one_line(f.rationale, 110)}")
+            lines.append(f"  FAIL {x.scorer} {f.session_id}{where}: {one_line(f.rationale, 110)}")
         for e in x.errors[:3]:
-            lines.append(f"  UNSCORED {x.scorer} {e.session_id}: {_one_line(e.rationale, 110)}")
+            lines.append(f"  UNSCORED {x.scorer} {e.session_id}: {one_line(e.rationale, 110)}")
     if note:
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -399,11 +409,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
-
-
-def _one_line(text: str, limit: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ProgressBar:
@@ -417,7 +422,7 @@ class ProgressBar:
     async def update(self, p: Progress) -> None:
         if self.tty:
             filled = int(self.width * p.done / max(p.total, 1))
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {p.done}/{p.total} {_one_line(p.message, 50):<50}")
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {p.done}/{p.total} {one_line(p.message, 50):<50}")
             sys.stderr.flush()
             self.shown = True
         elif "ended" in p.message:

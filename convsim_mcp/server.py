@@ -19,7 +19,17 @@ from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field, WithJsonSchema
 
-from engine import ConvsimError, JobRegistry, NotFound, Progress, RunStatus, RunSummary, Store, TargetSpec, TestCase
+from engine import (
+    ConvsimError,
+    JobRegistry,
+    NotFound,
+    Progress,
+    RunStatus,
+    RunSummary,
+    Store,
+    TargetSpec,
+    TestCase,
+)
 from engine.models import AgentProfile, Report, ScoreSummary, Usage
 from engine.pipeline import (
     describe_target,

@@ -17,7 +17,14 @@ from .errors import (
     UserInputError,
 )
 from .jobs import JobRegistry
-from .llm import LLM, LiteLLMBackend, LLMResult, OfflineBackend, resolve_llm, resolve_model
+from .llm import (
+    LLM,
+    LiteLLMBackend,
+    LLMResult,
+    OfflineBackend,
+    resolve_llm,
+    resolve_model,
+)
 from .models import (
     Assessment,
     Evidence,

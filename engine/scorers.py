@@ -475,7 +475,9 @@ class CodeScorer(Scorer):
 
 
 def _session_record(session: Session) -> dict[str, Any]:
-    from .store import session_to_record  # the export format is what code scorers receive
+    from .store import (
+        session_to_record,  # the export format is what code scorers receive
+    )
 
     return session_to_record(session)
 

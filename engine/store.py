@@ -22,7 +22,17 @@ from typing import Any, Callable, Iterable, TypeVar
 import anyio
 
 from .errors import InvalidOption, NotFound
-from .models import Assessment, Message, Report, RunStatus, Session, StopReason, TestCase, TestSet, Usage
+from .models import (
+    Assessment,
+    Message,
+    Report,
+    RunStatus,
+    Session,
+    StopReason,
+    TestCase,
+    TestSet,
+    Usage,
+)
 
 R = TypeVar("R")
 

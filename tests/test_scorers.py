@@ -12,7 +12,6 @@ from engine.llm import LLMSettings
 from engine.pipeline import score_sessions
 from engine.scorers import BUILTIN_JUDGES, CodeScorer, CustomJudge, parse_scorers, render_conversation
 from tests.conftest import ROOT
-from tests.fake_llm import FakeReply
 
 pytestmark = pytest.mark.anyio
 

@@ -37,9 +37,3 @@ def scores_uri(run_id: str) -> str:
 def check_range(name: str, value: int, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidOption(f"{name} must be an integer from {low} to {high}, got {value!r}")
-
-
-def one_line(text: str, limit: int = 200) -> str:
-    """`text` on one line, clipped to `limit` characters, for summaries sized for an assistant's context."""
-    text = " ".join((text or "").split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -16,7 +16,16 @@ import yaml
 from ..errors import InvalidOption
 from ..generator import dedupe_cases, describe_agent, distill_cases, generate_cases
 from ..llm import LLM, resolve_llm
-from ..models import AgentProfile, Role, Session, TargetSpec, TestCase, TestSet, Usage, add_usage
+from ..models import (
+    AgentProfile,
+    Role,
+    Session,
+    TargetSpec,
+    TestCase,
+    TestSet,
+    Usage,
+    add_usage,
+)
 from ..store import Store, new_test_set_id
 from ..targets import Target, resolve_target
 from ._shared import check_range

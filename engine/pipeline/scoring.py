@@ -12,10 +12,19 @@ import anyio
 
 from ..errors import InvalidOption
 from ..llm import LLM, resolve_llm
-from ..models import Assessment, FailingSession, Role, ScorerSummary, ScoreSummary, Session, Usage
+from ..models import (
+    Assessment,
+    FailingSession,
+    Role,
+    ScorerSummary,
+    ScoreSummary,
+    Session,
+    Usage,
+)
 from ..scorers import Scorer, parse_scorers
 from ..store import Store, record_to_session
-from ._shared import MAX_CONCURRENCY, Progress, ProgressFn, check_range, one_line, scores_uri
+from ..text import one_line
+from ._shared import MAX_CONCURRENCY, Progress, ProgressFn, check_range, scores_uri
 
 log = logging.getLogger("convsim.pipeline")
 

@@ -20,12 +20,30 @@ from typing import Any
 import anyio
 
 from ..llm import LLM, resolve_llm
-from ..models import Message, Role, RunStatus, RunSummary, Session, SessionSummary, StopReason, TargetSpec, TestCase, Usage
+from ..models import (
+    Message,
+    Role,
+    RunStatus,
+    RunSummary,
+    Session,
+    SessionSummary,
+    StopReason,
+    TargetSpec,
+    TestCase,
+    Usage,
+)
 from ..scorers import Scorer, parse_scorers
-from ..simulator import ConversationRunner, SessionRecorder, SimulatedUser, TurnEvent, load_user_class
+from ..simulator import (
+    ConversationRunner,
+    SessionRecorder,
+    SimulatedUser,
+    TurnEvent,
+    load_user_class,
+)
 from ..store import Store, new_run_id, new_session_id
 from ..targets import Target, redacted_spec, resolve_target
 from ..testcases import load_test_cases
+from ..text import one_line
 from ._shared import (
     MAX_CONCURRENCY,
     MAX_REPEATS,
@@ -33,7 +51,6 @@ from ._shared import (
     Progress,
     ProgressFn,
     check_range,
-    one_line,
     run_uri,
     session_uri,
 )
