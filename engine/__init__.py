@@ -26,9 +26,12 @@ from .llm import (
     resolve_model,
 )
 from .models import (
+    AgentProfile,
     Assessment,
     Evidence,
+    Issue,
     Message,
+    Report,
     Role,
     RunStatus,
     RunSummary,
@@ -39,6 +42,7 @@ from .models import (
     StopReason,
     TargetSpec,
     TestCase,
+    TestSet,
     ToolCall,
     Usage,
 )
@@ -52,6 +56,8 @@ from .pipeline import (
     score_sessions,
     simulate,
 )
+from .pipeline.agent_test import prepare_agent_test, rerun_issues, test_agent
+from .pipeline.generation import build_test_set, export_test_set
 from .scorers import BuiltinJudge, CodeScorer, CustomJudge, Scorer, parse_scorers
 from .simulator import LLMSimulatedUser, SimulatedUser, SimulatorContext, UserTurn
 from .store import Store
@@ -60,6 +66,7 @@ from .testcases import load_test_cases
 
 __all__ = [
     "AgentError",
+    "AgentProfile",
     "Assessment",
     "BuiltinJudge",
     "CodeScorer",
@@ -69,6 +76,7 @@ __all__ = [
     "InvalidOption",
     "InvalidTarget",
     "InvalidTestCase",
+    "Issue",
     "JobRegistry",
     "LLM",
     "LLMError",
@@ -80,6 +88,7 @@ __all__ = [
     "NotFound",
     "OfflineBackend",
     "Progress",
+    "Report",
     "Role",
     "RunError",
     "RunStatus",
@@ -98,18 +107,24 @@ __all__ = [
     "Target",
     "TargetSpec",
     "TestCase",
+    "TestSet",
     "ToolCall",
     "Usage",
     "UserInputError",
     "UserTurn",
+    "build_test_set",
+    "export_test_set",
     "load_test_cases",
     "parse_scorers",
+    "prepare_agent_test",
     "prepare_scoring",
     "prepare_simulation",
     "resolve_llm",
     "resolve_model",
     "resolve_target",
+    "rerun_issues",
     "run_summary",
     "score_sessions",
     "simulate",
+    "test_agent",
 ]

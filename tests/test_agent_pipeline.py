@@ -130,3 +130,27 @@ async def test_distilling_from_a_run_gives_one_case_per_distinct_conversation(st
     test_set = await build_test_set(store, run_id=report.run_id, model="offline")
     assert 1 <= len(test_set.cases) <= 6
     assert any("transcripts" in s for s in test_set.sources)
+
+
+async def test_distilling_from_a_jsonl_file_replays_each_conversation(store, tmp_path):
+    import json
+
+    conversations = [
+        [{"role": "user", "content": "Hi, where is my order?"},
+         {"role": "assistant", "content": "Could you give me your order number?"},
+         {"role": "user", "content": "It's C9012."},
+         {"role": "assistant", "content": "Order C9012 arrives Thursday."}],
+        [{"role": "user", "content": "How do I reset my password?"},
+         {"role": "assistant", "content": "Use the 'Forgot password' link."}],
+        [{"role": "user", "content": "Hi, where is my order?"},
+         {"role": "assistant", "content": "Could you give me your order number?"},
+         {"role": "user", "content": "It's C9012."},
+         {"role": "assistant", "content": "Order C9012 arrives Thursday."}],
+    ]
+    path = tmp_path / "prod.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    test_set = await build_test_set(store, file=str(path), model="offline")
+    assert len(test_set.cases) == 2  # the repeated conversation is a near-duplicate
+    order = test_set.cases[0]
+    assert "order" in order.goal.lower() and order.persona and order.simulation_guidelines
+    assert any("C9012" in g or "order number" in g for g in order.simulation_guidelines)

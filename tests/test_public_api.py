@@ -3,6 +3,15 @@
 import engine
 
 PUBLIC = {
+    "test_agent",
+    "rerun_issues",
+    "prepare_agent_test",
+    "export_test_set",
+    "build_test_set",
+    "TestSet",
+    "Report",
+    "Issue",
+    "AgentProfile",
     "AgentError",
     "Assessment",
     "BuiltinJudge",
