@@ -154,3 +154,11 @@ async def test_distilling_from_a_jsonl_file_replays_each_conversation(store, tmp
     order = test_set.cases[0]
     assert "order" in order.goal.lower() and order.persona and order.simulation_guidelines
     assert any("C9012" in g or "order number" in g for g in order.simulation_guidelines)
+
+
+async def test_rerun_keeps_the_original_runs_models(store, monkeypatch):
+    report = await offline_report(store, num_test_cases=0)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-would-pick-a-real-model")
+    new_run, _ = await rerun_issues(store, report.run_id, issue_id=report.issues[0].id, base_dir=ROOT)
+    run = await store.get_run(new_run)
+    assert run["offline"] and run["model"] == "offline" and run["options"]["judge_model"] == "offline"

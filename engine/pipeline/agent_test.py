@@ -276,8 +276,9 @@ async def rerun_issues(
     resolved = resolve_target(spec, base_dir=base_dir)
     resolved.check_cases(cases)
     scorers = parse_scorers(options.get("scorers") or list(DEFAULT_SCORERS), base_dir=base_dir)
-    user_llm = llm or resolve_llm(model or (None if run["offline"] else run["model"]))
-    judge_llm = llm or resolve_llm(model or options.get("judge_model"))
+    # the original run's models unless told otherwise, so a re-run plays the same users and judges
+    user_llm = llm or resolve_llm(model or ("offline" if run["offline"] else run["model"]))
+    judge_llm = llm or resolve_llm(model or options.get("judge_model") or user_llm.model)
     new_run = new_run_id()
     turns = max_turns or options.get("max_turns") or 8
     await store.create_run(run_id=new_run, kind="rerun", target=redacted_spec(resolved.spec),
