@@ -40,7 +40,12 @@ from engine.pipeline import (
     scores_uri,
     summarize_scores,
 )
-from engine.pipeline.agent_test import prepare_agent_test, report_uri, rerun_issues
+from engine.pipeline.agent_test import (
+    IssueCheck,
+    prepare_agent_test,
+    report_uri,
+    rerun_issues,
+)
 from engine.pipeline.generation import build_test_set
 from engine.report import ReportDigest, compact_result
 from engine.scorers import list_builtin_scorers
@@ -131,19 +136,10 @@ class TestSetResult(BaseModel):
     note: str
 
 
-class IssueCheckResult(BaseModel):
-    issue_id: str
-    title: str
-    severity: str
-    reproduces: bool
-    sessions: list[str]
-    detail: str
-
-
 class RerunResult(BaseModel):
     run_id: str = Field(description="The new run.")
     rerun_of: str
-    checks: list[IssueCheckResult]
+    checks: list[IssueCheck]
     still_failing: int
     fixed: int
     resource: str
@@ -322,10 +318,9 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
                                                  max_turns=max_turns, model=model, progress=_forward(ctx))
         except ConvsimError as e:
             raise ToolError(str(e)) from e
-        results = [IssueCheckResult(**vars(c)) for c in checks]
-        return RerunResult(run_id=new_run, rerun_of=run_id, checks=results,
-                           still_failing=sum(c.reproduces for c in results),
-                           fixed=sum(not c.reproduces for c in results), resource=run_uri(new_run))
+        return RerunResult(run_id=new_run, rerun_of=run_id, checks=checks,
+                           still_failing=sum(c.reproduces for c in checks),
+                           fixed=sum(not c.reproduces for c in checks), resource=run_uri(new_run))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     async def generate_test_cases(

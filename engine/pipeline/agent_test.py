@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from pydantic import BaseModel, Field
 
 from ..errors import InvalidOption, InvalidTarget, RunError
 from ..generator import describe_agent, generate_cases
@@ -223,13 +224,14 @@ test_agent.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 # --- the fix loop -------------------------------------------------------------------------------
 
 
-@dataclass
-class IssueCheck:
+class IssueCheck(BaseModel):
+    """Whether one issue still reproduces after a re-run, and the evidence either way."""
+
     issue_id: str
     title: str
     severity: str
     reproduces: bool
-    sessions: list[str]
+    sessions: list[str] = Field(description="The re-run sessions of the issue's case(s).")
     detail: str
 
 
@@ -298,5 +300,6 @@ async def rerun_issues(
         hits = [f for f in failures if f.session_id in ids and f.signal == primary]
         detail = (f"{primary} at turn {hits[0].turn}: {hits[0].rationale or hits[0].quote}"[:200] if hits
                   else f"{primary} did not fail in {len(ids)} re-run session(s)")
-        checks.append(IssueCheck(issue.id, issue.title, issue.severity, bool(hits), sorted(ids), detail))
+        checks.append(IssueCheck(issue_id=issue.id, title=issue.title, severity=issue.severity,
+                                 reproduces=bool(hits), sessions=sorted(ids), detail=detail))
     return new_run, checks
