@@ -19,7 +19,6 @@ from ..llm import LLM, resolve_llm
 from ..models import (
     AgentProfile,
     Role,
-    Session,
     TargetSpec,
     TestCase,
     TestSet,
@@ -29,25 +28,9 @@ from ..models import (
 from ..store import Store, new_test_set_id
 from ..targets import Target, resolve_target
 from ._shared import check_range
+from .scoring import collect_sessions
 
 MAX_TEST_CASES = 50
-
-
-async def collect_sessions(store: Store, *, run_id: str | None = None, session_ids: list[str] | None = None,
-                           file: str | Path | None = None, base_dir: str | Path | None = None) -> list[Session]:
-    """Stored sessions of a run, by id, or imported from a JSONL file (as a new run)."""
-    if run_id:
-        await store.get_run(run_id)
-        return await store.get_sessions(run_id)
-    if session_ids:
-        return [await store.get_session(sid) for sid in session_ids]
-    if file:
-        path = Path(file) if Path(file).is_absolute() or base_dir is None else Path(base_dir) / file
-        if not path.is_file():
-            raise InvalidOption(f"file not found: {path}")
-        with path.open(encoding="utf-8") as f:
-            return await store.get_sessions(await store.import_jsonl(f, source=str(path)))
-    return []
 
 
 async def build_test_set(

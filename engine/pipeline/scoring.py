@@ -20,6 +20,7 @@ from ..models import (
     ScoreSummary,
     Session,
     Usage,
+    add_usage,
 )
 from ..scorers import Scorer, parse_scorers
 from ..store import Store, record_to_session
@@ -102,23 +103,32 @@ async def prepare_scoring(
     check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
     scorer_list = parse_scorers(scorers, base_dir=base_dir)
     llm = llm or resolve_llm(model, max_concurrency=concurrency)
+    sessions = await collect_sessions(store, run_id=run_id, session_ids=session_ids, transcripts=transcripts,
+                                      file=file, base_dir=base_dir)
+    if not sessions:
+        raise InvalidOption("no sessions to score")
+    return ScoringJob(store, sessions, scorer_list, llm, concurrency)
+
+
+async def collect_sessions(store: Store, *, run_id: str | None = None, session_ids: list[str] | None = None,
+                           transcripts: list[Any] | None = None, file: str | Path | None = None,
+                           base_dir: str | Path | None = None) -> list[Session]:
+    """Sessions of a run, by id, or from inline transcripts or a JSONL file (imported as a new run)."""
     if run_id:
         await store.get_run(run_id)
-        sessions = await store.get_sessions(run_id)
-    elif session_ids:
-        sessions = [await store.get_session(sid) for sid in session_ids]
-    elif transcripts:
+        return await store.get_sessions(run_id)
+    if session_ids:
+        return [await store.get_session(sid) for sid in session_ids]
+    if transcripts:
         parsed = [record_to_session(t, i, what="transcript") for i, t in enumerate(transcripts)]
-        sessions = await store.get_sessions(await store.import_sessions(parsed, source="inline transcripts"))
-    else:
+        return await store.get_sessions(await store.import_sessions(parsed, source="inline transcripts"))
+    if file:
         path = Path(file) if Path(file).is_absolute() or base_dir is None else Path(base_dir) / file
         if not path.is_file():
             raise InvalidOption(f"file not found: {path}")
         with path.open(encoding="utf-8") as f:
-            sessions = await store.get_sessions(await store.import_jsonl(f, source=str(path)))
-    if not sessions:
-        raise InvalidOption("no sessions to score")
-    return ScoringJob(store, sessions, scorer_list, llm, concurrency)
+            return await store.get_sessions(await store.import_jsonl(f, source=str(path)))
+    return []
 
 
 async def score_sessions(store: Store, *, progress: ProgressFn | None = None, **options: Any) -> ScoreSummary:
@@ -129,10 +139,7 @@ async def score_sessions(store: Store, *, progress: ProgressFn | None = None, **
 async def score_summary(store: Store, sessions: list[Session], scorer_names: list[str], *,
                         offline: bool) -> ScoreSummary:
     assessments = [a for a in await store.get_assessments([s.id for s in sessions]) if a.scorer in scorer_names]
-    usage: dict[str, Usage] = {}
-    for a in assessments:
-        if a.usage:
-            usage[Role.JUDGE.value] = usage.get(Role.JUDGE.value, Usage()).add(a.usage)
+    usage = judge_usage(assessments)
     run_ids = sorted({s.run_id for s in sessions if s.run_id})
     summaries = summarize_scores(assessments, order=scorer_names)
     note = None
@@ -141,6 +148,15 @@ async def score_summary(store: Store, sessions: list[Session], scorer_names: lis
                 "Configure a model for real judges.")
     return ScoreSummary(run_ids=run_ids, sessions=len(sessions), scorers=summaries, usage=usage, offline=offline,
                         resources=[scores_uri(r) for r in run_ids], note=note)
+
+
+def judge_usage(assessments: list[Assessment], into: dict[str, Usage] | None = None) -> dict[str, Usage]:
+    """Model usage of the judges behind `assessments`, under role 'judge' (added to `into` when given)."""
+    usage = dict(into or {})
+    for a in assessments:
+        if a.usage:
+            usage = add_usage(usage, Role.JUDGE.value, a.usage)
+    return usage
 
 
 def summarize_scores(assessments: list[Assessment], *, order: list[str] | None = None,

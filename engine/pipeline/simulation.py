@@ -22,7 +22,6 @@ import anyio
 from ..llm import LLM, resolve_llm
 from ..models import (
     Message,
-    Role,
     RunStatus,
     RunSummary,
     Session,
@@ -31,6 +30,7 @@ from ..models import (
     TargetSpec,
     TestCase,
     Usage,
+    add_usage,
 )
 from ..scorers import Scorer, parse_scorers
 from ..simulator import (
@@ -54,7 +54,7 @@ from ._shared import (
     run_uri,
     session_uri,
 )
-from .scoring import score_one, summarize_scores
+from .scoring import judge_usage, score_one, summarize_scores
 
 log = logging.getLogger("convsim.pipeline")
 
@@ -203,13 +203,11 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
     reasons: dict[str, int] = {}
     for s in sessions:
         for role, u in s.usage.items():
-            usage[role] = usage.get(role, Usage()).add(u)
+            usage = add_usage(usage, role, u)
         if s.stop_reason:
             reasons[s.stop_reason.value] = reasons.get(s.stop_reason.value, 0) + 1
     assessments = await store.get_assessments([s.id for s in sessions])
-    for a in assessments:
-        if a.usage:
-            usage[Role.JUDGE.value] = usage.get(Role.JUDGE.value, Usage()).add(a.usage)
+    usage = judge_usage(assessments, into=usage)
     status = RunStatus(run["status"])
     max_turns = run["options"].get("max_turns") or 1
     steps = sum(max_turns if s.stop_reason else min(s.turns, max_turns) for s in sessions)
