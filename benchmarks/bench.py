@@ -163,7 +163,7 @@ async def _simulate_once(store, root, *, n: int, t: int, target: str, llm, goal:
     cpu = time.process_time()
     started = time.perf_counter()
     with anyio.fail_after(RUN_TIMEOUT_S):
-        summary = await simulate(store, target, cases, max_turns=t, concurrency=n, llm=llm, base_dir=root)
+        summary = await simulate(store, target, cases, max_turns=t, concurrency=n, llm=llm, workspace=root)
     wall = time.perf_counter() - started
     cpu = time.process_time() - cpu
     if fake_cpu is not None:

@@ -247,7 +247,7 @@ def _test_agent(args: argparse.Namespace) -> int:
         num_test_cases=args.num_test_cases, guidance=args.guidance, adversarial=args.adversarial,
         max_turns=args.max_turns, repeats=args.repeats, concurrency=args.concurrency, scorers=args.scorers,
         model=args.model, user_model=args.user_model, judge_model=args.judge_model,
-        generator_model=args.generator_model, ask_agent=not args.no_ask_agent, base_dir=Path.cwd(),
+        generator_model=args.generator_model, ask_agent=not args.no_ask_agent, workspace=Path.cwd(),
     ))
     bar.close()
     _, markdown = anyio.run(lambda: store.get_report(report.run_id))
@@ -273,7 +273,7 @@ def _rerun(args: argparse.Namespace) -> int:
     if args.target:
         target = json.loads(args.target) if args.target.strip().startswith("{") else args.target
     new_run, checks = anyio.run(lambda: rerun_issues(store, args.run_id, issue_id=args.issue, target=target,
-                                                     max_turns=args.max_turns, model=args.model, base_dir=Path.cwd(),
+                                                     max_turns=args.max_turns, model=args.model, workspace=Path.cwd(),
                                                      progress=bar.update))
     bar.close()
     rows = [[c.issue_id, c.severity, "STILL FAILS" if c.reproduces else "fixed", one_line(c.title, 50),
@@ -288,7 +288,7 @@ def _generate(args: argparse.Namespace) -> int:
     test_set = anyio.run(lambda: build_test_set(
         store, description=args.description, target=args.target, run_id=args.run_id, file=args.file,
         num_test_cases=args.num_test_cases, guidance=args.guidance, adversarial=args.adversarial,
-        model=args.model, base_dir=Path.cwd(),
+        model=args.model, workspace=Path.cwd(),
     ))
     if args.output:
         export_test_set(test_set, args.output)
@@ -318,7 +318,7 @@ def _score(args: argparse.Namespace) -> int:
     bar = ProgressBar()
     result = anyio.run(lambda: score_sessions(
         store, progress=bar.update, run_id=args.run_id, session_ids=args.session_ids, file=args.file,
-        scorers=args.scorers, model=args.model, concurrency=args.concurrency, base_dir=Path.cwd(),
+        scorers=args.scorers, model=args.model, concurrency=args.concurrency, workspace=Path.cwd(),
     ))
     bar.close()
     print(result.model_dump_json(indent=2) if args.json else render_scores(result.scorers, result.note))

@@ -14,15 +14,21 @@ Two branches, so that callers can tell "you asked for something wrong" from
         └── LLMError              the simulator's (or judge's) model call failed
             └── LLMOutputError    the model replied, but not with the schema asked for
 
-Messages say what to do next. They never contain secrets: header values and
-API keys are not interpolated into any message.
+Messages say what to do next. They never contain secrets: every message is
+passed through `secrets.redact` when the error is made, so a key echoed in an
+agent's or a provider's error body is masked before anything can store it.
 """
 
 from __future__ import annotations
 
+from . import secrets
+
 
 class ConvsimError(Exception):
     """Root of every error the engine raises on purpose."""
+
+    def __init__(self, message: str = "", *args: object):
+        super().__init__(secrets.redact(str(message)), *args)
 
 
 class UserInputError(ConvsimError):
@@ -33,9 +39,10 @@ class InvalidTestCase(UserInputError):
     """Raised when a test case is missing a field or has a wrong value."""
 
     def __init__(self, message: str, *, index: int | None = None, field: str | None = None):
+        """`index` is 0-based, as in the list; messages count from 1, as people do."""
         where = []
         if index is not None:
-            where.append(f"test case {index}")
+            where.append(f"test case {index + 1}")
         if field:
             where.append(f"field '{field}'")
         prefix = ", ".join(where)

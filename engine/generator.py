@@ -36,6 +36,7 @@ from .llm import LLM
 from .models import AgentProfile, Message, Role, Session, TestCase, Usage
 from .scorers import render_conversation
 from .targets import Target
+from .workspace import WorkspaceArg, as_workspace
 from .text import clip, one_line, unique
 
 log = logging.getLogger("convsim.generator")
@@ -198,7 +199,7 @@ async def describe_agent(
     target: Target | None = None,
     ask_agent: bool = True,
     introspect: bool = True,
-    base_dir: str | Path | None = None,
+    workspace: WorkspaceArg = None,
 ) -> tuple[AgentProfile, Usage]:
     """Build the agent's profile from a description, its own self-description and its source.
 
@@ -225,14 +226,14 @@ async def describe_agent(
     facts: SourceFacts | None = None
     if target is not None and introspect and target.spec.kind == "python" and target.spec.path:
         try:
-            facts = introspect_source(target.spec.path, base_dir=base_dir)
+            facts = introspect_source(target.spec.path, workspace=workspace)
         except InvalidTarget as e:
             sources.append(f"source_failed: {e}")
         else:
             if facts.empty:
                 facts = None
             else:
-                sources.append(f"source:{_display_path(facts.path, base_dir)}")
+                sources.append(f"source:{_display_path(facts.path, workspace)}")
     if not (description or self_description or facts):
         raise InvalidOption(
             "nothing is known about the agent: pass a description of what it does (for whom, which tasks, "
@@ -242,7 +243,7 @@ async def describe_agent(
     messages = [
         {"role": "system", "content": PROFILE_PROMPT},
         {"role": "user", "content": PROFILE_REQUEST.format(materials=_materials(description, self_description, facts,
-                                                                               base_dir))},
+                                                                               workspace))},
     ]
     result = await llm.complete(messages, ProfileDraft, role=Role.GENERATOR,
                                 offline=lambda: _offline_profile(description, self_description, facts))
@@ -261,7 +262,7 @@ async def describe_agent(
 
 
 def _materials(description: str, self_description: str, facts: SourceFacts | None,
-               base_dir: str | Path | None) -> str:
+               workspace: WorkspaceArg) -> str:
     parts = []
     if description:
         parts.append(_section("description", description))
@@ -275,7 +276,7 @@ def _materials(description: str, self_description: str, facts: SourceFacts | Non
             inner.append(_section("tools", "\n".join(f"- {t}" for t in facts.tools)))
         if facts.docstrings:
             inner.append(_section("docstrings", "\n\n".join(facts.docstrings)))
-        path = _defuse(_display_path(facts.path, base_dir)).replace('"', "'")
+        path = _defuse(_display_path(facts.path, workspace)).replace('"', "'")
         parts.append(f'<source path="{path}">\n' + "\n".join(inner) + "\n</source>")
     return "\n\n".join(parts)
 
@@ -834,9 +835,9 @@ def _clean_list(items: list[str]) -> list[str]:
     return unique(" ".join(i.split()) for i in items if i and i.strip())
 
 
-def _display_path(path: str, base_dir: str | Path | None) -> str:
+def _display_path(path: str, workspace: WorkspaceArg) -> str:
     """The path relative to the base directory when it lies inside it (shorter, and no home directory)."""
-    base = Path(base_dir) if base_dir else Path.cwd()
+    base = as_workspace(workspace).base
     try:
         return str(Path(path).resolve().relative_to(base.resolve()))
     except ValueError:

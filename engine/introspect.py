@@ -8,18 +8,15 @@ cases target what the agent is really built to do.
 from __future__ import annotations
 
 import ast
-import importlib.machinery
 import inspect
-import os
 import re
-import sys
 import textwrap
 import tokenize
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .errors import InvalidTarget
+from .workspace import WorkspaceArg, as_workspace
 from .text import clip, one_line, unique
 
 DOCSTRING_LIMIT = 600
@@ -48,24 +45,14 @@ _ROLE_CONTENT_MIN = 200
 _UNKNOWN = object()  # a value ast cannot know without running the code
 
 
-def introspect_source(path: str, *, base_dir: str | Path | None = None) -> SourceFacts:
+def introspect_source(path: str, *, workspace: WorkspaceArg = None) -> SourceFacts:
     """Read system prompts, tool definitions and docstrings from a Python target's source file.
 
-    `path` is a target spec, 'pkg.module:func' or 'path/to/file.py:func', resolved against
-    `base_dir` (default: the working directory) like the target itself. Modules are located with
-    importlib's path finder, which imports nothing. Raises InvalidTarget when the spec is malformed
-    or the file cannot be found, read or parsed.
+    `path` is a target spec, 'pkg.module:func' or 'path/to/file.py:func', located under the
+    workspace roots exactly as the target itself is (`Workspace.code_file`, which imports nothing).
+    Raises InvalidTarget when the spec is malformed or refused, or the file cannot be read or parsed.
     """
-    module_part, sep, attr = path.strip().rpartition(":")
-    if not sep or not module_part or not attr:
-        raise InvalidTarget(f"agent path '{path}' must look like 'pkg.module:func' or 'path/to/file.py:func'")
-    base = Path(base_dir) if base_dir else Path.cwd()
-    if module_part.endswith(".py") or "/" in module_part or os.sep in module_part:
-        file = Path(module_part) if Path(module_part).is_absolute() else base / module_part
-        if not file.is_file():
-            raise InvalidTarget(f"agent source file not found: {file}")
-    else:
-        file = _module_file(module_part, base)
+    file, _, attr = as_workspace(workspace).code_file(path, what="agent")
     try:
         with tokenize.open(file) as f:  # honours a coding declaration
             text = f.read()
@@ -78,28 +65,6 @@ def introspect_source(path: str, *, base_dir: str | Path | None = None) -> Sourc
     except ValueError as e:  # null bytes
         raise InvalidTarget(f"cannot parse the agent's source {file}: {e}") from e
     return _facts(tree, attr, str(file))
-
-
-def _module_file(name: str, base: Path) -> Path:
-    """The .py file of module `name`, searching `base` first, without importing any package."""
-    loaded = sys.modules.get(name)
-    if getattr(loaded, "__file__", None) and str(loaded.__file__).endswith(".py"):
-        return Path(loaded.__file__)
-    search: list[str] = [str(base), *sys.path]
-    parts = name.split(".")
-    spec = None
-    for i in range(len(parts)):
-        full = ".".join(parts[: i + 1])
-        spec = importlib.machinery.PathFinder.find_spec(full, search)
-        if spec is None:
-            raise InvalidTarget(
-                f"cannot find module '{full}' under {base} or on sys.path; run from the directory that contains "
-                f"it, or give a file path like 'path/to/{parts[-1]}.py:func'"
-            )
-        search = list(spec.submodule_search_locations or [])
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        raise InvalidTarget(f"module '{name}' has no Python source file to inspect; give a file path instead")
-    return Path(spec.origin)
 
 
 def _facts(tree: ast.Module, attr: str, path: str) -> SourceFacts:

@@ -29,8 +29,10 @@ from typing import Any, Callable, Generic, TypeVar
 import anyio
 from pydantic import BaseModel, ValidationError
 
+from . import secrets
 from .errors import InvalidOption, LLMError, LLMOutputError
 from .models import Role, Usage
+from .settings import env_float, env_int, env_str, env_url
 
 log = logging.getLogger("convsim.llm")
 
@@ -118,6 +120,8 @@ class LiteLLMBackend(LLM):
     def __init__(self, settings: LLMSettings):
         self.settings = settings
         self.model = settings.model
+        secrets.refresh_from_env()
+        secrets.register(settings.api_key)
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
 
     async def complete(self, messages, schema, *, role, offline=None):
@@ -153,7 +157,7 @@ class LiteLLMBackend(LLM):
                 async with self._limiter:
                     resp = await litellm.acompletion(**kwargs)
             except Exception as e:  # classify at the boundary, decide here
-                err = _classify(e, secret=s.api_key)
+                err = _classify(e)
                 usage = usage.add(Usage(calls=1))
                 if not err.retryable or attempt == s.max_retries:
                     raise err from e
@@ -180,9 +184,13 @@ def resolve_model(model: str | None = None) -> str:
     """Explicit argument, then CONVSIM_MODEL, then a default for a present provider key, then offline."""
     if model and model.strip():
         return normalise_model(model)
-    env_model = os.environ.get("CONVSIM_MODEL", "").strip()
+    env_model = env_str("CONVSIM_MODEL")
     if env_model:
-        return normalise_model(env_model)
+        name = normalise_model(env_model)
+        if name != OFFLINE and "/" not in name:
+            raise InvalidOption(f"environment variable CONVSIM_MODEL={env_model!r}: expected 'provider/model' "
+                                f"(e.g. 'openai/{name}') or 'offline'")
+        return name
     for key, default in DEFAULT_MODELS_BY_KEY:
         if os.environ.get(key):
             return default
@@ -213,11 +221,12 @@ def resolve_llm(
         )
     settings = LLMSettings(
         model=name,
-        api_base=api_base or os.environ.get("CONVSIM_API_BASE") or None,
-        api_key=api_key or os.environ.get("CONVSIM_API_KEY") or None,
-        timeout_s=timeout_s if timeout_s is not None else float(os.environ.get("CONVSIM_LLM_TIMEOUT", "60")),
-        max_retries=max_retries if max_retries is not None else int(os.environ.get("CONVSIM_LLM_RETRIES", "4")),
-        max_concurrency=min(max_concurrency or 64, int(os.environ.get("CONVSIM_LLM_CONCURRENCY", "100000"))),
+        api_base=api_base or env_url("CONVSIM_API_BASE"),
+        api_key=api_key or env_str("CONVSIM_API_KEY"),
+        timeout_s=timeout_s if timeout_s is not None else env_float("CONVSIM_LLM_TIMEOUT", 60.0, low=0, high=3600),
+        max_retries=max_retries if max_retries is not None else env_int("CONVSIM_LLM_RETRIES", 4, low=0, high=20),
+        max_concurrency=min(max_concurrency or 64,
+                            env_int("CONVSIM_LLM_CONCURRENCY", 100_000, low=1, high=100_000)),
     )
     return LiteLLMBackend(settings)
 
@@ -247,8 +256,8 @@ def _import_litellm():
     return _litellm
 
 
-def _classify(e: Exception, *, secret: str | None = None) -> LLMError:
-    """Translate a litellm/openai exception into LLMError, retryable or not. Never echoes a key."""
+def _classify(e: Exception) -> LLMError:
+    """Translate a litellm/openai exception into LLMError, retryable or not (its message is redacted)."""
     status = getattr(e, "status_code", None)
     name = type(e).__name__
     message = str(getattr(e, "message", "") or e).strip().splitlines()[0][:300] if str(e) else name
@@ -259,18 +268,8 @@ def _classify(e: Exception, *, secret: str | None = None) -> LLMError:
         retryable = True
     if name == "ContextWindowExceededError":
         retryable = False
-    return LLMError(f"{name}: {_redact(message, secret)}", retryable=retryable,
+    return LLMError(f"{name}: {message}", retryable=retryable,
                     status_code=status if isinstance(status, int) else None)
-
-
-def _redact(text: str, secret: str | None) -> str:
-    """Remove API keys (ours and any *_API_KEY / *_TOKEN in the environment) from text bound for storage."""
-    secrets = [v for k, v in os.environ.items() if k.endswith(("_API_KEY", "_TOKEN")) and len(v) >= 8]
-    if secret and len(secret) >= 4:
-        secrets.append(secret)
-    for value in sorted(secrets, key=len, reverse=True):
-        text = text.replace(value, "***")
-    return text
 
 
 def _retry_after(e: Exception) -> float | None:

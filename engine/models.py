@@ -11,6 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .limits import MAX_DATA_CHARS, MAX_JSON_DEPTH, MAX_LIST_ITEMS, MAX_TEXT_CHARS, json_depth
+
+# Keyword arguments convsim itself passes to a Python agent: a test case's context may not supply them.
+RESERVED_CONTEXT_KEYS = ("messages", "input", "session_id", "mlflow_session_id")
+
 
 class StopReason(str, enum.Enum):
     """Why a simulated conversation ended. Every session records exactly one."""
@@ -130,6 +135,32 @@ class TestCase(BaseModel):
             raise ValueError("must be a non-empty description of what the user wants")
         return v.strip()
 
+    @field_validator("goal", "persona", "id")
+    @classmethod
+    def _text_bounded(cls, v: str | None) -> str | None:
+        if v is not None and len(v) > MAX_TEXT_CHARS:
+            raise ValueError(f"is {len(v)} characters long; at most {MAX_TEXT_CHARS} (MAX_TEXT_CHARS)")
+        return v
+
+    @field_validator("context", "expectations")
+    @classmethod
+    def _data_bounded(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if json_depth(v) > MAX_JSON_DEPTH:
+            raise ValueError(f"is nested more than {MAX_JSON_DEPTH} levels deep (MAX_JSON_DEPTH)")
+        size = len(repr(v))
+        if size > MAX_DATA_CHARS:
+            raise ValueError(f"is about {size} characters long; at most {MAX_DATA_CHARS} (MAX_DATA_CHARS)")
+        return v
+
+    @field_validator("context")
+    @classmethod
+    def _context_not_reserved(cls, v: dict[str, Any]) -> dict[str, Any]:
+        reserved = [k for k in v if k in RESERVED_CONTEXT_KEYS]
+        if reserved:
+            raise ValueError(f"key '{reserved[0]}' is reserved: convsim passes {', '.join(RESERVED_CONTEXT_KEYS)} to "
+                             "the agent itself; rename the key")
+        return v
+
     @field_validator("simulation_guidelines", mode="before")
     @classmethod
     def _guidelines_as_list(cls, v: Any) -> Any:
@@ -142,9 +173,19 @@ class TestCase(BaseModel):
     @field_validator("scripted_turns")
     @classmethod
     def _scripted_not_blank(cls, v: list[str]) -> list[str]:
-        for i, turn in enumerate(v):
+        for i, turn in enumerate(v, 1):
             if not turn.strip():
                 raise ValueError(f"entry {i} is empty; every scripted turn must be a user message")
+        return v
+
+    @field_validator("simulation_guidelines", "scripted_turns")
+    @classmethod
+    def _list_bounded(cls, v: list[str]) -> list[str]:
+        if len(v) > MAX_LIST_ITEMS:
+            raise ValueError(f"has {len(v)} entries; at most {MAX_LIST_ITEMS} (MAX_LIST_ITEMS)")
+        for i, item in enumerate(v, 1):
+            if len(item) > MAX_TEXT_CHARS:
+                raise ValueError(f"entry {i} is {len(item)} characters long; at most {MAX_TEXT_CHARS} (MAX_TEXT_CHARS)")
         return v
 
 

@@ -22,17 +22,16 @@ import inspect
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import anyio
 from pydantic import BaseModel, Field, ValidationError, create_model
 
 from .errors import InvalidOption, LLMError
 from .judge_heuristics import HEURISTICS, turn_of
 from .llm import LLM
 from .models import Assessment, Evidence, Role, Session
-from .targets import load_callable
+from .threads import run_sync
+from .workspace import WorkspaceArg, as_workspace
 
 DEFAULT_SCORERS = ("goal_achievement", "conversation_completeness", "user_frustration", "knowledge_retention",
                    "tool_call_efficiency")
@@ -413,8 +412,8 @@ class CodeScorer(Scorer):
 
     kind = "code"
 
-    def __init__(self, path: str, *, name: str | None = None, base_dir: str | Path | None = None):
-        self.fn = load_callable(path, base_dir=base_dir, what="scorer")
+    def __init__(self, path: str, *, name: str | None = None, workspace: WorkspaceArg = None):
+        self.fn = as_workspace(workspace).load_callable(path, what="scorer")
         self.name = name or getattr(self.fn, "__name__", path.rpartition(":")[2])
         params = inspect.signature(self.fn).parameters
         self._var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -440,7 +439,7 @@ class CodeScorer(Scorer):
         kwargs = offered if self._var_kw else {k: v for k, v in offered.items() if k in self._accepted}
         if self._is_async:
             return await self.fn(**kwargs)
-        return await anyio.to_thread.run_sync(lambda: self.fn(**kwargs))
+        return await run_sync(lambda: self.fn(**kwargs), what="scorer")
 
     async def score(self, session: Session, llm: LLM) -> list[Assessment]:
         expectations = session.test_case.expectations if session.test_case else {}
@@ -510,13 +509,13 @@ def _clean_evidence(evidence: list[Evidence], turns: int) -> list[Evidence]:
 # --- parsing scorer specs -----------------------------------------------------------------------
 
 
-def parse_scorers(specs: list[Any] | None, *, base_dir: str | Path | None = None) -> list[Scorer]:
+def parse_scorers(specs: list[Any] | None, *, workspace: WorkspaceArg = None) -> list[Scorer]:
     """Scorers from names, import paths or objects; the default set when none are given."""
     if specs is None:
         specs = list(DEFAULT_SCORERS)
     if isinstance(specs, (str, dict)):
         specs = [specs]
-    scorers = [parse_scorer(s, base_dir=base_dir) for s in specs]
+    scorers = [parse_scorer(s, workspace=workspace) for s in specs]
     names = [s.name for s in scorers]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -524,18 +523,18 @@ def parse_scorers(specs: list[Any] | None, *, base_dir: str | Path | None = None
     return scorers
 
 
-def parse_scorer(spec: Any, *, base_dir: str | Path | None = None) -> Scorer:
+def parse_scorer(spec: Any, *, workspace: WorkspaceArg = None) -> Scorer:
     if isinstance(spec, str):
         text = spec.strip()
         if text.startswith("{"):
             try:
-                return parse_scorer(json.loads(text), base_dir=base_dir)
+                return parse_scorer(json.loads(text), workspace=workspace)
             except json.JSONDecodeError as e:
                 raise InvalidOption(f"scorer looks like JSON but does not parse: {e}") from None
         if text in JUDGE_CRITERIA:
             return BuiltinJudge(text)
         if ":" in text:
-            return CodeScorer(text, base_dir=base_dir)
+            return CodeScorer(text, workspace=workspace)
         raise InvalidOption(
             f"unknown scorer '{text}'; built-ins: {', '.join(JUDGE_CRITERIA)}; or a custom judge object "
             "{name, instructions, output}, or a code scorer 'pkg.mod:fn'"
@@ -547,7 +546,7 @@ def parse_scorer(spec: Any, *, base_dir: str | Path | None = None) -> Scorer:
                 raise InvalidOption(f"custom judge: unknown field(s) {sorted(extra)} (allowed: name, instructions, output)")
             return CustomJudge(spec.get("name", ""), spec["instructions"], spec.get("output"))
         if "path" in spec:
-            return CodeScorer(spec["path"], name=spec.get("name"), base_dir=base_dir)
+            return CodeScorer(spec["path"], name=spec.get("name"), workspace=workspace)
         if spec.get("name") in JUDGE_CRITERIA:
             return BuiltinJudge(spec["name"], {k: v for k, v in spec.items() if k != "name"})
         raise InvalidOption(

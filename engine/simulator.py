@@ -34,7 +34,8 @@ from pydantic import BaseModel, Field
 from .errors import AgentError, InvalidOption, LLMError
 from .llm import LLM
 from .models import Message, Role, Session, StopReason, TestCase, Usage, add_usage
-from .targets import Target, load_callable
+from .targets import Target
+from .workspace import WorkspaceArg, as_workspace
 
 DEFAULT_PERSONA = (
     "An ordinary, polite user of this service. Writes short, natural messages, answers the assistant's "
@@ -270,11 +271,11 @@ def offline_user_turn(context: SimulatorContext) -> UserTurn:
     return UserTurn(goal_achieved=True, reason="every part of the goal was raised and answered (heuristic)")
 
 
-def load_user_class(path: str | None) -> type[SimulatedUser]:
-    """The simulated-user class: the default, or a subclass by import path ('pkg.mod:Class')."""
+def load_user_class(path: str | None, *, workspace: WorkspaceArg = None) -> type[SimulatedUser]:
+    """The simulated-user class: the default, or a subclass by import path ('pkg.mod:Class') under the roots."""
     if not path:
         return LLMSimulatedUser
-    cls = load_callable(path, what="user_agent")
+    cls = as_workspace(workspace).load_callable(path, what="user_agent")
     if not (isinstance(cls, type) and issubclass(cls, SimulatedUser)):
         raise InvalidOption(f"user_agent '{path}' must be a subclass of engine.SimulatedUser")
     return cls

@@ -6,7 +6,9 @@ WAL mode, used from one worker thread at a time (a CapacityLimiter of 1), so
 the event loop never blocks on disk and writes never contend.
 
 Nothing secret is stored: target specs arrive already redacted
-(`targets.redacted_spec`), and model API keys never reach this module.
+(`targets.redacted_spec`), model API keys never reach this module, and every
+text written passes through `secrets.redact` (`_clean`) on its way in, so a
+key that an agent or a provider echoed is masked in the tables and the WAL.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import anyio
 
 from .errors import InvalidOption, NotFound
+from .secrets import redact as _clean
 from .models import (
     Assessment,
     Message,
@@ -162,12 +165,12 @@ class Store:
                 self._db.execute(
                     "INSERT INTO runs (id, kind, status, created_at, target, options, model, offline, sessions_total, pid)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (run_id, kind, RunStatus.RUNNING.value, time.time(), json.dumps(target), json.dumps(options),
-                     model, int(offline), sessions_total, os.getpid()),
+                    (run_id, kind, RunStatus.RUNNING.value, time.time(), _clean(json.dumps(target)),
+                     _clean(json.dumps(options)), model, int(offline), sessions_total, os.getpid()),
                 )
                 self._db.executemany(
                     "INSERT INTO test_cases (run_id, idx, data) VALUES (?, ?, ?)",
-                    [(run_id, i, c.model_dump_json()) for i, c in enumerate(test_cases)],
+                    [(run_id, i, _clean(c.model_dump_json())) for i, c in enumerate(test_cases)],
                 )
 
         await self._run(write)
@@ -180,7 +183,7 @@ class Store:
                 self._db.execute("BEGIN")
                 self._db.execute("DELETE FROM test_cases WHERE run_id = ?", (run_id,))
                 self._db.executemany("INSERT INTO test_cases (run_id, idx, data) VALUES (?, ?, ?)",
-                                     [(run_id, i, c.model_dump_json()) for i, c in enumerate(test_cases)])
+                                     [(run_id, i, _clean(c.model_dump_json())) for i, c in enumerate(test_cases)])
                 self._db.execute("UPDATE runs SET sessions_total = ? WHERE id = ?", (sessions_total, run_id))
 
         await self._run(write)
@@ -189,7 +192,7 @@ class Store:
         await self._run(
             lambda: self._db.execute(
                 "UPDATE runs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
-                (status.value, error, time.time(), run_id),
+                (status.value, _clean(error) if error else None, time.time(), run_id),
             )
         )
 
@@ -238,7 +241,7 @@ class Store:
             lambda: self._db.execute(
                 "INSERT INTO sessions (id, run_id, case_index, repeat, started_at, metadata) VALUES (?, ?, ?, ?, ?, ?)",
                 (session.id, session.run_id, session.case_index, session.repeat, session.started_at,
-                 json.dumps(session.metadata)),
+                 _clean(json.dumps(session.metadata))),
             )
         )
 
@@ -250,7 +253,7 @@ class Store:
                 self._db.execute("BEGIN")
                 self._db.execute(
                     "INSERT INTO messages (session_id, seq, data, created_at) VALUES (?, ?, ?, ?)",
-                    (session_id, seq, message.model_dump_json(exclude_defaults=True), time.time()),
+                    (session_id, seq, _clean(message.model_dump_json(exclude_defaults=True)), time.time()),
                 )
                 self._db.execute("UPDATE sessions SET turns = ? WHERE id = ?", (turns, session_id))
 
@@ -260,7 +263,8 @@ class Store:
         await self._run(
             lambda: self._db.execute(
                 "UPDATE sessions SET stop_reason = ?, stop_detail = ?, turns = ?, finished_at = ?, usage = ? WHERE id = ?",
-                (session.stop_reason.value if session.stop_reason else None, session.stop_detail, session.turns,
+                (session.stop_reason.value if session.stop_reason else None,
+                 _clean(session.stop_detail) if session.stop_detail else None, session.turns,
                  session.finished_at, json.dumps({k: u.model_dump() for k, u in session.usage.items()}), session.id),
             )
         )
@@ -327,8 +331,9 @@ class Store:
                 self._db.execute("BEGIN")
                 self._db.executemany(
                     "INSERT OR REPLACE INTO assessments (session_id, scorer, turn, data, created_at) VALUES (?, ?, ?, ?, ?)",
-                    [(a.session_id, a.scorer, -1 if a.turn is None else a.turn, a.model_dump_json(exclude_defaults=True),
-                      a.created_at or time.time()) for a in assessments],
+                    [(a.session_id, a.scorer, -1 if a.turn is None else a.turn,
+                      _clean(a.model_dump_json(exclude_defaults=True)), a.created_at or time.time())
+                     for a in assessments],
                 )
 
         if assessments:
@@ -351,7 +356,7 @@ class Store:
     async def save_test_set(self, test_set: TestSet) -> None:
         await self._run(lambda: self._db.execute(
             "INSERT OR REPLACE INTO test_sets (id, name, created_at, data) VALUES (?, ?, ?, ?)",
-            (test_set.id, test_set.name, test_set.created_at, test_set.model_dump_json()),
+            (test_set.id, _clean(test_set.name), test_set.created_at, _clean(test_set.model_dump_json())),
         ))
 
     async def get_test_set(self, set_id: str) -> TestSet:
@@ -363,7 +368,7 @@ class Store:
     async def save_report(self, report: Report, markdown: str) -> None:
         await self._run(lambda: self._db.execute(
             "INSERT OR REPLACE INTO reports (run_id, data, markdown, created_at) VALUES (?, ?, ?, ?)",
-            (report.run_id, report.model_dump_json(), markdown, time.time()),
+            (report.run_id, _clean(report.model_dump_json()), _clean(markdown), time.time()),
         ))
 
     async def get_report(self, run_id: str) -> tuple[Report, str]:

@@ -18,23 +18,25 @@ Failures raise `AgentError`; `InvalidTarget` is raised before any run.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import anyio
 import httpx
 
+from . import secrets
 from .errors import AgentError, InvalidTarget
-from .models import Message, TargetSpec, TestCase, ToolCall
+from .limits import MAX_JSON_DEPTH, MAX_MESSAGE_CHARS, json_depth
+from .models import RESERVED_CONTEXT_KEYS, Message, TargetSpec, TestCase, ToolCall
+from .settings import env_list
+from .threads import run_sync
+from .workspace import Workspace, as_workspace
 
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SCHEME_ONLY = re.compile(r"\s*(?:Bearer|Basic|Token|Bot|ApiKey)?\s*", re.I)
@@ -42,6 +44,9 @@ PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.]*)\s*\}\}")
 HISTORY_PARAMS = ("messages", "input")
 SESSION_PARAMS = ("session_id", "mlflow_session_id")
 DEFAULT_JSON_REQUEST = {"message": "{{message}}", "session_id": "{{session_id}}"}
+# Variables that hold model-provider credentials. A caller could otherwise send the server's own key to
+# any URL by naming it in an agent header; the operator allows one with CONVSIM_AGENT_ENV=NAME.
+MODEL_CREDENTIAL_ENV = re.compile(r"(?i)^CONVSIM_|_API_KEY$|^AWS_|^AZURE_|^GOOGLE_|^VERTEX|^HF_TOKEN$|^HUGGING")
 
 
 @dataclass
@@ -77,7 +82,7 @@ class Target:
         except TimeoutError as e:
             raise AgentError(f"agent did not reply within {self.spec.timeout_s:g}s", kind="timeout") from e
         latency = (time.perf_counter() - started) * 1000
-        return AgentReply(messages=normalise_reply(raw, history), latency_ms=round(latency, 2))
+        return AgentReply(messages=_bounded(normalise_reply(raw, history)), latency_ms=round(latency, 2))
 
     async def _call(self, history: list[Message], *, session_id: str, context: dict[str, Any]) -> Any:
         raise NotImplementedError(f"{type(self).__name__} does not implement _call")
@@ -89,11 +94,14 @@ class Target:
         """Release connections."""
 
 
-def resolve_target(spec: str | dict[str, Any] | TargetSpec, *, base_dir: str | Path | None = None) -> Target:
-    """Build a target from its spec; raise InvalidTarget with what to fix."""
+def resolve_target(spec: str | dict[str, Any] | TargetSpec, *,
+                   workspace: Workspace | str | Path | None = None) -> Target:
+    """Build a target from its spec under the workspace's rules; raise InvalidTarget with what to fix."""
     spec = parse_target_spec(spec)
+    ws = as_workspace(workspace)
     if spec.kind == "python":
-        return PythonTarget(spec, base_dir=base_dir)
+        return PythonTarget(spec, workspace=ws)
+    ws.check_agent_url(spec.url or "")
     if spec.kind == "openai":
         return OpenAITarget(spec)
     return JSONTarget(spec)
@@ -115,6 +123,8 @@ def parse_target_spec(spec: str | dict[str, Any] | TargetSpec) -> TargetSpec:
     elif isinstance(spec, dict):
         if "protocol" in spec and "kind" not in spec:  # the design guide's name for the same field
             spec = {("kind" if k == "protocol" else k): v for k, v in spec.items()}
+        if json_depth(spec) > MAX_JSON_DEPTH:
+            raise InvalidTarget(f"target object is nested more than {MAX_JSON_DEPTH} levels deep (MAX_JSON_DEPTH)")
         try:
             parsed = TargetSpec.model_validate(spec)
         except Exception as e:
@@ -152,9 +162,9 @@ def _only_references(value: str) -> bool:
 class PythonTarget(Target):
     """A function by import path. Sync functions run in a worker thread so they cannot block the loop."""
 
-    def __init__(self, spec: TargetSpec, *, base_dir: str | Path | None = None):
+    def __init__(self, spec: TargetSpec, *, workspace: Workspace):
         self.spec = spec
-        self.fn = load_callable(spec.path or "", base_dir=base_dir, what="agent")
+        self.fn = workspace.load_callable(spec.path or "", what="agent")
         self._is_async = inspect.iscoroutinefunction(self.fn) or inspect.iscoroutinefunction(
             getattr(self.fn, "__call__", None)
         )
@@ -172,8 +182,8 @@ class PythonTarget(Target):
         self._var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
     def _kwargs(self, history: list[dict[str, Any]], session_id: str, context: dict[str, Any]) -> dict[str, Any]:
-        offered = {self._history_param: history, "session_id": session_id, "mlflow_session_id": session_id, **context}
-        offered[self._history_param] = history  # context cannot shadow the history
+        offered = {k: v for k, v in context.items() if k not in RESERVED_CONTEXT_KEYS}  # never ours to override
+        offered.update({self._history_param: history, "session_id": session_id, "mlflow_session_id": session_id})
         if self._var_kw:
             return offered
         accepted = {
@@ -193,7 +203,7 @@ class PythonTarget(Target):
             ]
             if missing:
                 raise InvalidTarget(
-                    f"{self.spec.path} requires {', '.join(repr(m) for m in missing)}, which test case {i} does not "
+                    f"{self.spec.path} requires {', '.join(repr(m) for m in missing)}, which test case {i + 1} does not "
                     f"supply: add it to the case's 'context' or give the parameter a default"
                 )
 
@@ -202,61 +212,14 @@ class PythonTarget(Target):
         try:
             if self._is_async:
                 return await self.fn(**kwargs)
-            result = await anyio.to_thread.run_sync(lambda: self.fn(**kwargs), abandon_on_cancel=True)
+            result = await run_sync(lambda: self.fn(**kwargs), what="agent")
             if inspect.isawaitable(result):
                 return await result
             return result
-        except anyio.get_cancelled_exc_class():
+        except (anyio.get_cancelled_exc_class(), AgentError):
             raise
         except Exception as e:
             raise AgentError(f"{type(e).__name__}: {e}", kind="exception") from e
-
-
-def load_callable(path: str, *, base_dir: str | Path | None = None, what: str = "function") -> Callable[..., Any]:
-    """Load `pkg.module:attr` or `path/to/file.py:attr`; raise InvalidTarget saying what to fix."""
-    module_part, sep, attr = path.strip().rpartition(":")
-    if not sep or not module_part or not attr:
-        raise InvalidTarget(
-            f"{what} path '{path}' must look like 'pkg.module:func' or 'path/to/file.py:func'"
-        )
-    base = Path(base_dir) if base_dir else Path.cwd()
-    if module_part.endswith(".py") or "/" in module_part or os.sep in module_part:
-        file = Path(module_part)
-        file = file if file.is_absolute() else base / file
-        if not file.is_file():
-            raise InvalidTarget(f"{what} file not found: {file}")
-        mod_name = f"_convsim_user_{abs(hash(str(file.resolve())))}"
-        module = sys.modules.get(mod_name)
-        if module is None:
-            spec = importlib.util.spec_from_file_location(mod_name, file)
-            if spec is None or spec.loader is None:
-                raise InvalidTarget(f"cannot import {file} as a Python module")
-            module = importlib.util.module_from_spec(spec)
-            sys.path.insert(0, str(file.parent))  # let the file import its siblings
-            try:
-                spec.loader.exec_module(module)
-            except Exception as e:
-                raise InvalidTarget(f"importing {file} failed: {type(e).__name__}: {e}") from e
-            sys.modules[mod_name] = module
-    else:
-        if str(base) not in sys.path:
-            sys.path.insert(0, str(base))
-        try:
-            module = importlib.import_module(module_part)
-        except ImportError as e:
-            raise InvalidTarget(
-                f"cannot import module '{module_part}' ({e}); run from the directory that contains it, "
-                f"or give a file path like 'path/to/{module_part.split('.')[-1]}.py:{attr}'"
-            ) from e
-        except Exception as e:
-            raise InvalidTarget(f"importing '{module_part}' failed: {type(e).__name__}: {e}") from e
-    fn = getattr(module, attr, None)
-    if fn is None:
-        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:15]
-        raise InvalidTarget(f"'{module_part}' has no attribute '{attr}' (callables there: {', '.join(public)})")
-    if not callable(fn):
-        raise InvalidTarget(f"'{path}' is not callable")
-    return fn
 
 
 # --- HTTP ---------------------------------------------------------------------------------------
@@ -265,7 +228,16 @@ def load_callable(path: str, *, base_dir: str | Path | None = None, what: str = 
 class _HTTPTarget(Target):
     def __init__(self, spec: TargetSpec):
         self.spec = spec
-        missing = sorted({m for v in spec.headers.values() for m in ENV_REF.findall(v) if m not in os.environ})
+        refs = sorted({m for v in spec.headers.values() for m in ENV_REF.findall(v)})
+        allowed = set(env_list("CONVSIM_AGENT_ENV"))
+        credential = [r for r in refs if MODEL_CREDENTIAL_ENV.search(r) and r not in allowed]
+        if credential:
+            raise InvalidTarget(
+                f"target headers reference ${{{credential[0]}}}, which holds a model provider's or convsim's own "
+                f"credential; those are never sent to an agent. If this agent really needs it, the operator allows "
+                f"it with CONVSIM_AGENT_ENV={credential[0]}"
+            )
+        missing = [r for r in refs if r not in os.environ]
         if missing:
             raise InvalidTarget(
                 f"target headers reference environment variable(s) {', '.join(missing)}, which are not set; "
@@ -274,7 +246,15 @@ class _HTTPTarget(Target):
         self._client: httpx.AsyncClient | None = None
 
     def _headers(self) -> dict[str, str]:
-        return {k: ENV_REF.sub(lambda m: os.environ.get(m.group(1), ""), v) for k, v in self.spec.headers.items()}
+        """The headers with ${VAR} expanded; every expanded value and literal token is registered as a secret."""
+        headers = {}
+        for name, value in self.spec.headers.items():
+            expanded = ENV_REF.sub(lambda m: os.environ.get(m.group(1), ""), value)
+            secrets.register(expanded)
+            for part in expanded.split():
+                secrets.register(part)
+            headers[name] = expanded
+        return headers
 
     async def _post(self, url: str, body: dict[str, Any]) -> Any:
         if self._client is None:
@@ -287,12 +267,14 @@ class _HTTPTarget(Target):
             raise AgentError(f"could not reach the agent at {url}: {type(e).__name__}: {e}", kind="http") from e
         if resp.status_code >= 400:
             raise AgentError(f"agent returned HTTP {resp.status_code}: {_excerpt(resp.text)}", kind="http")
+        content_type = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type and "json" not in content_type:
+            raise AgentError(f"agent replied {content_type}, expected JSON (application/json): "
+                             f"{_excerpt(resp.text, 120)}", kind="unparseable")
         try:
             return resp.json()
-        except ValueError:
-            if resp.text.strip() and "json" not in resp.headers.get("content-type", ""):
-                return resp.text  # a plain-text reply is a valid reply
-            raise AgentError(f"agent reply is not JSON: {_excerpt(resp.text)}", kind="unparseable") from None
+        except (ValueError, RecursionError):
+            raise AgentError(f"agent reply is not JSON: {_excerpt(resp.text, 120)}", kind="unparseable") from None
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -336,7 +318,7 @@ class JSONTarget(_HTTPTarget):
             missing = sorted(k for k in keys if k not in case.context)
             if missing:
                 raise InvalidTarget(
-                    f"request template uses {{{{context.{missing[0]}}}}}, which test case {i} does not supply in 'context'"
+                    f"request template uses {{{{context.{missing[0]}}}}}, which test case {i + 1} does not supply in 'context'"
                 )
 
     async def _call(self, history, *, session_id, context):
@@ -413,7 +395,12 @@ def normalise_reply(raw: Any, history: list[Message]) -> list[Message]:
         return [Message(role="assistant", content="")]
     if isinstance(raw, str):
         return [Message(role="assistant", content=raw)]
-    raw = _plain(raw)
+    try:
+        raw = _plain(raw)
+    except RecursionError:
+        raw = None
+    if raw is None or json_depth(raw) > MAX_JSON_DEPTH:
+        raise AgentError(f"agent reply is nested more than {MAX_JSON_DEPTH} levels deep", kind="unparseable")
     if isinstance(raw, list):
         raw = {"messages": raw}
     if not isinstance(raw, dict):
@@ -487,6 +474,19 @@ def _tool_call_dict(tc: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(fn.get("arguments", ""), str):
         fn["arguments"] = json.dumps(fn["arguments"])
     return {"id": tc.get("id"), "type": tc.get("type") or "function", "function": fn}
+
+
+def _bounded(messages: list[Message]) -> list[Message]:
+    """Agent messages with secrets masked (an agent may echo its own header) and within the size bound."""
+    for m in messages:
+        if m.content and len(m.content) > MAX_MESSAGE_CHARS:
+            raise AgentError(f"agent reply is {len(m.content)} characters long; at most {MAX_MESSAGE_CHARS} "
+                             "(MAX_MESSAGE_CHARS)", kind="unparseable")
+        if m.content:
+            m.content = secrets.redact(m.content)
+        for call in m.tool_calls or []:
+            call.function = secrets.redact_data(call.function)
+    return messages
 
 
 def _excerpt(text: str, limit: int = 200) -> str:

@@ -14,16 +14,23 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .errors import InvalidTestCase
+from .errors import InvalidOption, InvalidTestCase
+from .limits import MAX_FILE_BYTES, MAX_JSON_DEPTH, MAX_TEST_CASES, json_depth
 from .models import TestCase
+from .workspace import WorkspaceArg, as_workspace
 
-MAX_TEST_CASES = 1000
 
 
-def load_test_cases(source: str | Path | list[Any] | dict[str, Any], *, base_dir: str | Path | None = None) -> list[TestCase]:
-    """Cases from a list (of dicts or TestCase), a single dict, or a .json/.jsonl/.yaml/.yml file path."""
+def load_test_cases(source: str | Path | list[Any] | dict[str, Any], *,
+                    workspace: WorkspaceArg = None) -> list[TestCase]:
+    """Cases from a list (of dicts or TestCase), a single dict, or a .json/.jsonl/.yaml/.yml file under the roots."""
+    lines: list[int | None] = []
     if isinstance(source, (str, Path)):
-        items = _read_file(Path(source) if Path(source).is_absolute() or base_dir is None else Path(base_dir) / source)
+        try:
+            path = as_workspace(workspace).resolve_file(source, what="test case file")
+        except InvalidOption as e:
+            raise InvalidTestCase(str(e)) from None
+        items, lines = _read_file(path)
     elif isinstance(source, dict):
         items = [source]
     elif isinstance(source, list):
@@ -33,24 +40,43 @@ def load_test_cases(source: str | Path | list[Any] | dict[str, Any], *, base_dir
     if not items:
         raise InvalidTestCase("no test cases given: provide at least one object with a 'goal'")
     if len(items) > MAX_TEST_CASES:
-        raise InvalidTestCase(f"{len(items)} test cases given; at most {MAX_TEST_CASES} per run")
-    return [validate_case(item, i) for i, item in enumerate(items)]
+        raise InvalidTestCase(f"{len(items)} test cases given; at most {MAX_TEST_CASES} per run (MAX_TEST_CASES)")
+    in_file = isinstance(source, (str, Path))
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(validate_case(item, i, from_file=in_file))
+        except InvalidTestCase as e:
+            if not in_file:
+                raise
+            line = lines[i] if i < len(lines) else None
+            raise InvalidTestCase(f"{path}{f' line {line}' if line else ''}, {e}") from None
+    return out
 
 
-def validate_case(item: Any, index: int) -> TestCase:
+def validate_case(item: Any, index: int, *, from_file: bool = False) -> TestCase:
+    """One case, or InvalidTestCase naming its index (1-based in the message) and field.
+
+    For a case read from a file, the message names fields of ours only: an unknown key is not
+    repeated back, since the file may be something else entirely (a credentials file).
+    """
     if isinstance(item, TestCase):
         return item
     if isinstance(item, dict) and isinstance(item.get("inputs"), dict) and "goal" not in item:
         item = item["inputs"]  # MLflow dataset records: {"inputs": {...}}
     if not isinstance(item, dict):
         raise InvalidTestCase(f"must be an object with a 'goal', got {type(item).__name__}", index=index)
+    if json_depth(item) > MAX_JSON_DEPTH:
+        raise InvalidTestCase(f"is nested more than {MAX_JSON_DEPTH} levels deep (MAX_JSON_DEPTH)", index=index)
     unknown = [k for k in item if k not in TestCase.model_fields]
     if unknown:
-        hints = [f"'{k}'" + (f" (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(k, TestCase.model_fields, 1)) else "")
-                 for k in unknown]
-        raise InvalidTestCase(
-            f"unknown field {', '.join(hints)}; allowed: {', '.join(TestCase.model_fields)}", index=index, field=unknown[0]
-        )
+        key = str(unknown[0])
+        match = difflib.get_close_matches(key, TestCase.model_fields, 1)
+        hint = f" (did you mean '{match[0]}'?)" if match else ""
+        allowed = ", ".join(TestCase.model_fields)
+        if from_file:
+            raise InvalidTestCase(f"{len(unknown)} unknown field(s){hint}; allowed: {allowed}", index=index)
+        raise InvalidTestCase(f"unknown field '{key}'{hint}; allowed: {allowed}", index=index, field=key)
     try:
         return TestCase.model_validate(item)
     except ValidationError as e:
@@ -62,39 +88,74 @@ def validate_case(item: Any, index: int) -> TestCase:
         raise InvalidTestCase(msg, index=index, field=field) from None
 
 
-def _read_file(path: Path) -> list[Any]:
-    if not path.is_file():
-        raise InvalidTestCase(f"test case file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+def _read_file(path: Path) -> tuple[list[Any], list[int | None]]:
+    """The items of a test-case file and the line each starts on (when known).
+
+    Errors name the path, the line and what is wrong, never the file's content.
+    """
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise InvalidTestCase(f"{path} is {size} bytes; test case files are at most {MAX_FILE_BYTES} (MAX_FILE_BYTES)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidTestCase(f"{path} is not UTF-8 text (byte {e.start})") from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
-            items = []
+            items, lines = [], []
             for n, line in enumerate(text.splitlines(), 1):
                 if line.strip():
                     try:
                         items.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise InvalidTestCase(f"{path}: line {n} is not valid JSON: {e.msg}") from None
-            return items
+                        raise InvalidTestCase(f"{path} line {n} is not valid JSON: {e.msg} (column {e.colno})") from None
+                    lines.append(n)
+            return items, lines
         if suffix == ".json":
-            data = json.loads(text)
+            data, lines = _json_items(text)
         elif suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
+            data, lines = _yaml_items(text)
         else:
             raise InvalidTestCase(f"{path}: unsupported file type '{suffix}'; use .json, .jsonl, .yaml or .yml")
     except json.JSONDecodeError as e:
-        raise InvalidTestCase(f"{path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+        raise InvalidTestCase(f"{path} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or "cannot be parsed"
         raise InvalidTestCase(f"{path} is not valid YAML: {problem}{where}") from None
+    except RecursionError:
+        raise InvalidTestCase(f"{path} is nested too deeply to read (limit MAX_JSON_DEPTH={MAX_JSON_DEPTH})") from None
     if isinstance(data, dict) and isinstance(data.get("test_cases"), list):
         data = data["test_cases"]
     if isinstance(data, dict):
-        data = [data]
+        data, lines = [data], lines[:1]
     if not isinstance(data, list):
         raise InvalidTestCase(f"{path} must hold a list of test cases (or {{'test_cases': [...]}})")
-    return data
+    return data, lines
 
+
+def _json_items(text: str) -> tuple[Any, list[int | None]]:
+    """The parsed document, and for a top-level list the line each item starts on."""
+    data = json.loads(text)
+    if not isinstance(data, list):
+        return data, [1]
+    decoder, lines, pos = json.JSONDecoder(), [], text.index("[") + 1
+    for _ in data:
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        lines.append(text.count("\n", 0, pos) + 1)
+        _, pos = decoder.raw_decode(text, pos)
+    return data, lines
+
+
+def _yaml_items(text: str) -> tuple[Any, list[int | None]]:
+    """The parsed document, and the line each item of its case list starts on."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    data = yaml.safe_load(text)
+    if isinstance(node, yaml.MappingNode):
+        node = next((v for k, v in node.value if getattr(k, "value", None) == "test_cases"), node)
+    if isinstance(node, yaml.SequenceNode):
+        return data, [item.start_mark.line + 1 for item in node.value]
+    return data, [node.start_mark.line + 1] if node is not None else []

@@ -18,7 +18,7 @@ SEEDS = str(ROOT / "examples" / "support_cases.yaml")
 
 
 async def offline_report(store, **options):
-    options = {"test_cases": SEEDS, "num_test_cases": 3, "model": "offline", "base_dir": ROOT, "max_turns": 6,
+    options = {"test_cases": SEEDS, "num_test_cases": 3, "model": "offline", "workspace": ROOT, "max_turns": 6,
                **options}
     return await test_agent(store, AGENT, **options)
 
@@ -47,10 +47,10 @@ async def test_issue_ids_are_stable_across_runs(store):
 async def test_reproducing_case_reproduces_and_a_fix_shows_as_fixed(store):
     report = await offline_report(store, num_test_cases=0)
     crash = report.issues[0]
-    _, unchanged = await rerun_issues(store, report.run_id, issue_id=crash.id, base_dir=ROOT)
+    _, unchanged = await rerun_issues(store, report.run_id, issue_id=crash.id, workspace=ROOT)
     assert [c.reproduces for c in unchanged] == [True]
     _, fixed = await rerun_issues(store, report.run_id, issue_id=crash.id, target="tests.fixed_agent:support_agent",
-                                  base_dir=ROOT)
+                                  workspace=ROOT)
     assert [c.reproduces for c in fixed] == [False]
     assert "did not fail" in fixed[0].detail
 
@@ -58,7 +58,7 @@ async def test_reproducing_case_reproduces_and_a_fix_shows_as_fixed(store):
 async def test_rerun_of_all_cases_checks_every_issue(store):
     report = await offline_report(store, num_test_cases=0)
     new_run, checks = await rerun_issues(store, report.run_id, target="tests.fixed_agent:support_agent",
-                                         base_dir=ROOT)
+                                         workspace=ROOT)
     by_id = {c.issue_id: c for c in checks}
     assert set(by_id) == {i.id for i in report.issues + report.simulator_issues}
     assert by_id[report.issues[0].id].reproduces is False  # the crash was fixed
@@ -70,7 +70,7 @@ async def test_rerun_of_all_cases_checks_every_issue(store):
 async def test_rerun_rejects_unknown_issues_and_runs_without_reports(store):
     report = await offline_report(store, num_test_cases=0)
     with pytest.raises(Exception, match="has no issue 'ISS-nope'"):
-        await rerun_issues(store, report.run_id, issue_id="ISS-nope", base_dir=ROOT)
+        await rerun_issues(store, report.run_id, issue_id="ISS-nope", workspace=ROOT)
     with pytest.raises(Exception, match="no run with id"):
         await rerun_issues(store, "run-missing")
 
@@ -82,7 +82,7 @@ async def test_rerun_rejects_unknown_issues_and_runs_without_reports(store):
 )
 async def test_bad_requests_are_rejected_before_a_run_exists(store, options, message):
     with pytest.raises(Exception, match=message):
-        await prepare_agent_test(store, AGENT, **{"test_cases": SEEDS, "model": "offline", "base_dir": ROOT, **options})
+        await prepare_agent_test(store, AGENT, **{"test_cases": SEEDS, "model": "offline", "workspace": ROOT, **options})
     assert await store.list_runs() == []
 
 
@@ -91,7 +91,7 @@ async def test_test_agent_through_litellm_uses_every_role(store, fake_llm):
     llm = LiteLLMBackend(LLMSettings(model="openai/fake", api_base=fake_llm.url, api_key="k", max_retries=0))
     cases = [{"goal": "Get a refund to a gift card", "scripted_turns": ["Refund order A1234 to a gift card"]},
              {"goal": "Ask about shipping", "id": "shipping"}]
-    report = await test_agent(store, AGENT, test_cases=cases, num_test_cases=0, llm=llm, base_dir=ROOT, max_turns=2,
+    report = await test_agent(store, AGENT, test_cases=cases, num_test_cases=0, llm=llm, workspace=ROOT, max_turns=2,
                               scorers=["goal_achievement", "knowledge_retention"])
     assert not report.offline
     assert {"simulated_user", "judge"} <= set(report.usage)
@@ -105,7 +105,7 @@ async def test_generation_failure_marks_the_run_failed(store, fake_llm):
     fake_llm.set_handler(lambda req: "not json")
     llm = LiteLLMBackend(LLMSettings(model="openai/fake", api_base=fake_llm.url, api_key="k", max_retries=0))
     job = await prepare_agent_test(store, AGENT, description="A support bot", num_test_cases=2, llm=llm,
-                                   base_dir=ROOT, ask_agent=False)
+                                   workspace=ROOT, ask_agent=False)
     with pytest.raises(RunError, match="failed"):
         await job.run()
     run = await store.get_run(job.run_id)
@@ -115,13 +115,13 @@ async def test_generation_failure_marks_the_run_failed(store, fake_llm):
 async def test_generated_test_set_is_stored_exported_and_runnable_by_id(store, tmp_path):
     from engine import simulate
 
-    test_set = await build_test_set(store, target=AGENT, num_test_cases=4, model="offline", base_dir=ROOT)
+    test_set = await build_test_set(store, target=AGENT, num_test_cases=4, model="offline", workspace=ROOT)
     assert len(test_set.cases) == 4 and test_set.profile.tools and test_set.offline
     assert any(s.startswith("source:") for s in test_set.sources)
     for suffix in ("yaml", "json", "jsonl"):
         path = export_test_set(test_set, tmp_path / f"cases.{suffix}")
-        assert [c.goal for c in load_test_cases(str(path))] == [c.goal for c in test_set.cases]
-    summary = await simulate(store, AGENT, test_set.id, model="offline", base_dir=ROOT, max_turns=6)
+        assert [c.goal for c in load_test_cases(str(path), workspace=tmp_path)] == [c.goal for c in test_set.cases]
+    summary = await simulate(store, AGENT, test_set.id, model="offline", workspace=ROOT, max_turns=6)
     assert summary.sessions_total == 4
 
 
@@ -149,7 +149,7 @@ async def test_distilling_from_a_jsonl_file_replays_each_conversation(store, tmp
     ]
     path = tmp_path / "prod.jsonl"
     path.write_text("".join(json.dumps(c) + "\n" for c in conversations))
-    test_set = await build_test_set(store, file=str(path), model="offline")
+    test_set = await build_test_set(store, file=str(path), model="offline", workspace=tmp_path)
     assert len(test_set.cases) == 2  # the repeated conversation is a near-duplicate
     order = test_set.cases[0]
     assert "order" in order.goal.lower() and order.persona and order.simulation_guidelines
@@ -159,6 +159,6 @@ async def test_distilling_from_a_jsonl_file_replays_each_conversation(store, tmp
 async def test_rerun_keeps_the_original_runs_models(store, monkeypatch):
     report = await offline_report(store, num_test_cases=0)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-would-pick-a-real-model")
-    new_run, _ = await rerun_issues(store, report.run_id, issue_id=report.issues[0].id, base_dir=ROOT)
+    new_run, _ = await rerun_issues(store, report.run_id, issue_id=report.issues[0].id, workspace=ROOT)
     run = await store.get_run(new_run)
     assert run["offline"] and run["model"] == "offline" and run["options"]["judge_model"] == "offline"

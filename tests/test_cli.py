@@ -27,7 +27,7 @@ CASES = [
 def convsim(*args: str, home: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items()
            if not k.endswith("_API_KEY") and not k.startswith("CONVSIM_") and k != "PYTHONPATH"}
-    env.update(CONVSIM_HOME=str(home), PYTHONPATH=str(ROOT))
+    env.update(CONVSIM_HOME=str(home), PYTHONPATH=str(ROOT), CONVSIM_ROOTS=str(home.parent))  # tmp files readable
     return subprocess.run([sys.executable, "-m", "convsim_mcp", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
@@ -203,7 +203,7 @@ def test_case_missing_goal_exits_2_naming_the_case_and_field(db, convsim_home, t
     bad.write_text("- goal: ok\n- persona: x\n", encoding="utf-8")
     proc = convsim("simulate", "tests.agents:echo", str(bad), "--db", db, home=convsim_home)
     line = assert_one_line_error(proc, "InvalidTestCase")
-    assert "test case 1" in line and "goal" in line
+    assert "test case 2" in line and "line 2" in line and "goal" in line
     # Nothing was stored for the rejected request.
     assert "no runs yet" in convsim("runs", "list", "--db", db, home=convsim_home).stdout
 

@@ -35,7 +35,7 @@ def http_agent(monkeypatch):
 
 async def test_python_example_agent_flaws_surface_offline(store):
     summary = await simulate(store, "examples/support_agent.py:support_agent", str(CASES), model="offline",
-                             base_dir=ROOT, max_turns=6)
+                             workspace=ROOT, max_turns=6)
     assert by_case(summary) == EXPECTED
     crash = next(s for s in summary.sessions if s.case_id == "gift-card-refund")
     assert "KeyError" in crash.error
@@ -43,7 +43,7 @@ async def test_python_example_agent_flaws_surface_offline(store):
 
 async def test_gold_context_reaches_the_example_agent(store):
     summary = await simulate(store, "examples.support_agent:support_agent_async", str(CASES), model="offline",
-                             base_dir=ROOT, max_turns=6)
+                             workspace=ROOT, max_turns=6)
     session = next(s for s in await store.get_sessions(summary.run_id) if s.test_case.id == "order-status-gold")
     assert any("Gold member" in (m.content or "") for m in session.messages if m.role == "assistant")
 

@@ -117,7 +117,7 @@ async def test_transcripts_are_resources(server):
         pytest.param({"target": "tests.agents:no_history_param", "test_cases": CASES}, "'messages' or 'input'",
                      id="bad-signature"),
         pytest.param({"target": "tests.agents:echo", "test_cases": [{"goal": "ok"}, {"persona": "x"}]},
-                     "test case 1, field 'goal': is required", id="case-missing-goal"),
+                     "test case 2, field 'goal': is required", id="case-missing-goal"),
         pytest.param({"target": "tests.agents:echo", "test_cases": [{"goal": "ok", "gaol": "x"}]},
                      "did you mean 'goal'", id="case-typo"),
         pytest.param({"target": "tests.agents:echo", "test_cases": "missing.yaml"}, "file not found", id="no-file"),

@@ -307,7 +307,7 @@ async def test_http_bad_test_case_error_names_the_case_index_and_field(http_port
         })
         assert result.is_error
         text = result.content[0].text
-        assert "test case 1" in text and "goal" in text, text
+        assert "test case 2" in text and "goal" in text, text
         # The request was rejected before a run was created.
         assert len((await _call(client, "list_runs", {"limit": 200}))["runs"]) == before
 

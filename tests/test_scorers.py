@@ -169,7 +169,7 @@ async def test_custom_judge_offline_is_unscored_with_a_reason(store):
      ("tests.code_scorers:short_reply", "turn"), ("tests/code_scorers.py:label_only", "turn")],
 )
 def test_code_scorer_level_comes_from_its_signature(path, level):
-    assert CodeScorer(path, base_dir=ROOT).level == level
+    assert CodeScorer(path, workspace=ROOT).level == level
 
 
 @pytest.mark.parametrize(
@@ -179,7 +179,7 @@ def test_code_scorer_level_comes_from_its_signature(path, level):
 )
 def test_bad_code_scorers_are_rejected_at_load(path, message):
     with pytest.raises(Exception, match=message):
-        parse_scorers([path], base_dir=ROOT)
+        parse_scorers([path], workspace=ROOT)
 
 
 async def test_code_scorers_return_types_and_errors(fake_llm):
@@ -188,12 +188,12 @@ async def test_code_scorers_return_types_and_errors(fake_llm):
     session = conversation()
     session.test_case.expectations["max_turns"] = 1
     llm = OfflineBackend()
-    (order,) = await CodeScorer("tests.code_scorers:mentions_order", base_dir=ROOT).score(session, llm)
-    (count,) = await CodeScorer("tests.code_scorers:turns_count", base_dir=ROOT).score(session, llm)
-    per_turn = await CodeScorer("tests.code_scorers:short_reply", base_dir=ROOT).score(session, llm)
-    labels = await CodeScorer("tests.code_scorers:label_only", base_dir=ROOT).score(session, llm)
-    (boom,) = await CodeScorer("tests.code_scorers:explodes", base_dir=ROOT).score(session, llm)
-    (bad,) = await CodeScorer("tests.code_scorers:bad_return", base_dir=ROOT).score(session, llm)
+    (order,) = await CodeScorer("tests.code_scorers:mentions_order", workspace=ROOT).score(session, llm)
+    (count,) = await CodeScorer("tests.code_scorers:turns_count", workspace=ROOT).score(session, llm)
+    per_turn = await CodeScorer("tests.code_scorers:short_reply", workspace=ROOT).score(session, llm)
+    labels = await CodeScorer("tests.code_scorers:label_only", workspace=ROOT).score(session, llm)
+    (boom,) = await CodeScorer("tests.code_scorers:explodes", workspace=ROOT).score(session, llm)
+    (bad,) = await CodeScorer("tests.code_scorers:bad_return", workspace=ROOT).score(session, llm)
     assert (order.value, order.passed) == (False, False)
     assert (count.value, count.passed, count.rationale) == (2, False, "2 turns")
     assert [(a.turn, a.passed) for a in per_turn] == [(1, True), (2, True)]
@@ -214,7 +214,8 @@ async def test_scoring_an_imported_jsonl_file_counts_judge_usage(store, fake_llm
          "goal": "Get a refund", "expectations": {"refund": True}},
     ]))
     fake_llm.set_handler(lambda req: verdict(False) if "refund?" in req["messages"][1]["content"] else verdict(True))
-    result = await score_sessions(store, file=str(path), scorers=["goal_achievement"], llm=judge_llm(fake_llm))
+    result = await score_sessions(store, file=str(path), scorers=["goal_achievement"], llm=judge_llm(fake_llm),
+                                  workspace=tmp_path)
     (s,) = result.scorers
     assert (s.passed, s.failed, s.pass_rate) == (1, 1, 0.5)
     assert [f.session_id for f in s.failing] == ["prod-2"]
@@ -239,7 +240,7 @@ async def test_scoring_inline_transcripts_and_session_ids(store):
 
 async def test_a_scorer_exception_is_recorded_not_a_crash(store):
     transcripts = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
-    result = await score_sessions(store, transcripts=transcripts, base_dir=ROOT, model="offline",
+    result = await score_sessions(store, transcripts=transcripts, workspace=ROOT, model="offline",
                                   scorers=["tests.code_scorers:explodes", "goal_achievement"])
     by_name = {s.scorer: s for s in result.scorers}
     assert by_name["explodes"].unscored == 1 and "scorer bug" in by_name["explodes"].errors[0].rationale
@@ -261,7 +262,7 @@ async def test_simulation_scores_sessions_as_they_finish(store):
     from engine import simulate
 
     summary = await simulate(store, "examples/support_agent.py:support_agent", str(ROOT / "examples/support_cases.yaml"),
-                             model="offline", base_dir=ROOT, max_turns=6,
+                             model="offline", workspace=ROOT, max_turns=6,
                              scorers=["knowledge_retention", "goal_achievement"])
     scores = {s.scorer: s for s in summary.scores}
     assert scores["knowledge_retention"].failed >= 1

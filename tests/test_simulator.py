@@ -27,7 +27,7 @@ def llm_for(fake) -> LiteLLMBackend:
 
 async def run(store, fake, cases, target=agent("echo"), **options):
     options.setdefault("max_turns", 5)
-    return await simulate(store, target, cases, llm=llm_for(fake), base_dir=ROOT, **options)
+    return await simulate(store, target, cases, llm=llm_for(fake), workspace=ROOT, **options)
 
 
 async def test_one_llm_call_per_simulated_turn(store, fake_llm):
@@ -175,7 +175,7 @@ async def test_conversations_run_concurrently(store, fake_llm):
 async def test_cancelled_run_keeps_completed_turns(store, fake_llm):
     fake_llm.set_handler(lambda req: turn(message="hi"))
     job = await prepare_simulation(store, {"path": agent("slow"), "timeout_s": 30}, [{"goal": "g"}],
-                                   llm=llm_for(fake_llm), max_turns=5, base_dir=ROOT)
+                                   llm=llm_for(fake_llm), max_turns=5, workspace=ROOT)
     with anyio.move_on_after(2.5):  # the slow agent answers turn 1 after 2 s, then is mid-turn 2
         await job.run()
     summary = await job.store.get_session((await store.get_sessions(job.run_id))[0].id)
@@ -208,7 +208,7 @@ class ImpatientUser(LLMSimulatedUser):
 
 async def test_offline_user_reveals_the_goal_gradually_and_says_it_is_heuristic(store):
     goal = "Introduce yourself as Dana. Ask about the returns policy. Ask whether the assistant remembers your name."
-    summary = await simulate(store, agent("echo"), [{"goal": goal}], model="offline", base_dir=ROOT, max_turns=6)
+    summary = await simulate(store, agent("echo"), [{"goal": goal}], model="offline", workspace=ROOT, max_turns=6)
     assert summary.offline and summary.model == "offline" and "heuristic" in summary.note
     session = await store.get_session(summary.sessions[0].session_id)
     users = [m.content for m in session.messages if m.role == "user"]
@@ -224,8 +224,8 @@ def test_offline_speech_transforms():
 
 async def test_offline_run_is_deterministic(store):
     cases = [{"goal": "Check order A1234. Ask about shipping times."}]
-    a = await simulate(store, agent("echo"), cases, model="offline", base_dir=ROOT)
-    b = await simulate(store, agent("echo"), cases, model="offline", base_dir=ROOT)
+    a = await simulate(store, agent("echo"), cases, model="offline", workspace=ROOT)
+    b = await simulate(store, agent("echo"), cases, model="offline", workspace=ROOT)
     ta = [m.content for m in (await store.get_session(a.sessions[0].session_id)).messages]
     tb = [m.content for m in (await store.get_session(b.sessions[0].session_id)).messages]
     assert ta == tb

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.anyio
 async def test_jsonl_export_import_round_trip(store, tmp_path):
     cases = [{"goal": "Check order A1. Ask about returns.", "id": "c1", "context": {"tier": "gold"}},
              {"goal": "g2", "scripted_turns": ["hello"]}]
-    summary = await simulate(store, agent("messages_list"), cases, model="offline", base_dir=ROOT, max_turns=3)
+    summary = await simulate(store, agent("messages_list"), cases, model="offline", workspace=ROOT, max_turns=3)
     lines = await store.export_jsonl(summary.run_id)
     assert len(lines) == 2
     record = json.loads(lines[0])
@@ -36,7 +36,7 @@ async def test_jsonl_export_import_round_trip(store, tmp_path):
 
 
 async def test_reimport_into_the_same_database_keeps_both_copies(store):
-    summary = await simulate(store, agent("echo"), [{"goal": "g"}], model="offline", base_dir=ROOT)
+    summary = await simulate(store, agent("echo"), [{"goal": "g"}], model="offline", workspace=ROOT)
     lines = await store.export_jsonl(summary.run_id)
     (copy,) = await store.get_sessions(await store.import_jsonl(lines))
     assert copy.id != summary.sessions[0].session_id
@@ -71,12 +71,12 @@ async def test_turns_are_on_disk_while_the_run_is_in_progress(store, tmp_path):
         with sqlite3.connect(store.path) as db:
             seen.append(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
 
-    await simulate(store, agent("echo"), [{"goal": "A. B. C."}], model="offline", base_dir=ROOT, progress=progress)
+    await simulate(store, agent("echo"), [{"goal": "A. B. C."}], model="offline", workspace=ROOT, progress=progress)
     assert seen[:3] == [2, 4, 6]
 
 
 async def test_runs_left_running_by_a_dead_process_become_interrupted(store):
-    summary = await simulate(store, agent("echo"), [{"goal": "g"}], model="offline", base_dir=ROOT)
+    summary = await simulate(store, agent("echo"), [{"goal": "g"}], model="offline", workspace=ROOT)
     store._db.execute("UPDATE runs SET status = 'running', pid = 999999999 WHERE id = ?", (summary.run_id,))
     store._db.execute("UPDATE sessions SET stop_reason = NULL WHERE run_id = ?", (summary.run_id,))
     assert await store.mark_interrupted() == 1

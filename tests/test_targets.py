@@ -18,7 +18,7 @@ HISTORY = [Message(role="user", content="hi there")]
 
 
 async def reply_of(target_spec, history=HISTORY, **context):
-    target = resolve_target(target_spec, base_dir=ROOT)
+    target = resolve_target(target_spec, workspace=ROOT)
     try:
         return await target.respond(history, session_id="sim-test", context=context)
     finally:
@@ -72,13 +72,13 @@ async def test_only_accepted_keywords_are_passed():
 
 def test_missing_history_parameter_is_rejected_before_the_run():
     with pytest.raises(InvalidTarget, match="'messages' or 'input'"):
-        resolve_target(agent("no_history_param"), base_dir=ROOT)
+        resolve_target(agent("no_history_param"), workspace=ROOT)
 
 
 def test_required_parameter_missing_from_a_case_names_the_case():
-    target = resolve_target(agent("needs_user_id"), base_dir=ROOT)
+    target = resolve_target(agent("needs_user_id"), workspace=ROOT)
     target.check_cases([TestCase(goal="a", context={"user_id": "u"})])
-    with pytest.raises(InvalidTarget, match="'user_id'.*test case 1"):
+    with pytest.raises(InvalidTarget, match="'user_id'.*test case 2"):
         target.check_cases([TestCase(goal="a", context={"user_id": "u"}), TestCase(goal="b")])
 
 
@@ -97,7 +97,7 @@ def test_required_parameter_missing_from_a_case_names_the_case():
 )
 def test_bad_target_specs_say_what_to_fix(spec, message):
     with pytest.raises(InvalidTarget, match=message):
-        resolve_target(spec, base_dir=ROOT)
+        resolve_target(spec, workspace=ROOT)
 
 
 @pytest.mark.parametrize(
@@ -144,10 +144,11 @@ class _AgentServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append((self.path, body, dict(self.headers)))
-                status, payload = respond(self.path, body, dict(self.headers))
+                status, payload, *ctype = respond(self.path, body, dict(self.headers))
                 data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "text/plain" if isinstance(payload, str) else "application/json")
+                self.send_header("Content-Type", ctype[0] if ctype else
+                                 "text/plain" if isinstance(payload, str) else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -236,9 +237,22 @@ async def test_http_error_is_an_agent_error_with_status(http_agent):
     assert info.value.kind == "http"
 
 
-async def test_plain_text_http_reply_is_accepted(http_agent):
-    srv = http_agent(lambda path, body, headers: (200, "just text"))
-    assert (await reply_of({"kind": "json", "url": srv.url})).text == "just text"
+@pytest.mark.parametrize("kind", ["json", "openai"])
+@pytest.mark.parametrize("content_type, body", [
+    pytest.param("text/html; charset=utf-8", "<html><body><h1>Welcome to nginx!</h1></body></html>", id="html"),
+    pytest.param("text/plain", "just text", id="plain-text"),
+])
+async def test_a_non_json_http_reply_is_an_agent_error_naming_the_content_type(http_agent, kind, content_type, body):
+    srv = http_agent(lambda path, req, headers: (200, body, content_type))
+    with pytest.raises(AgentError, match=f"agent replied {content_type.split(';')[0]}, expected JSON") as info:
+        await reply_of({"kind": kind, "url": srv.url})
+    assert info.value.kind == "unparseable"
+
+
+async def test_an_html_page_labelled_json_is_an_agent_error(http_agent):
+    srv = http_agent(lambda path, req, headers: (200, "<!doctype html><p>login</p>", "application/json"))
+    with pytest.raises(AgentError, match="agent reply is not JSON"):
+        await reply_of({"kind": "openai", "url": srv.url})
 
 
 async def test_unreachable_agent_is_an_agent_error():

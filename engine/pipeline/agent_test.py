@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -38,6 +37,7 @@ from ..scorers import DEFAULT_SCORERS, Scorer, parse_scorers
 from ..simulator import SimulatedUser, load_user_class
 from ..store import Store, new_run_id, new_test_set_id
 from ..targets import Target, redacted_spec, resolve_target
+from ..workspace import WorkspaceArg, as_workspace
 from ._shared import (
     MAX_CONCURRENCY,
     MAX_REPEATS,
@@ -80,7 +80,7 @@ class AgentTestJob:
     user_class: type[SimulatedUser]
     ask_agent: bool = True
     introspect: bool = True
-    base_dir: str | Path | None = None
+    workspace: WorkspaceArg = None
     usage: dict[str, Usage] = field(default_factory=dict)
 
     async def run(self, progress: ProgressFn | None = None) -> Report:
@@ -100,7 +100,7 @@ class AgentTestJob:
                 await stage(0, "describe: reading the agent (description, self-description, source)")
                 profile, spent = await describe_agent(self.generator_llm, description=self.description,
                                                       target=self.target, ask_agent=self.ask_agent,
-                                                      introspect=self.introspect, base_dir=self.base_dir)
+                                                      introspect=self.introspect, workspace=self.workspace)
                 self.usage = add_usage(self.usage, Role.GENERATOR.value, spent)
                 await stage(1, f"generate: writing {self.num_test_cases} test cases")
                 generated, spent = await generate_cases(profile, self.generator_llm,
@@ -177,7 +177,7 @@ async def prepare_agent_test(
     user_agent: str | None = None,
     ask_agent: bool = True,
     introspect: bool = True,
-    base_dir: str | Path | None = None,
+    workspace: WorkspaceArg = None,
     llm: LLM | None = None,
 ) -> AgentTestJob:
     """Validate everything a test_agent run needs, then create its run. Raises UserInputError."""
@@ -187,13 +187,14 @@ async def prepare_agent_test(
     check_range("num_test_cases", num_test_cases, 0, MAX_TEST_CASES)
     if not 0.0 <= adversarial <= 1.0:
         raise InvalidOption(f"adversarial must be a share from 0 to 1, got {adversarial!r}")
-    given = await resolve_cases(store, test_cases, base_dir=base_dir) if test_cases else []
+    workspace = as_workspace(workspace)
+    given = await resolve_cases(store, test_cases, workspace=workspace) if test_cases else []
     if not given and num_test_cases == 0:
         raise InvalidOption("num_test_cases is 0 and no test_cases were given: nothing to test")
-    resolved = resolve_target(target, base_dir=base_dir)
+    resolved = resolve_target(target, workspace=workspace)
     resolved.check_cases(given)
-    scorer_list = parse_scorers(scorers if scorers is not None else list(DEFAULT_SCORERS), base_dir=base_dir)
-    user_class = load_user_class(user_agent)
+    scorer_list = parse_scorers(scorers if scorers is not None else list(DEFAULT_SCORERS), workspace=workspace)
+    user_class = load_user_class(user_agent, workspace=workspace)
 
     def model_for(specific: str | None) -> LLM:
         if llm is not None and specific is None:
@@ -210,7 +211,7 @@ async def prepare_agent_test(
                            sessions_total=(len(given) + num_test_cases) * repeats)
     return AgentTestJob(store, run_id, resolved, description, given, num_test_cases, guidance, adversarial, max_turns,
                         repeats, concurrency, scorer_list, user_llm, judge_llm, generator_llm, user_class,
-                        ask_agent, introspect, base_dir)
+                        ask_agent, introspect, workspace)
 
 
 async def test_agent(store: Store, target: Any, *, progress: ProgressFn | None = None, **options: Any) -> Report:
@@ -244,7 +245,7 @@ async def rerun_issues(
     max_turns: int | None = None,
     model: str | None = None,
     repeats: int = 1,
-    base_dir: str | Path | None = None,
+    workspace: WorkspaceArg = None,
     llm: LLM | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[str, list[IssueCheck]]:
@@ -275,9 +276,10 @@ async def rerun_issues(
         case_of = {i.id: sorted({original[s] for s in i.session_ids if s in original}) for i in issues}
     if not cases:
         raise InvalidOption("nothing to re-run: the issue has no reproducing case")
-    resolved = resolve_target(spec, base_dir=base_dir)
+    workspace = as_workspace(workspace)
+    resolved = resolve_target(spec, workspace=workspace)
     resolved.check_cases(cases)
-    scorers = parse_scorers(options.get("scorers") or list(DEFAULT_SCORERS), base_dir=base_dir)
+    scorers = parse_scorers(options.get("scorers") or list(DEFAULT_SCORERS), workspace=workspace)
     # the original run's models unless told otherwise, so a re-run plays the same users and judges
     user_llm = llm or resolve_llm(model or ("offline" if run["offline"] else run["model"]))
     judge_llm = llm or resolve_llm(model or options.get("judge_model") or user_llm.model)
@@ -287,7 +289,7 @@ async def rerun_issues(
                            options={**options, "rerun_of": run_id, "issue_id": issue_id, "max_turns": turns},
                            model=user_llm.model, offline=user_llm.offline, test_cases=cases,
                            sessions_total=len(cases) * repeats)
-    job = SimulationJob(store, new_run, resolved, cases, user_llm, load_user_class(options.get("user_agent")), turns,
+    job = SimulationJob(store, new_run, resolved, cases, user_llm, load_user_class(options.get("user_agent"), workspace=workspace), turns,
                         options.get("concurrency") or 8, repeats, scorers, judge_llm)
     await job.run(progress)
     sessions = await store.get_sessions(new_run)

@@ -27,6 +27,7 @@ from ..models import (
 )
 from ..store import Store, new_test_set_id
 from ..targets import Target, resolve_target
+from ..workspace import WorkspaceArg, as_workspace
 from ._shared import check_range
 from .scoring import collect_sessions
 
@@ -48,7 +49,7 @@ async def build_test_set(
     introspect: bool = True,
     model: str | None = None,
     name: str | None = None,
-    base_dir: str | Path | None = None,
+    workspace: WorkspaceArg = None,
     llm: LLM | None = None,
 ) -> TestSet:
     """Generate (from a description and/or the target) and distill (from transcripts), then store.
@@ -62,7 +63,8 @@ async def build_test_set(
     if not (description or target or run_id or session_ids or file):
         raise InvalidOption("give at least one source: description, target, run_id, session_ids or file")
     llm = llm or resolve_llm(model)
-    resolved = target if isinstance(target, Target) or target is None else resolve_target(target, base_dir=base_dir)
+    workspace = as_workspace(workspace)
+    resolved = target if isinstance(target, Target) or target is None else resolve_target(target, workspace=workspace)
     usage: dict[str, Usage] = {}
     cases: list[TestCase] = []
     profile: AgentProfile | None = None
@@ -70,14 +72,14 @@ async def build_test_set(
     try:
         if description or resolved:
             profile, spent = await describe_agent(llm, description=description, target=resolved,
-                                                  ask_agent=ask_agent, introspect=introspect, base_dir=base_dir)
+                                                  ask_agent=ask_agent, introspect=introspect, workspace=workspace)
             usage = add_usage(usage, Role.GENERATOR.value, spent)
             generated, spent = await generate_cases(profile, llm, num_test_cases=num_test_cases, guidance=guidance,
                                                     adversarial=adversarial)
             usage = add_usage(usage, Role.GENERATOR.value, spent)
             cases += generated
             sources += profile.sources
-        sessions = await collect_sessions(store, run_id=run_id, session_ids=session_ids, file=file, base_dir=base_dir)
+        sessions = await collect_sessions(store, run_id=run_id, session_ids=session_ids, file=file, workspace=workspace)
         if sessions:
             distilled, spent = await distill_cases(sessions, llm)  # deduped among themselves
             usage = add_usage(usage, Role.GENERATOR.value, spent)

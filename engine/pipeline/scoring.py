@@ -24,6 +24,7 @@ from ..models import (
 )
 from ..scorers import Scorer, parse_scorers
 from ..store import Store, record_to_session
+from ..workspace import WorkspaceArg, as_workspace
 from ..text import one_line
 from ._shared import MAX_CONCURRENCY, Progress, ProgressFn, check_range, scores_uri
 
@@ -91,7 +92,7 @@ async def prepare_scoring(
     scorers: list[Any] | None = None,
     model: str | None = None,
     concurrency: int = 8,
-    base_dir: str | Path | None = None,
+    workspace: WorkspaceArg = None,
     llm: LLM | None = None,
 ) -> ScoringJob:
     """Validate scorers and find the sessions (importing inline or file transcripts as a new run)."""
@@ -101,10 +102,11 @@ async def prepare_scoring(
         raise InvalidOption("give exactly one of run_id, session_ids, transcripts or file "
                             f"({'got ' + ', '.join(given) if given else 'got none'})")
     check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
-    scorer_list = parse_scorers(scorers, base_dir=base_dir)
+    workspace = as_workspace(workspace)
+    scorer_list = parse_scorers(scorers, workspace=workspace)
     llm = llm or resolve_llm(model, max_concurrency=concurrency)
     sessions = await collect_sessions(store, run_id=run_id, session_ids=session_ids, transcripts=transcripts,
-                                      file=file, base_dir=base_dir)
+                                      file=file, workspace=workspace)
     if not sessions:
         raise InvalidOption("no sessions to score")
     return ScoringJob(store, sessions, scorer_list, llm, concurrency)
@@ -112,7 +114,7 @@ async def prepare_scoring(
 
 async def collect_sessions(store: Store, *, run_id: str | None = None, session_ids: list[str] | None = None,
                            transcripts: list[Any] | None = None, file: str | Path | None = None,
-                           base_dir: str | Path | None = None) -> list[Session]:
+                           workspace: WorkspaceArg = None) -> list[Session]:
     """Sessions of a run, by id, or from inline transcripts or a JSONL file (imported as a new run)."""
     if run_id:
         await store.get_run(run_id)
@@ -123,9 +125,7 @@ async def collect_sessions(store: Store, *, run_id: str | None = None, session_i
         parsed = [record_to_session(t, i, what="transcript") for i, t in enumerate(transcripts)]
         return await store.get_sessions(await store.import_sessions(parsed, source="inline transcripts"))
     if file:
-        path = Path(file) if Path(file).is_absolute() or base_dir is None else Path(base_dir) / file
-        if not path.is_file():
-            raise InvalidOption(f"file not found: {path}")
+        path = as_workspace(workspace).resolve_file(file, what="transcript file")
         with path.open(encoding="utf-8") as f:
             return await store.get_sessions(await store.import_jsonl(f, source=str(path)))
     return []

@@ -43,6 +43,7 @@ from ..simulator import (
 from ..store import Store, new_run_id, new_session_id
 from ..targets import Target, redacted_spec, resolve_target
 from ..testcases import load_test_cases
+from ..workspace import WorkspaceArg, as_workspace
 from ..text import one_line
 from ._shared import (
     MAX_CONCURRENCY,
@@ -154,7 +155,7 @@ async def prepare_simulation(
     user_agent: str | None = None,
     scorers: list[Any] | None = None,
     judge_model: str | None = None,
-    base_dir: str | Path | None = None,
+    workspace: WorkspaceArg = None,
     api_base: str | None = None,
     api_key: str | None = None,
     llm: LLM | None = None,
@@ -163,11 +164,12 @@ async def prepare_simulation(
     check_range("max_turns", max_turns, 1, MAX_TURNS_LIMIT)
     check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
     check_range("repeats", repeats, 1, MAX_REPEATS)
-    cases = await resolve_cases(store, test_cases, base_dir=base_dir)
-    resolved = resolve_target(target, base_dir=base_dir)
+    workspace = as_workspace(workspace)
+    cases = await resolve_cases(store, test_cases, workspace=workspace)
+    resolved = resolve_target(target, workspace=workspace)
     resolved.check_cases(cases)
-    user_class = load_user_class(user_agent)
-    scorer_list = parse_scorers(scorers, base_dir=base_dir) if scorers else []
+    user_class = load_user_class(user_agent, workspace=workspace)
+    scorer_list = parse_scorers(scorers, workspace=workspace) if scorers else []
     llm = llm or resolve_llm(model, api_base=api_base, api_key=api_key, max_concurrency=concurrency)
     judge_llm = resolve_llm(judge_model, api_base=api_base, api_key=api_key, max_concurrency=concurrency) \
         if judge_model else llm
@@ -182,11 +184,11 @@ async def prepare_simulation(
                          scorer_list, judge_llm)
 
 
-async def resolve_cases(store: Store, test_cases: Any, *, base_dir: str | Path | None = None) -> list[TestCase]:
+async def resolve_cases(store: Store, test_cases: Any, *, workspace: WorkspaceArg = None) -> list[TestCase]:
     """Cases given inline, as a file path, or as the id of a stored test set ('set-...')."""
     if isinstance(test_cases, str) and test_cases.startswith("set-") and not Path(test_cases).exists():
         return (await store.get_test_set(test_cases)).cases
-    return load_test_cases(test_cases, base_dir=base_dir)
+    return load_test_cases(test_cases, workspace=workspace)
 
 
 async def simulate(store: Store, target: Any, test_cases: Any, *, progress: ProgressFn | None = None, **options: Any) -> RunSummary:

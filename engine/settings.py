@@ -1,0 +1,79 @@
+"""Operator settings from the environment, each validated where it is read.
+
+A bad value is an `InvalidOption` naming the variable, the value and what is
+expected (`CONVSIM_LLM_CONCURRENCY='abc': expected an integer from 1 to
+100000`), never a traceback. Secret variables (keys, tokens) are read with
+`env_str` and their values are never echoed.
+
+The variables, in one place:
+
+    CONVSIM_HOME             directory of convsim.sqlite (default ~/.convsim)
+    CONVSIM_ROOTS            extra workspace roots, joined by os.pathsep
+    CONVSIM_MODEL            default model for every role
+    CONVSIM_API_BASE         OpenAI-compatible endpoint for every model call (http or https URL)
+    CONVSIM_API_KEY          key sent to that endpoint
+    CONVSIM_LLM_TIMEOUT      seconds per model call (default 60)
+    CONVSIM_LLM_RETRIES      retries on rate limits, server errors and timeouts (default 4)
+    CONVSIM_LLM_CONCURRENCY  most model calls in flight (default: the run's concurrency)
+    CONVSIM_AUTH_TOKEN       bearer token for network transports
+    CONVSIM_AGENT_ENV        variables an HTTP target's headers may reference although their names look like
+                             model credentials (comma-separated)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+from .errors import InvalidOption
+
+
+def env_str(name: str) -> str | None:
+    """The variable's value stripped, or None when unset or blank."""
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def env_int(name: str, default: int, *, low: int, high: int) -> int:
+    raw = env_str(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise InvalidOption(f"environment variable {name}={_shown(raw)}: expected an integer from {low} to {high}")
+    return value
+
+
+def env_float(name: str, default: float, *, low: float, high: float) -> float:
+    raw = env_str(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and low < value <= high):
+        raise InvalidOption(f"environment variable {name}={_shown(raw)}: expected a number of seconds above {low:g} "
+                            f"and at most {high:g}")
+    return value
+
+
+def env_url(name: str) -> str | None:
+    raw = env_str(name)
+    if raw is not None and not re.match(r"^https?://[^\s/]+", raw):
+        raise InvalidOption(f"environment variable {name}={_shown(raw)}: expected an http:// or https:// URL, "
+                            "e.g. http://127.0.0.1:11434/v1")
+    return raw
+
+
+def env_list(name: str, sep: str = ",") -> list[str]:
+    raw = env_str(name)
+    return [p.strip() for p in raw.split(sep) if p.strip()] if raw else []
+
+
+def _shown(raw: str) -> str:
+    return repr(raw if len(raw) <= 80 else raw[:77] + "...")
