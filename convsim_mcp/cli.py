@@ -18,7 +18,6 @@ Errors exit non-zero with `Type: message`, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -35,7 +34,9 @@ from engine import (
     RunSummary,
     Store,
     UserInputError,
+    Workspace,
 )
+from engine import secrets
 from engine.models import SEVERITY_ORDER, ScorerSummary
 from engine.pipeline import describe_target, run_summary, score_sessions, simulate
 from engine.pipeline.agent_test import rerun_issues, test_agent
@@ -48,8 +49,13 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    secrets.refresh_from_env()
+    if getattr(args, "func", None) is not _serve:  # with stdio serving, stdout is the protocol wire: left alone
+        sys.stdout = _RedactingStream(sys.stdout)
+    sys.stderr = _RedactingStream(sys.stderr)
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    secrets.install_log_redaction()
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
@@ -76,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--db", help="SQLite file (default $CONVSIM_HOME/convsim.sqlite)")
+    serve.add_argument("--allow-code", action="store_true",
+                       help="over sse/http, accept Python import paths (agents, user agents, code scorers) and file "
+                            "arguments from clients (refused by default; stdio always accepts them)")
+    serve.add_argument("--allow-agent-host", action="append", default=[], metavar="HOST",
+                       help="over sse/http, let clients test HTTP agents on HOST (default: loopback only; repeatable)")
+    _add_root(serve)
     serve.set_defaults(func=_serve)
 
     ta = sub.add_parser("test-agent", help="generate cases, simulate, score, and report issues (CI: --fail-on)")
@@ -99,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     ta.add_argument("--fail-on", choices=["high", "medium", "low"],
                     help="exit 1 when an agent issue of this severity or worse is found")
     ta.add_argument("--db")
+    _add_root(ta)
     ta.set_defaults(func=_test_agent)
 
     rr = sub.add_parser("rerun", help="after a fix: re-run a test_agent run's issues and say which still reproduce")
@@ -108,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("--max-turns", type=int)
     rr.add_argument("--model")
     rr.add_argument("--db")
+    _add_root(rr)
     rr.set_defaults(func=_rerun)
 
     gen = sub.add_parser("generate", help="write test cases and store them as a test set")
@@ -121,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--model")
     gen.add_argument("-o", "--output", help="also write the cases to this .yaml, .json or .jsonl file")
     gen.add_argument("--db")
+    _add_root(gen)
     gen.set_defaults(func=_generate)
 
     sim = sub.add_parser("simulate", help="simulate conversations with an agent")
@@ -139,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--concurrency", type=int, default=8)
     score.add_argument("--json", action="store_true", help="print the result as JSON")
     score.add_argument("--db")
+    _add_root(score)
     score.set_defaults(func=_score)
 
     runs = sub.add_parser("runs", help="inspect stored runs").add_subparsers(metavar="ACTION")
@@ -159,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     imp = runs.add_parser("import", help="store sessions from a JSONL file as a new run")
     imp.add_argument("file")
     imp.add_argument("--db")
+    _add_root(imp)
     imp.set_defaults(func=_runs_import)
 
     demo = sub.add_parser("demo", help="test_agent on the bundled example agent (offline unless --model)")
@@ -166,6 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-turns", type=int, default=6)
     demo.add_argument("--report", help="also write the Markdown report here")
     demo.add_argument("--db")
+    _add_root(demo)
     demo.set_defaults(func=_demo)
     return p
 
@@ -181,6 +199,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge-model", help="judges' model (default: the user's model)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON instead of a table")
     p.add_argument("--db", help="SQLite file (default $CONVSIM_HOME/convsim.sqlite)")
+    _add_root(p)
+
+
+def _add_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", action="append", default=[], metavar="DIR",
+                   help="another workspace root: code and files are used only from under the working directory, "
+                        "these roots and CONVSIM_ROOTS (repeatable)")
+
+
+def _workspace(args: argparse.Namespace) -> Workspace:
+    return Workspace.default(getattr(args, "root", []) or [])
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -194,7 +223,11 @@ def _serve(args: argparse.Namespace) -> int:
     # The registry is owned here, for the life of the process: with SSE each connection enters the
     # server's lifespan separately, and a background run must outlive the connection that started it.
     registry = JobRegistry()
-    server = build_server(Store(args.db), registry)
+    workspace = _workspace(args)
+    if args.transport != "stdio":  # a network client is anyone who can reach the port: the operator decides
+        workspace = workspace.restricted(args.transport, allow_code=args.allow_code,
+                                         agent_hosts=args.allow_agent_host)
+    server = build_server(Store(args.db), registry, workspace=workspace)
     if args.transport != "stdio" and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}: reachable from other machines, and the MCP SDK's DNS-rebinding "
               "protection is off for non-loopback hosts. Put it behind a proxy that authenticates.", file=sys.stderr)
@@ -234,29 +267,29 @@ def _demo(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(target=target, description=None, cases=str(cases), num_test_cases=5, guidance=None,
                             adversarial=0.0, max_turns=args.max_turns, model=model, user_model=None,
                             judge_model=None, generator_model=None, scorers=None, repeats=1, concurrency=8,
-                            no_ask_agent=False, report=args.report, json_path=None, fail_on=None, db=args.db)
+                            no_ask_agent=False, report=args.report, json_path=None, fail_on=None, db=args.db,
+                            root=[*args.root, str(EXAMPLES)])
     return _test_agent(ns)
 
 
 def _test_agent(args: argparse.Namespace) -> int:
     store = Store(args.db)
     bar = ProgressBar()
-    target: Any = json.loads(args.target) if args.target.strip().startswith("{") else args.target
     report = anyio.run(lambda: test_agent(
-        store, target, progress=bar.update, description=args.description, test_cases=args.cases,
+        store, args.target, progress=bar.update, description=args.description, test_cases=args.cases,
         num_test_cases=args.num_test_cases, guidance=args.guidance, adversarial=args.adversarial,
         max_turns=args.max_turns, repeats=args.repeats, concurrency=args.concurrency, scorers=args.scorers,
         model=args.model, user_model=args.user_model, judge_model=args.judge_model,
-        generator_model=args.generator_model, ask_agent=not args.no_ask_agent, workspace=Path.cwd(),
+        generator_model=args.generator_model, ask_agent=not args.no_ask_agent, workspace=_workspace(args),
     ))
     bar.close()
     _, markdown = anyio.run(lambda: store.get_report(report.run_id))
     print(markdown)
     if args.report:
-        Path(args.report).write_text(markdown, encoding="utf-8")
+        _write(args.report, markdown)
         print(f"wrote {args.report}", file=sys.stderr)
     if args.json_path:
-        Path(args.json_path).write_text(report.model_dump_json(indent=2), encoding="utf-8")
+        _write(args.json_path, report.model_dump_json(indent=2))
         print(f"wrote {args.json_path}", file=sys.stderr)
     if args.fail_on:
         worst = [i for i in report.issues if SEVERITY_ORDER[i.severity] <= SEVERITY_ORDER[args.fail_on]]
@@ -269,11 +302,8 @@ def _test_agent(args: argparse.Namespace) -> int:
 def _rerun(args: argparse.Namespace) -> int:
     store = Store(args.db)
     bar = ProgressBar()
-    target: Any = None
-    if args.target:
-        target = json.loads(args.target) if args.target.strip().startswith("{") else args.target
-    new_run, checks = anyio.run(lambda: rerun_issues(store, args.run_id, issue_id=args.issue, target=target,
-                                                     max_turns=args.max_turns, model=args.model, workspace=Path.cwd(),
+    new_run, checks = anyio.run(lambda: rerun_issues(store, args.run_id, issue_id=args.issue, target=args.target,
+                                                     max_turns=args.max_turns, model=args.model, workspace=_workspace(args),
                                                      progress=bar.update))
     bar.close()
     rows = [[c.issue_id, c.severity, "STILL FAILS" if c.reproduces else "fixed", one_line(c.title, 50),
@@ -288,12 +318,12 @@ def _generate(args: argparse.Namespace) -> int:
     test_set = anyio.run(lambda: build_test_set(
         store, description=args.description, target=args.target, run_id=args.run_id, file=args.file,
         num_test_cases=args.num_test_cases, guidance=args.guidance, adversarial=args.adversarial,
-        model=args.model, workspace=Path.cwd(),
+        model=args.model, workspace=_workspace(args),
     ))
     if args.output:
         export_test_set(test_set, args.output)
         print(f"wrote {len(test_set.cases)} cases to {args.output}", file=sys.stderr)
-    rows = [[c.id or str(i), one_line(c.goal, 90)] for i, c in enumerate(test_set.cases)]
+    rows = [[c.id or f"#{i}", one_line(c.goal, 90)] for i, c in enumerate(test_set.cases, 1)]
     print(f"test set {test_set.id} ({len(test_set.cases)} cases{', offline templates' if test_set.offline else ''})")
     print(_table(["id", "goal"], rows))
     print(f"run them: convsim-mcp simulate TARGET {test_set.id}")
@@ -303,11 +333,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _run_simulation(db: str | None, target: str, cases: str, opts: argparse.Namespace) -> RunSummary:
     store = Store(db)
     bar = ProgressBar()
-    target_arg: Any = json.loads(target) if target.strip().startswith("{") else target
     summary = anyio.run(lambda: simulate(
-        store, target_arg, cases, progress=bar.update, max_turns=opts.max_turns, model=opts.model,
+        store, target, cases, progress=bar.update, max_turns=opts.max_turns, model=opts.model,
         concurrency=opts.concurrency, repeats=opts.repeats, user_agent=opts.user_agent, scorers=opts.scorers,
-        judge_model=opts.judge_model,
+        judge_model=opts.judge_model, workspace=_workspace(opts),
     ))
     bar.close()
     return summary
@@ -318,7 +347,7 @@ def _score(args: argparse.Namespace) -> int:
     bar = ProgressBar()
     result = anyio.run(lambda: score_sessions(
         store, progress=bar.update, run_id=args.run_id, session_ids=args.session_ids, file=args.file,
-        scorers=args.scorers, model=args.model, concurrency=args.concurrency, workspace=Path.cwd(),
+        scorers=args.scorers, model=args.model, concurrency=args.concurrency, workspace=_workspace(args),
     ))
     bar.close()
     print(result.model_dump_json(indent=2) if args.json else render_scores(result.scorers, result.note))
@@ -344,7 +373,7 @@ def _runs_export(args: argparse.Namespace) -> int:
     lines = anyio.run(lambda: Store(args.db).export_jsonl(args.run_id))
     text = "".join(line + "\n" for line in lines)
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        _write(args.output, text)
         print(f"wrote {len(lines)} sessions to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
@@ -352,9 +381,7 @@ def _runs_export(args: argparse.Namespace) -> int:
 
 
 def _runs_import(args: argparse.Namespace) -> int:
-    path = Path(args.file)
-    if not path.is_file():
-        raise UserInputError(f"file not found: {path}")
+    path = _workspace(args).resolve_file(args.file, what="file to import")
     with path.open(encoding="utf-8") as f:
         run_id = anyio.run(lambda: Store(args.db).import_jsonl(f, source=str(path)))
     print(run_id)
@@ -362,6 +389,24 @@ def _runs_import(args: argparse.Namespace) -> int:
 
 
 # --- output -------------------------------------------------------------------------------------
+
+
+class _RedactingStream:
+    """stdout/stderr with every known secret masked: results, progress and errors alike."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(secrets.redact(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _write(path: str, text: str) -> None:
+    """A result file (report, export) written by the CLI: redacted like everything else it outputs."""
+    Path(path).write_text(secrets.redact(text), encoding="utf-8")
 
 
 def render_summary(s: RunSummary) -> str:
@@ -376,7 +421,7 @@ def render_summary(s: RunSummary) -> str:
     rows = []
     for x in s.sessions:
         last = x.error or x.last_agent_reply or ""
-        rows.append([x.session_id, x.case_id or str(x.case_index), x.stop_reason.value if x.stop_reason else "running",
+        rows.append([x.session_id, x.case_id or f"#{x.case_index + 1}", x.stop_reason.value if x.stop_reason else "running",
                      str(x.turns), one_line(last, 70)])
     lines += ["", _table(["session", "case", "stop reason", "turns", "last agent reply / error"], rows)]
     if s.scores:

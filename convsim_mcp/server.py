@@ -8,10 +8,11 @@ transcripts are resources, not tool results.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -29,7 +30,10 @@ from engine import (
     Store,
     TargetSpec,
     TestCase,
+    Workspace,
 )
+from engine.limits import MAX_JSON_DEPTH, json_depth
+from engine.secrets import redact
 from engine.models import AgentProfile, Report, ScoreSummary, Usage
 from engine.pipeline import (
     describe_target,
@@ -52,6 +56,8 @@ from engine.scorers import list_builtin_scorers
 from engine.store import session_to_record
 
 log = logging.getLogger("convsim.server")
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 INSTRUCTIONS = """\
 convsim tests a conversational agent by playing simulated users against it.
@@ -172,10 +178,48 @@ class RunList(BaseModel):
     runs: list[RunBrief]
 
 
-def build_server(store: Store | None = None, registry: JobRegistry | None = None) -> MCPServer:
-    """The convsim MCP server. `store` defaults to $CONVSIM_HOME/convsim.sqlite."""
+def _guarded(error: type[ToolError] | type[ResourceError]) -> Callable[[F], F]:
+    """Every failure reaches the caller with its reason, never the SDK's masked "Error executing tool".
+
+    Arguments nested deeper than MAX_JSON_DEPTH are refused before the handler runs; engine
+    errors become `error` with their message (which says what to fix); anything else is a bug,
+    logged with its traceback and reported as such. Messages are redacted.
+    """
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for name, value in kwargs.items():
+                if json_depth(value) > MAX_JSON_DEPTH:
+                    raise error(f"argument '{name}' is nested more than {MAX_JSON_DEPTH} levels deep "
+                                "(MAX_JSON_DEPTH)")
+            try:
+                return await fn(*args, **kwargs)
+            except (ToolError, ResourceError) as e:
+                raise error(redact(str(e))) from e
+            except ConvsimError as e:
+                raise error(str(e)) from e
+            except Exception as e:
+                log.exception("%s failed", fn.__name__)
+                raise error(redact(f"internal error in {fn.__name__}: {type(e).__name__}: {e}. This is a convsim "
+                                   "bug (please report it); the server is still running.")) from e
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+tool_errors = _guarded(ToolError)
+resource_errors = _guarded(ResourceError)
+
+
+def build_server(store: Store | None = None, registry: JobRegistry | None = None, *,
+                 workspace: Workspace | None = None) -> MCPServer:
+    """The convsim MCP server. `store` defaults to $CONVSIM_HOME/convsim.sqlite; `workspace` (default: the
+    working directory and CONVSIM_ROOTS, code allowed) says what callers may run, read and reach."""
     store = store or Store()
     registry = registry or JobRegistry()
+    workspace = workspace or Workspace.default()
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[dict[str, Any]]:
@@ -186,6 +230,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
     server = MCPServer("convsim", instructions=INSTRUCTIONS, log_level="WARNING", lifespan=lifespan)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
+    @tool_errors
     async def simulate_conversations(
         target: TargetArg,
         test_cases: TestCasesArg,
@@ -209,13 +254,10 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         Returns per session the stop reason (goal_achieved, user_ended, max_turns, agent_error,
         agent_empty, simulator_error, cancelled), the turn count and the last exchange.
         """
-        try:
-            job = await prepare_simulation(
-                store, target, test_cases, max_turns=max_turns, model=model, concurrency=concurrency,
-                repeats=repeats, user_agent=user_agent, scorers=scorers, judge_model=judge_model,
-            )
-        except ConvsimError as e:
-            raise ToolError(str(e)) from e
+        job = await prepare_simulation(
+            store, target, test_cases, max_turns=max_turns, model=model, concurrency=concurrency,
+            repeats=repeats, user_agent=user_agent, scorers=scorers, judge_model=judge_model, workspace=workspace,
+        )
         if not wait:
             registry.start(job)
             return await run_summary(store, job.run_id)
@@ -229,6 +271,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         return await run_summary(store, job.run_id)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
+    @tool_errors
     async def test_agent(
         target: TargetArg,
         ctx: Context,
@@ -260,15 +303,12 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         numbers; each issue in the full report has a reproducing test case. After changing the agent, call
         rerun_issue to see whether each issue still reproduces.
         """
-        try:
-            job = await prepare_agent_test(
-                store, target, description=description, test_cases=test_cases, num_test_cases=num_test_cases,
-                guidance=guidance, adversarial=adversarial, max_turns=max_turns, repeats=repeats,
-                concurrency=concurrency, scorers=scorers, model=model, user_model=user_model,
-                judge_model=judge_model, generator_model=generator_model,
-            )
-        except ConvsimError as e:
-            raise ToolError(str(e)) from e
+        job = await prepare_agent_test(
+            store, target, description=description, test_cases=test_cases, num_test_cases=num_test_cases,
+            guidance=guidance, adversarial=adversarial, max_turns=max_turns, repeats=repeats,
+            concurrency=concurrency, scorers=scorers, model=model, user_model=user_model,
+            judge_model=judge_model, generator_model=generator_model, workspace=workspace,
+        )
         if not wait:
             registry.start(job)
             return TestAgentResult(
@@ -290,18 +330,17 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         return _done(report)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
+    @tool_errors
     async def get_report(
         run_id: Annotated[str, Field(description="A test_agent run.")],
         markdown: Annotated[bool, Field(description="Include the Markdown report a person reads.")] = False,
     ) -> TestAgentResult:
         """The issues and numbers of a finished test_agent run (optionally with the Markdown report)."""
-        try:
-            report, text = await store.get_report(run_id)
-        except ConvsimError as e:
-            raise ToolError(str(e)) from e
+        report, text = await store.get_report(run_id)
         return _done(report, markdown=text if markdown else None)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
+    @tool_errors
     async def rerun_issue(
         run_id: Annotated[str, Field(description="The test_agent run whose issues to check.")],
         ctx: Context,
@@ -313,16 +352,15 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         model: Annotated[str | None, Field(description="Default: the run's models.")] = None,
     ) -> RerunResult:
         """After changing the agent: re-run and say, per issue, whether it still reproduces."""
-        try:
-            new_run, checks = await rerun_issues(store, run_id, issue_id=issue_id, target=target,
-                                                 max_turns=max_turns, model=model, progress=_forward(ctx))
-        except ConvsimError as e:
-            raise ToolError(str(e)) from e
+        new_run, checks = await rerun_issues(store, run_id, issue_id=issue_id, target=target,
+                                             max_turns=max_turns, model=model, progress=_forward(ctx),
+                                             workspace=workspace)
         return RerunResult(run_id=new_run, rerun_of=run_id, checks=checks,
                            still_failing=sum(c.reproduces for c in checks),
                            fixed=sum(not c.reproduces for c in checks), resource=run_uri(new_run))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
+    @tool_errors
     async def generate_test_cases(
         description: Annotated[str | None, Field(description="What the agent does, in plain text.")] = None,
         target: Annotated[TargetArg | None, Field(description="The agent: it is asked to describe itself, and a "
@@ -343,13 +381,10 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
 
         Sources, any combination: a description, the agent itself, its source, existing transcripts.
         """
-        try:
-            test_set = await build_test_set(store, description=description, target=target, run_id=run_id,
-                                            session_ids=session_ids, file=file, num_test_cases=num_test_cases,
-                                            guidance=guidance, adversarial=adversarial, ask_agent=ask_agent,
-                                            model=model, name=name)
-        except ConvsimError as e:
-            raise ToolError(str(e)) from e
+        test_set = await build_test_set(store, description=description, target=target, run_id=run_id,
+                                        session_ids=session_ids, file=file, num_test_cases=num_test_cases,
+                                        guidance=guidance, adversarial=adversarial, ask_agent=ask_agent,
+                                        model=model, name=name, workspace=workspace)
         return TestSetResult(
             test_set_id=test_set.id, name=test_set.name, cases=test_set.cases, agent=test_set.profile,
             sources=test_set.sources, offline=test_set.offline, usage=test_set.usage,
@@ -359,6 +394,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         )
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
+    @tool_errors
     async def score_sessions(
         ctx: Context,
         run_id: Annotated[str | None, Field(description="Score every session of this run.")] = None,
@@ -379,15 +415,14 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         Give exactly one of run_id, session_ids, transcripts or file. Full verdicts (rationale, evidence turns
         and quotes) are in convsim://runs/{run_id}/scores. Reports progress per scored (session, scorer) pair.
         """
-        try:
-            job = await prepare_scoring(store, run_id=run_id, session_ids=session_ids, transcripts=transcripts,
-                                        file=file, scorers=scorers, model=model, concurrency=concurrency)
-        except ConvsimError as e:
-            raise ToolError(str(e)) from e
+        job = await prepare_scoring(store, run_id=run_id, session_ids=session_ids, transcripts=transcripts,
+                                    file=file, scorers=scorers, model=model, concurrency=concurrency,
+                                    workspace=workspace)
 
         return await job.run(_forward(ctx))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
+    @tool_errors
     async def list_scorers() -> ScorerList:
         """The built-in judges, and how to write custom judges and code scorers."""
         return ScorerList(
@@ -402,14 +437,13 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         )
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
+    @tool_errors
     async def get_run(run_id: Annotated[str, Field(description="Id returned by simulate_conversations.")]) -> RunSummary:
         """Status, progress and per-session summaries of a run."""
-        try:
-            return await run_summary(store, run_id)
-        except ConvsimError as e:
-            raise ToolError(str(e)) from e
+        return await run_summary(store, run_id)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
+    @tool_errors
     async def list_runs(limit: Annotated[int, Field(ge=1, le=200, description="Most recent runs to list.")] = 20) -> RunList:
         """The most recent runs, newest first."""
         runs = await store.list_runs(limit)
@@ -421,12 +455,10 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         ])
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, openWorldHint=False))
+    @tool_errors
     async def cancel_run(run_id: Annotated[str, Field(description="The run to stop.")]) -> RunSummary:
         """Stop a running run. Completed turns are kept; unfinished sessions end with stop reason 'cancelled'."""
-        try:
-            summary = await run_summary(store, run_id)
-        except ConvsimError as e:
-            raise ToolError(str(e)) from e
+        summary = await run_summary(store, run_id)
         if summary.status != RunStatus.RUNNING:
             raise ToolError(f"run '{run_id}' is not running (status: {summary.status.value}); nothing to cancel")
         if not registry.cancel(run_id):
@@ -436,50 +468,40 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
 
     @server.resource("convsim://runs/{run_id}", mime_type="application/json",
                      description="A run: summary and every session's full transcript (JSON).")
+    @resource_errors
     async def run_resource(run_id: str) -> str:
-        try:
-            summary = await run_summary(store, run_id)
-            sessions = await store.get_sessions(run_id)
-        except NotFound as e:
-            raise ResourceError(str(e)) from e
+        summary = await run_summary(store, run_id)
+        sessions = await store.get_sessions(run_id)
         return json.dumps({"run": summary.model_dump(mode="json", exclude={"sessions"}),
                            "sessions": [session_to_record(s) for s in sessions]}, ensure_ascii=False)
 
     @server.resource("convsim://runs/{run_id}/report", mime_type="application/json",
                      description="A test_agent run's full report (JSON): agent profile, cases, sessions, scores, "
                                  "issues with evidence and reproducing cases, usage.")
+    @resource_errors
     async def report_resource(run_id: str) -> str:
-        try:
-            report, _ = await store.get_report(run_id)
-        except NotFound as e:
-            raise ResourceError(str(e)) from e
+        report, _ = await store.get_report(run_id)
         return report.model_dump_json()
 
     @server.resource("convsim://runs/{run_id}/report.md", mime_type="text/markdown",
                      description="A test_agent run's report as Markdown, for a person.")
+    @resource_errors
     async def report_markdown_resource(run_id: str) -> str:
-        try:
-            _, text = await store.get_report(run_id)
-        except NotFound as e:
-            raise ResourceError(str(e)) from e
+        _, text = await store.get_report(run_id)
         return text
 
     @server.resource("convsim://test-sets/{set_id}", mime_type="application/json",
                      description="A generated test set: its cases (loadable as test cases) and the agent profile.")
+    @resource_errors
     async def test_set_resource(set_id: str) -> str:
-        try:
-            return (await store.get_test_set(set_id)).model_dump_json()
-        except NotFound as e:
-            raise ResourceError(str(e)) from e
+        return (await store.get_test_set(set_id)).model_dump_json()
 
     @server.resource("convsim://runs/{run_id}/scores", mime_type="application/json",
                      description="Every verdict on a run's sessions: value, pass, rationale, evidence turns and quotes.")
+    @resource_errors
     async def scores_resource(run_id: str) -> str:
-        try:
-            await store.get_run(run_id)
-            sessions = await store.get_sessions(run_id, with_messages=False)
-        except NotFound as e:
-            raise ResourceError(str(e)) from e
+        await store.get_run(run_id)
+        sessions = await store.get_sessions(run_id, with_messages=False)
         assessments = await store.get_assessments([s.id for s in sessions])
         return json.dumps({"run_id": run_id,
                            "summary": [x.model_dump(mode="json") for x in summarize_scores(assessments)],
@@ -488,11 +510,9 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
 
     @server.resource("convsim://runs/{run_id}/sessions/{session_id}", mime_type="application/json",
                      description="One session's full transcript with test case, stop reason and usage (JSON).")
+    @resource_errors
     async def session_resource(run_id: str, session_id: str) -> str:
-        try:
-            session = await store.get_session(session_id, run_id=run_id)
-        except NotFound as e:
-            raise ResourceError(str(e)) from e
+        session = await store.get_session(session_id, run_id=run_id)
         return json.dumps(session_to_record(session), ensure_ascii=False)
 
     return server

@@ -63,6 +63,7 @@ from .simulator import LLMSimulatedUser, SimulatedUser, SimulatorContext, UserTu
 from .store import Store
 from .targets import Target, resolve_target
 from .testcases import load_test_cases
+from .workspace import Workspace
 
 __all__ = [
     "AgentError",
@@ -112,6 +113,7 @@ __all__ = [
     "Usage",
     "UserInputError",
     "UserTurn",
+    "Workspace",
     "build_test_set",
     "export_test_set",
     "load_test_cases",

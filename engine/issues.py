@@ -462,7 +462,7 @@ def _failure_line(fid: str, f: Failure) -> str:
 
 def _session_line(s: Session) -> str:
     case = s.test_case
-    name = (case.id if case and case.id else None) or (f"#{s.case_index}" if s.case_index is not None else "-")
+    name = (case.id if case and case.id else None) or (f"#{s.case_index + 1}" if s.case_index is not None else "-")
     goal = _one_line(case.goal, 200) if case else "(none)"
     ended = s.stop_reason.value if s.stop_reason else "unknown"
     return f"{s.id}: case {name} | goal: {goal} | ended: {ended}"

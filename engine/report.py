@@ -187,7 +187,7 @@ def _agent_section(agent: AgentProfile) -> str:
 
 def _cases_section(cases: list[TestCase]) -> str:
     lines = ["## Test cases", ""]
-    lines += [f"- {case.id or f'#{i}'}: {_inline(case.goal, GOAL_CHARS)}" for i, case in enumerate(cases)]
+    lines += [f"- {case.id or f'#{i}'}: {_inline(case.goal, GOAL_CHARS)}" for i, case in enumerate(cases, 1)]
     return "\n".join(lines)
 
 

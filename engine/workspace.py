@@ -158,7 +158,7 @@ class Workspace:
                                 + HOW_TO_ADD_ROOT.format(sep=os.pathsep))
         protected = self._protected_by(file)
         if protected is not None:
-            raise InvalidTarget(f"{what} '{path}' is refused: {file} belongs to {_describe_protected(protected)}, "
+            raise InvalidTarget(f"{what} '{path}' is refused: {file} belongs to {_describe_protected(file, protected)}, "
                                 "which is never a code target; point at a function in your own project")
 
     def load_callable(self, path: str, *, what: str = "function") -> Callable[..., Any]:
@@ -251,10 +251,10 @@ def _protected_dirs() -> tuple[Path, ...]:
     return tuple(sorted({Path(d).resolve() for d in dirs if d}, key=str))
 
 
-def _describe_protected(path: Path) -> str:
-    if path.name in ("engine", "convsim_mcp"):
+def _describe_protected(file: Path, protected: Path) -> str:
+    if protected.name in ("engine", "convsim_mcp"):
         return "convsim's own packages"
-    if "site-packages" in path.parts or "dist-packages" in path.parts:
+    if "site-packages" in file.parts or "dist-packages" in file.parts:
         return "site-packages (installed libraries)"
     return "the Python standard library"
 

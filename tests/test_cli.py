@@ -70,9 +70,9 @@ def test_simulate_prints_a_session_table_on_stdout_and_progress_on_stderr(cases_
     assert "completed" in out.splitlines()[0]
     assert "session" in out and "stop reason" in out
     rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("sim-")}
-    assert set(rows) == {"refund", "1"}  # case column: the case id, else its index
+    assert set(rows) == {"refund", "#2"}  # case column: the case id, else its number
     assert rows["refund"][2] == "max_turns" and rows["refund"][3] == "2"
-    assert rows["1"][2] == "goal_achieved" and rows["1"][3] == "1"
+    assert rows["#2"][2] == "goal_achieved" and rows["#2"][3] == "1"
     assert "offline" in out  # the user model, and the note that no LLM played the user
     # Progress goes to stderr (a line per finished session when stderr is not a terminal), never stdout.
     ended = [line for line in proc.stderr.splitlines() if "ended:" in line]

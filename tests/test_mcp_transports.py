@@ -53,14 +53,18 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _serve(transport: str, workdir: Path) -> Iterator[int]:
-    """`convsim-mcp serve --transport TRANSPORT` on a free 127.0.0.1 port; yields the port once it accepts."""
+def _serve(transport: str, workdir: Path, *extra: str) -> Iterator[int]:
+    """`convsim-mcp serve --transport TRANSPORT` on a free 127.0.0.1 port; yields the port once it accepts.
+
+    These tests run Python agents over network transports, so the server is started with --allow-code
+    unless `extra` says otherwise (the refusal itself is tested in test_security.py)."""
+    extra = extra or ("--allow-code",)
     port = _free_port()
     log_path = workdir / f"{transport}-server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "convsim_mcp", "serve", "--transport", transport, "--host", "127.0.0.1",
-             "--port", str(port), "--db", str(workdir / f"{transport}.sqlite")],
+             "--port", str(port), "--db", str(workdir / f"{transport}.sqlite"), *extra],
             cwd=ROOT, env=_child_env(workdir / "home"), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         )
     try:

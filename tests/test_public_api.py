@@ -55,6 +55,7 @@ PUBLIC = {
     "Usage",
     "UserInputError",
     "UserTurn",
+    "Workspace",
     "load_test_cases",
     "parse_scorers",
     "prepare_scoring",

@@ -25,6 +25,7 @@ from ..models import (
     Usage,
     add_usage,
 )
+from ..secrets import redact
 from ..store import Store, new_test_set_id
 from ..targets import Target, resolve_target
 from ..workspace import WorkspaceArg, as_workspace
@@ -108,7 +109,7 @@ def export_test_set(test_set: TestSet, path: str | Path) -> Path:
         text = yaml.safe_dump(cases, sort_keys=False, allow_unicode=True)
     else:
         raise InvalidOption(f"cannot export to '{suffix}': use .json, .jsonl, .yaml or .yml")
-    path.write_text(text, encoding="utf-8")
+    path.write_text(redact(text), encoding="utf-8")
     return path
 
 
