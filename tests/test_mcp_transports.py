@@ -329,3 +329,23 @@ async def test_http_background_run_completes_and_is_pollable(http_port):
         assert session["stop_reason"] == "goal_achieved" and session["turns"] == 2
         transcript = await _read_json(client, session["resource"])
         assert [m["role"] for m in transcript["messages"]] == ["user", "assistant"] * 2
+
+
+# --- the operator's policy over a network transport ------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_http_server_without_allow_code_refuses_code_targets_and_files(tmp_path):
+    with _serve("http", tmp_path, "--allow-agent-host", "agents.internal") as port:
+        async with _http(port) as client:
+            code = await client.call_tool("simulate_conversations", {"target": ECHO, "test_cases": [{"goal": "hi"}]})
+            file = await client.call_tool("simulate_conversations", {"target": "http://127.0.0.1:9/v1",
+                                                                     "test_cases": "examples/support_cases.yaml"})
+            host = await client.call_tool("simulate_conversations", {"target": "http://evil.example/v1",
+                                                                     "test_cases": [{"goal": "hi"}]})
+            runs = await _call(client, "list_runs", {})
+    assert code.is_error and "not accepted over the http transport unless the server is started with --allow-code" \
+        in code.content[0].text
+    assert file.is_error and "file arguments are not accepted over the http transport" in file.content[0].text
+    assert host.is_error and "host 'evil.example' is refused" in host.content[0].text
+    assert runs["runs"] == []
