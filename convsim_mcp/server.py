@@ -172,8 +172,12 @@ class RunList(BaseModel):
     runs: list[RunBrief]
 
 
-def build_server(store: Store | None = None, registry: JobRegistry | None = None) -> MCPServer:
-    """The convsim MCP server. `store` defaults to $CONVSIM_HOME/convsim.sqlite."""
+def build_server(store: Store | None = None, registry: JobRegistry | None = None, *,
+                 server_options: dict[str, Any] | None = None) -> MCPServer:
+    """The convsim MCP server. `store` defaults to $CONVSIM_HOME/convsim.sqlite.
+
+    `server_options` go to the MCPServer constructor as they are (the transport's auth settings).
+    """
     store = store or Store()
     registry = registry or JobRegistry()
 
@@ -183,7 +187,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         async with registry.running():
             yield {}
 
-    server = MCPServer("convsim", instructions=INSTRUCTIONS, log_level="WARNING", lifespan=lifespan)
+    server = MCPServer("convsim", instructions=INSTRUCTIONS, log_level="WARNING", lifespan=lifespan,
+                       **(server_options or {}))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     async def simulate_conversations(
