@@ -187,9 +187,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import (
-        build_server,  # the MCP SDK costs ~1 s to import; other commands skip it
-    )
+    # the MCP SDK costs ~1 s to import; other commands skip it
+    from . import transport
+    from .server import build_server
 
     # The registry is owned here, for the life of the process: with SSE each connection enters the
     # server's lifespan separately, and a background run must outlive the connection that started it.
@@ -200,7 +200,7 @@ def _serve(args: argparse.Namespace) -> int:
               "protection is off for non-loopback hosts. Put it behind a proxy that authenticates.", file=sys.stderr)
     if args.transport == "stdio":
         sys.stdout.reconfigure(line_buffering=True)
-        serve = server.run_stdio_async
+        serve = partial(transport.serve_stdio, server)
     elif args.transport == "sse":
         serve = partial(server.run_sse_async, host=args.host, port=args.port)
     else:
