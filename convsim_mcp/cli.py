@@ -1,6 +1,7 @@
 """`convsim-mcp`: serve the MCP server, or run the same jobs from a terminal or CI.
 
     convsim-mcp serve [--transport stdio|sse|http] [--host 127.0.0.1 --port 8000]
+                      [--auth-token TOKEN (or $CONVSIM_AUTH_TOKEN)] [--allowed-host HOST ...]
     convsim-mcp test-agent TARGET [--num-test-cases N --guidance G --max-turns N --model M
                                    --report report.md --json report.json --fail-on high|medium|low]
     convsim-mcp rerun RUN_ID [--issue ISSUE_ID] [--target TARGET]
@@ -81,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--transport", choices=["stdio", "sse", "http"], default="stdio")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--auth-token", help="sse/http: bearer token every request must carry "
+                                            "('Authorization: Bearer TOKEN'), 16+ characters; required for a "
+                                            "non-loopback --host. Default $CONVSIM_AUTH_TOKEN (safer: the command "
+                                            "line is visible to other local users)")
+    serve.add_argument("--allowed-host", action="append", dest="allowed_hosts", metavar="HOST",
+                       help="sse/http: also accept this Host header (and its Origin), e.g. the name clients or a "
+                            "proxy use to reach a 0.0.0.0 bind; 'name', 'name:port' or 'name:*' (repeatable)")
     serve.add_argument("--db", help="SQLite file (default $CONVSIM_HOME/convsim.sqlite)")
     serve.add_argument("--allow-code", action="store_true",
                        help="over sse/http, accept Python import paths (agents, user agents, code scorers) and file "
@@ -216,28 +224,29 @@ def _workspace(args: argparse.Namespace) -> Workspace:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import (
-        build_server,  # the MCP SDK costs ~1 s to import; other commands skip it
-    )
+    # the MCP SDK costs ~1 s to import; other commands skip it
+    from . import transport
+    from .server import build_server
 
+    network = None
+    if args.transport != "stdio":
+        network = transport.network_config(args.host, args.port, args.auth_token, args.allowed_hosts)
+    elif args.auth_token or args.allowed_hosts:
+        print("note: --auth-token and --allowed-host apply to --transport sse/http only", file=sys.stderr)
     # The registry is owned here, for the life of the process: with SSE each connection enters the
     # server's lifespan separately, and a background run must outlive the connection that started it.
     registry = JobRegistry()
     workspace = _workspace(args)
-    if args.transport != "stdio":  # a network client is anyone who can reach the port: the operator decides
+    if network is not None:  # a network client is anyone who can reach the port: the operator decides
         workspace = workspace.restricted(args.transport, allow_code=args.allow_code,
                                          agent_hosts=args.allow_agent_host)
-    server = build_server(Store(args.db), registry, workspace=workspace)
-    if args.transport != "stdio" and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {args.host}: reachable from other machines, and the MCP SDK's DNS-rebinding "
-              "protection is off for non-loopback hosts. Put it behind a proxy that authenticates.", file=sys.stderr)
-    if args.transport == "stdio":
+    server = build_server(Store(args.db), registry, workspace=workspace,
+                          server_options=network.server_options() if network else None)
+    if network is None:
         sys.stdout.reconfigure(line_buffering=True)
-        serve = server.run_stdio_async
-    elif args.transport == "sse":
-        serve = partial(server.run_sse_async, host=args.host, port=args.port)
+        serve = partial(transport.serve_stdio, server)
     else:
-        serve = partial(server.run_streamable_http_async, host=args.host, port=args.port)
+        serve = partial(transport.serve_network, server, args.transport, network)
 
     async def run() -> None:
         async with registry.running():

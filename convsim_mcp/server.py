@@ -214,9 +214,13 @@ resource_errors = _guarded(ResourceError)
 
 
 def build_server(store: Store | None = None, registry: JobRegistry | None = None, *,
-                 workspace: Workspace | None = None) -> MCPServer:
-    """The convsim MCP server. `store` defaults to $CONVSIM_HOME/convsim.sqlite; `workspace` (default: the
-    working directory and CONVSIM_ROOTS, code allowed) says what callers may run, read and reach."""
+                 workspace: Workspace | None = None, server_options: dict[str, Any] | None = None) -> MCPServer:
+    """The convsim MCP server. `store` defaults to $CONVSIM_HOME/convsim.sqlite.
+
+    `workspace` (default: the working directory and CONVSIM_ROOTS, code allowed) says what callers may
+    run, read and reach; `server_options` go to the MCPServer constructor as they are (the transport's
+    auth settings).
+    """
     store = store or Store()
     registry = registry or JobRegistry()
     workspace = workspace or Workspace.default()
@@ -227,7 +231,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         async with registry.running():
             yield {}
 
-    server = MCPServer("convsim", instructions=INSTRUCTIONS, log_level="WARNING", lifespan=lifespan)
+    server = MCPServer("convsim", instructions=INSTRUCTIONS, log_level="WARNING", lifespan=lifespan,
+                       **(server_options or {}))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     @tool_errors
