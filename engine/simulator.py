@@ -128,7 +128,7 @@ class SimulatedUser:
     """Base class of simulated users. Subclasses implement `next_turn`.
 
     One instance plays one session. Call `invoke_llm` for model calls so that
-    their usage is counted.
+    their usage is counted (failed attempts included).
     """
 
     def __init__(self, llm: LLM):
@@ -141,7 +141,13 @@ class SimulatedUser:
     async def invoke_llm(
         self, messages: list[dict[str, Any]], *, offline: Callable[[], UserTurn] | None = None
     ) -> UserTurn:
-        result = await self.llm.complete(messages, UserTurn, role=Role.USER, offline=offline)
+        """The model's next move for the (role-flipped) `messages`: a complete UserTurn (all four fields,
+        nothing else). Its usage is counted also when the call fails."""
+        try:
+            result = await self.llm.complete(messages, UserTurn, role=Role.USER, offline=offline)
+        except LLMError as e:
+            self.usage = self.usage.add(e.usage)
+            raise
         self.usage = self.usage.add(result.usage)
         return result.output
 
@@ -311,6 +317,9 @@ class ConversationRunner:
     max_turns: int
     recorder: SessionRecorder
     on_event: Callable[[TurnEvent], Awaitable[None]] | None = None
+    # Why the run was stopped, if it was stopped for a reason other than a cancel (a refused model key):
+    # a session cut short then ends simulator_error with that reason instead of cancelled.
+    stopped_by: Callable[[], BaseException | None] | None = None
 
     async def run(self, session: Session) -> Session:
         case = session.test_case or TestCase(goal="(no goal)")
@@ -318,7 +327,13 @@ class ConversationRunner:
             await self._loop(session, case)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
-                await self._finish(session, StopReason.CANCELLED, "the run was cancelled")
+                stop = self.stopped_by() if self.stopped_by else None
+                if session.stop_reason is not None:  # it had ended, but the cancel may have cut off its write
+                    await self._finish(session, session.stop_reason, session.stop_detail)
+                elif stop is not None:
+                    await self._finish(session, StopReason.SIMULATOR_ERROR, f"stopped: {stop}")
+                else:
+                    await self._finish(session, StopReason.CANCELLED, "the run was cancelled")
             raise
         except Exception as e:  # a bug in a custom user class must not lose the session
             await self._finish(session, StopReason.SIMULATOR_ERROR, f"{type(e).__name__}: {e}")
@@ -345,7 +360,7 @@ class ConversationRunner:
                     return await self._finish(
                         session, StopReason.SIMULATOR_ERROR, "the simulated user produced an empty message",
                     )
-            spent = _usage_delta(self.user.usage, used_before)
+            spent = self.user.usage.minus(used_before)
             user_msg = Message(
                 role="user", content=move.message.strip(), turn=turn, scripted=scripted,
                 latency_ms=round((time.perf_counter() - started) * 1000, 2), usage=spent if spent.calls else None,
@@ -380,13 +395,3 @@ class ConversationRunner:
         await self.recorder.finished(session)
         if self.on_event:
             await self.on_event(TurnEvent(session.id, session.turns, finished=True, stop_reason=reason))
-
-
-def _usage_delta(after: Usage, before: Usage) -> Usage:
-    return Usage(
-        calls=after.calls - before.calls,
-        prompt_tokens=after.prompt_tokens - before.prompt_tokens,
-        completion_tokens=after.completion_tokens - before.completion_tokens,
-        cost_usd=round(after.cost_usd - before.cost_usd, 8),
-        cost_unknown_calls=after.cost_unknown_calls - before.cost_unknown_calls,
-    )

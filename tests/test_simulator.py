@@ -234,3 +234,52 @@ async def test_offline_run_is_deterministic(store):
 def test_prompt_is_a_reviewed_constant_with_placeholders():
     assert {"{goal}", "{persona}", "{guidelines}"} <= {p for p in ("{goal}", "{persona}", "{guidelines}") if p in SIMULATED_USER_PROMPT}
     json.loads(json.dumps(SIMULATED_USER_PROMPT))
+
+
+# --- model failures -----------------------------------------------------------------------------
+
+
+async def test_a_reply_of_the_wrong_shape_is_a_simulator_error_naming_the_fields(store, fake_llm):
+    fake_llm.set_handler(lambda req: {"totally": "wrong"})
+    summary = await run(store, fake_llm, [{"goal": "g"}])
+    s = summary.sessions[0]
+    assert s.stop_reason == StopReason.SIMULATOR_ERROR and s.turns == 0
+    assert "goal_achieved: Field required" in s.stop_detail and "totally: Extra inputs" in s.stop_detail
+    assert fake_llm.calls == 2  # the call and one repair retry
+    u = summary.usage["simulated_user"]
+    assert (u.calls, u.failed_calls, u.failures) == (2, 2, {"invalid_output": 2})
+
+
+async def test_failed_attempts_are_counted_in_session_and_run_usage(store, fake_llm):
+    fake_llm.set_handler(lambda req: FakeReply(status=500, content="upstream down"))
+    summary = await run(store, fake_llm, [{"goal": "g"}])
+    session = await store.get_session(summary.sessions[0].session_id)
+    assert session.stop_reason == StopReason.SIMULATOR_ERROR and fake_llm.calls == 3  # max_retries=2
+    for u in (session.usage["simulated_user"], summary.usage["simulated_user"]):
+        assert (u.calls, u.failed_calls, u.failures) == (3, 3, {"server_error": 3})
+
+
+async def test_a_refused_key_stops_the_whole_run_after_one_request(store, fake_llm):
+    fake_llm.set_handler(lambda req: FakeReply(status=401, content="Incorrect API key provided"))
+    summary = await run(store, fake_llm, [{"goal": f"g{i}"} for i in range(5)], concurrency=5)
+    assert fake_llm.calls == 1
+    assert summary.status == "failed"
+    assert "openai/fake-user" in summary.error and "CONVSIM_API_KEY" in summary.error
+    assert summary.stop_reasons == {"simulator_error": 5}  # never cancelled, never the agent's fault
+    assert all(s.stop_detail and "CONVSIM_API_KEY" in s.stop_detail for s in summary.sessions)
+    assert "test-key" not in summary.error
+
+
+async def test_a_key_refused_mid_run_ends_the_other_sessions_as_simulator_errors(store, fake_llm):
+    def reply(req):
+        if len(req["messages"]) > 4:  # the third turn of any session
+            return FakeReply(status=401, content="key revoked")
+        return FakeReply(content=turn(message="next"), delay_s=0.05)
+
+    fake_llm.set_handler(reply)
+    summary = await run(store, fake_llm, [{"goal": f"g{i}"} for i in range(6)], concurrency=2)
+    assert summary.status == "failed" and "key revoked" in summary.error
+    assert set(summary.stop_reasons) == {"simulator_error"}
+    details = sorted(s.stop_detail.split(":")[0] for s in summary.sessions)
+    assert "not run" in details  # sessions that never started say so
+    assert fake_llm.calls <= 2 * 2 + 2  # two turns of the two running sessions, then one refusal each at most
