@@ -129,6 +129,9 @@ class Message(BaseModel):
     error: str | None = Field(None, description="Set on an agent turn that failed; content is then empty.")
     scripted: bool = Field(False, description="A user message taken verbatim from scripted_turns.")
     usage: Usage | None = Field(None, description="Model usage spent producing this message (simulated user).")
+    history_omitted: int | None = Field(
+        None, description="Simulated user message written from a shortened history: this many earlier messages were "
+                          "left out of its model's prompt because the conversation no longer fit its context window.")
 
     def to_openai(self) -> dict[str, Any]:
         """The plain chat-completions dict the agent under test receives (content null only beside tool calls)."""

@@ -283,3 +283,49 @@ async def test_a_key_refused_mid_run_ends_the_other_sessions_as_simulator_errors
     details = sorted(s.stop_detail.split(":")[0] for s in summary.sessions)
     assert "not run" in details  # sessions that never started say so
     assert fake_llm.calls <= 2 * 2 + 2  # two turns of the two running sessions, then one refusal each at most
+
+
+async def test_a_too_long_conversation_leaves_out_old_turns_and_says_so(store, fake_llm):
+    limit = 800  # characters of conversation (the system prompt aside): about three turns
+
+    def reply(req):
+        if sum(len(m["content"] or "") for m in req["messages"][1:]) > limit:
+            return FakeReply.context_length_exceeded()
+        return turn(message="x" * 150)
+
+    fake_llm.set_handler(reply)
+    summary = await run(store, fake_llm, [{"goal": "g"}], max_turns=6)
+    assert summary.sessions[0].stop_reason == StopReason.MAX_TURNS
+    session = await store.get_session(summary.sessions[0].session_id)
+    omitted = [(m.turn, m.history_omitted) for m in session.messages if m.role == "user" and m.history_omitted]
+    assert omitted and omitted[0][1] >= 1
+    trimmed = next(r["messages"] for r in fake_llm.requests if "earlier messages are left out" in str(r["messages"]))
+    first_user = next(m.content for m in session.messages if m.role == "user")
+    assert [m["role"] for m in trimmed[:4]] == ["system", "user", "assistant", "user"]
+    assert trimmed[1]["content"] == KICKOFF and trimmed[2]["content"] == first_user
+    assert f"{omitted[0][1]} earlier messages are left out" in trimmed[3]["content"]
+    assert trimmed[-1]["content"].startswith("You said:")  # the agent's latest reply is kept
+    assert sum(len(m["content"]) for m in trimmed[1:]) <= limit
+    # one failed call when it first overflowed; later turns are shortened up front
+    assert fake_llm.calls == 6 + 1 and summary.usage["simulated_user"].failures == {"context_length": 1}
+    assert [t for t, _ in omitted] == [4, 5, 6]
+
+
+async def test_a_conversation_that_does_not_fit_even_shortened_is_a_simulator_error(store, fake_llm):
+    fake_llm.queue(turn(message="one"), turn(message="two"))
+    fake_llm.set_handler(lambda req: FakeReply.context_length_exceeded())
+    summary = await run(store, fake_llm, [{"goal": "g"}])
+    s = summary.sessions[0]
+    assert s.stop_reason == StopReason.SIMULATOR_ERROR and s.turns == 2
+    assert "even with 1 earlier messages left out" in s.stop_detail and "maximum context length" in s.stop_detail
+    assert fake_llm.calls == 4  # two turns, then the call and the shortened call: never retried as transient
+    u = summary.usage["simulated_user"]
+    assert (u.calls, u.failed_calls, u.failures) == (4, 2, {"context_length": 2})
+
+
+async def test_a_first_prompt_too_long_for_the_model_is_a_simulator_error(store, fake_llm):
+    fake_llm.set_handler(lambda req: FakeReply.context_length_exceeded())
+    summary = await run(store, fake_llm, [{"goal": "g"}])
+    assert summary.sessions[0].stop_reason == StopReason.SIMULATOR_ERROR
+    assert "no earlier conversation to leave out" in summary.sessions[0].stop_detail
+    assert fake_llm.calls == 1
