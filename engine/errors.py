@@ -11,8 +11,9 @@ Two branches, so that callers can tell "you asked for something wrong" from
     │   └── NotFound              an unknown run or session id
     └── RunError                  something failed during a run
         ├── AgentError            the agent under test raised, timed out or replied badly
-        └── LLMError              the simulator's (or judge's) model call failed
-            └── LLMOutputError    the model replied, but not with the schema asked for
+        └── LLMError              a model call failed (simulated user, judge, generator, analyst)
+            ├── LLMOutputError    the model replied, but not with the schema asked for
+            └── LLMAuthError      the provider refused the credentials; the backend makes no more calls
 
 Messages say what to do next. They never contain secrets: every message is
 passed through `secrets.redact` when the error is made, so a key echoed in an
@@ -21,7 +22,12 @@ agent's or a provider's error body is masked before anything can store it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import secrets
+
+if TYPE_CHECKING:
+    from .models import Usage
 
 
 class ConvsimError(Exception):
@@ -80,13 +86,38 @@ class LLMError(RunError):
 
     `retryable` says whether the last failure was transient (rate limit,
     server error, timeout), as opposed to fatal (bad key, unknown model).
+    `kind` is one of `models.FAILURE_KINDS` (rate_limit, server_error, timeout,
+    connection, auth, invalid_output, context_length, other). `usage` is what
+    the call spent before it failed, every failed attempt included: callers add
+    it to their role's usage even though the call failed.
     """
 
-    def __init__(self, message: str, *, retryable: bool = False, status_code: int | None = None):
+    kind_default = "other"
+
+    def __init__(self, message: str, *, retryable: bool = False, status_code: int | None = None,
+                 kind: str | None = None, usage: Usage | None = None):
         super().__init__(message)
         self.retryable = retryable
         self.status_code = status_code
+        self.kind = kind or self.kind_default
+        if usage is None:
+            from .models import Usage  # models imports limits, which imports this module
+
+            usage = Usage()
+        self.usage = usage
 
 
 class LLMOutputError(LLMError):
     """Raised when the model's reply does not parse into the requested schema, even after a repair attempt."""
+
+    kind_default = "invalid_output"
+
+
+class LLMAuthError(LLMError):
+    """Raised when the provider refuses the credentials (HTTP 401/403, an invalid or missing key).
+
+    The backend latches the first one: every later call on it raises this at once, without a
+    request. The message names the model and the environment variable to fix.
+    """
+
+    kind_default = "auth"

@@ -152,7 +152,7 @@ DISTILL_REQUEST = """\
 </conversation>"""
 
 
-# --- structured outputs (kept simple: strict json_schema) ----------------------------------------
+# --- structured outputs (strict json_schema: the model must give every field, see llm.strict_schema) --
 
 
 class ProfileDraft(BaseModel):
@@ -412,7 +412,8 @@ async def generate_cases(
                                 offline=lambda: _offline_cases(profile, num_test_cases, num_adv))
     cases = _to_cases(result.output.cases)[:num_test_cases]
     if not cases:
-        raise LLMOutputError(f"model {llm.model} returned no usable test case (every goal was empty)")
+        raise LLMOutputError(f"model {llm.model} returned no usable test case (every goal was empty)",
+                             usage=result.usage)
     return cases, result.usage
 
 
@@ -652,18 +653,20 @@ async def distill_cases(sessions: list[Session], llm: LLM) -> tuple[list[TestCas
     async with anyio.create_task_group() as tg:
         for i, session in enumerate(usable):
             tg.start_soon(one, i, session)
+    usage = Usage()
+    for r in results:  # failed calls count too
+        usage = usage.add(r.usage if isinstance(r, LLMError) else r[1] if r else Usage())
     fatal = next((r for r in results if isinstance(r, LLMError) and not isinstance(r, LLMOutputError)), None)
     if fatal is not None:
+        fatal.usage = usage
         raise fatal
-    usage = Usage()
     cases: list[TestCase] = []
     seen: set[str] = set()
     for session, r in zip(usable, results):
         if not isinstance(r, tuple):
             log.warning("session %s not distilled: %s", session.id, r)
             continue
-        draft, spent = r
-        usage = usage.add(spent)
+        draft, _ = r
         try:
             cases.append(TestCase(
                 goal=draft.goal,
@@ -678,7 +681,9 @@ async def distill_cases(sessions: list[Session], llm: LLM) -> tuple[list[TestCas
             log.warning("session %s not distilled: the model returned an empty goal", session.id)
     if not cases:
         first = next((r for r in results if isinstance(r, LLMError)), None)
-        raise first or LLMOutputError(f"model {llm.model} returned no usable test case for any session")
+        error = first or LLMOutputError(f"model {llm.model} returned no usable test case for any session")
+        error.usage = usage
+        raise error
     return dedupe_cases(cases), usage
 
 

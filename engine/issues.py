@@ -60,7 +60,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
-from .errors import LLMError
+from .errors import LLMAuthError, LLMError
 from .judge_heuristics import is_refusal
 from .llm import LLM
 from .models import (
@@ -560,7 +560,9 @@ async def discover_issues(sessions: list[Session], assessments: list[Assessment]
     """Cluster the run's failures into distinct issues, most severe first (agent issues before simulator ones).
 
     Offline backends group deterministically; a model backend makes one analyst call and falls back to the
-    offline grouping (logging a warning) when that call fails. Returns the issues and the call's usage.
+    offline grouping (logging a warning) when that call fails, except when the provider refused the key
+    (LLMAuthError is raised: the run cannot finish as asked). Returns the issues and the call's usage, failed
+    attempts included.
     """
     failures = collect_failures(sessions, assessments)
     if not failures:
@@ -571,7 +573,10 @@ async def discover_issues(sessions: list[Session], assessments: list[Assessment]
     if not llm.offline:
         try:
             groups, usage = await _group_with_model(primary, sessions, llm)
+        except LLMAuthError:
+            raise
         except LLMError as e:
+            usage = e.usage
             log.warning("issue clustering by %s failed, using the offline grouping: %s", llm.model, e)
     if groups is None:
         primary, same_turn = _same_turn_echoes(primary)

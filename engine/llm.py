@@ -13,24 +13,44 @@ demo, CI and tests free of keys and network, and keeps each heuristic next to
 the prompt whose job it does.
 
 Retries (429, 5xx, timeouts, connection errors) are ours, not litellm's, so
-that Retry-After is honoured and every attempt is counted.
+that Retry-After is honoured and every attempt is counted: `Usage.calls` counts
+each request, `failed_calls` / `failures` the ones that gave nothing usable, and
+an `LLMError` carries the usage spent before it was raised (`error.usage`).
+
+Replies are strict: the model is asked for `strict_schema(schema)` (every field
+required, no other keys) and its reply is parsed with the same schema, so
+`{"totally": "wrong"}` is an invalid reply (repair retry, then LLMOutputError)
+rather than a model full of defaults. The Python classes keep their defaults.
+
+A refused key stops the backend: the first authentication error is latched
+(`auth_error`) and every later `complete()` raises `LLMAuthError` at once
+without a request. Until one reply has shown the credentials are not refused,
+requests go one at a time, so a bad key costs one request, not one per
+conversation; after that, calls run concurrently as usual.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
+import operator
 import os
 import random
+import re
 import time
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
 import anyio
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import PydanticUndefined
 
 from . import secrets
-from .errors import InvalidOption, LLMError, LLMOutputError
+from .errors import InvalidOption, LLMAuthError, LLMError, LLMOutputError
 from .models import Role, Usage
 from .settings import env_float, env_int, env_str, env_url
 
@@ -52,6 +72,36 @@ DEFAULT_MODELS_BY_KEY = (
 REPAIR_PROMPT = """\
 Your previous reply could not be used: {error}
 Reply again with only a JSON object that matches the required schema. No prose, no code fences."""
+
+AUTH_ERROR = ("model {model}: the provider refused the credentials ({detail}). Set {variable} to a valid API key, "
+              "then run again.")
+
+# The environment variable litellm reads each provider's key from (others: PROVIDER_API_KEY).
+PROVIDER_KEY_VARIABLES = {
+    "openai": "OPENAI_API_KEY",
+    "anthropic": "ANTHROPIC_API_KEY",
+    "gemini": "GEMINI_API_KEY",
+    "mistral": "MISTRAL_API_KEY",
+    "groq": "GROQ_API_KEY",
+    "cohere": "COHERE_API_KEY",
+    "cohere_chat": "COHERE_API_KEY",
+    "together_ai": "TOGETHERAI_API_KEY",
+    "openrouter": "OPENROUTER_API_KEY",
+    "deepseek": "DEEPSEEK_API_KEY",
+    "xai": "XAI_API_KEY",
+    "fireworks_ai": "FIREWORKS_AI_API_KEY",
+    "perplexity": "PERPLEXITYAI_API_KEY",
+    "azure": "AZURE_API_KEY",
+    "huggingface": "HUGGINGFACE_API_KEY",
+    "cerebras": "CEREBRAS_API_KEY",
+    "deepinfra": "DEEPINFRA_API_KEY",
+    "nvidia_nim": "NVIDIA_NIM_API_KEY",
+    "codestral": "CODESTRAL_API_KEY",
+    "vertex_ai": "GOOGLE_APPLICATION_CREDENTIALS",
+    "bedrock": "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+}
+
+RETRYABLE_KINDS = frozenset({"rate_limit", "server_error", "timeout", "connection"})
 
 
 @dataclass
@@ -86,6 +136,7 @@ class LLM:
 
     model: str = ""
     offline: bool = False
+    auth_error: LLMAuthError | None = None  # set once the provider refused the credentials: no more calls
 
     async def complete(
         self,
@@ -115,7 +166,7 @@ class OfflineBackend(LLM):
 
 
 class LiteLLMBackend(LLM):
-    """Any litellm provider; schema-validated JSON output with one repair retry."""
+    """Any litellm provider; strict schema-validated JSON output with one repair retry."""
 
     def __init__(self, settings: LLMSettings):
         self.settings = settings
@@ -123,21 +174,32 @@ class LiteLLMBackend(LLM):
         secrets.refresh_from_env()
         secrets.register(settings.api_key)
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
+        self._answered = False  # a request got an answer other than "bad credentials": no more gating
+        self._first_call = anyio.Lock()
 
     async def complete(self, messages, schema, *, role, offline=None):
+        if self.auth_error is not None:
+            raise self._refusal(Usage())
+        wire = strict_schema(schema)
         usage = Usage()
         convo = list(messages)
         last_error = ""
         for attempt in range(2):  # the call, then one repair retry on invalid output
-            text, call_usage = await self._call_with_retries(convo, schema)
+            try:
+                text, call_usage = await self._call_with_retries(convo, wire)
+            except LLMError as e:
+                e.usage = usage.add(e.usage)
+                raise
             usage = usage.add(call_usage)
             try:
-                return LLMResult(output=_parse(text, schema), usage=usage, model=self.model)
+                return LLMResult(output=_parse(text, wire), usage=usage, model=self.model)
             except (ValueError, ValidationError) as e:
+                usage = usage.add(Usage.failed("invalid_output", calls=0))
                 last_error = _short_validation_error(e)
                 log.warning("model %s returned invalid %s (attempt %d): %s", self.model, schema.__name__, attempt + 1, last_error)
                 convo = [*convo, {"role": "assistant", "content": text}, {"role": "user", "content": REPAIR_PROMPT.format(error=last_error)}]
-        raise LLMOutputError(f"model {self.model} did not return a valid {schema.__name__} after a repair attempt: {last_error}")
+        raise LLMOutputError(f"model {self.model} did not return a valid {schema.__name__} after a repair attempt: "
+                             f"{last_error}", usage=usage)
 
     async def _call_with_retries(self, messages: list[dict[str, Any]], schema: type[BaseModel]) -> tuple[str, Usage]:
         litellm = _import_litellm()
@@ -154,21 +216,110 @@ class LiteLLMBackend(LLM):
         usage = Usage()
         for attempt in range(s.max_retries + 1):
             try:
-                async with self._limiter:
-                    resp = await litellm.acompletion(**kwargs)
-            except Exception as e:  # classify at the boundary, decide here
-                err = _classify(e)
-                usage = usage.add(Usage(calls=1))
+                resp = await self._attempt(litellm, kwargs)
+            except LLMError as err:  # the provider answered with an error (or never answered)
+                usage = usage.add(Usage.failed(err.kind))
                 if not err.retryable or attempt == s.max_retries:
-                    raise err from e
-                delay = _retry_after(e)
+                    err.usage = usage
+                    raise
+                delay = _retry_after(err.__cause__)
                 if delay is None:
                     delay = s.backoff_s * (2**attempt) * (0.5 + random.random() / 2)
                 log.warning("model %s: %s; retry %d/%d in %.1fs", s.model, err, attempt + 1, s.max_retries, delay)
                 await anyio.sleep(min(delay, 60.0))
                 continue
-            return _content(resp), usage.add(_usage_of(resp))
+            if resp is None:  # refused without a request: another call found the credentials bad
+                raise self._refusal(usage)
+            usage = usage.add(_usage_of(resp))
+            try:
+                return _content(resp), usage
+            except LLMError as err:
+                err.usage = usage.add(Usage.failed(err.kind, calls=0))
+                raise
         raise AssertionError("unreachable")
+
+    async def _attempt(self, litellm: Any, kwargs: dict[str, Any]) -> Any:
+        """One request, or None when the credentials were refused meanwhile. Raises the classified LLMError."""
+        if self._answered:
+            return await self._request(litellm, kwargs)
+        async with self._first_call:  # until a first answer, one request at a time (a bad key costs one)
+            if self.auth_error is not None:
+                return None
+            if not self._answered:
+                return await self._request(litellm, kwargs)
+        return await self._request(litellm, kwargs)  # answered while this call waited: no more gating
+
+    async def _request(self, litellm: Any, kwargs: dict[str, Any]) -> Any:
+        try:
+            async with self._limiter:
+                resp = await litellm.acompletion(**kwargs)
+        except Exception as e:  # classify at the boundary, decide in the caller
+            err = _classify(e)
+            if err.kind == "auth":
+                raise self._latch(err) from e
+            self._answered = True
+            raise err from e
+        self._answered = True
+        return resp
+
+    def _latch(self, err: LLMError) -> LLMAuthError:
+        """Remember the first refusal of the credentials; every later call raises it without a request."""
+        if self.auth_error is None:
+            self.auth_error = LLMAuthError(
+                AUTH_ERROR.format(model=self.model, detail=err, variable=key_variable(self.settings)),
+                status_code=err.status_code,
+            )
+            log.error("%s", self.auth_error)
+        return self._refusal(Usage())
+
+    def _refusal(self, usage: Usage) -> LLMAuthError:
+        assert self.auth_error is not None
+        return LLMAuthError(str(self.auth_error), status_code=self.auth_error.status_code, usage=usage)
+
+
+def key_variable(settings: LLMSettings) -> str:
+    """The environment variable that holds the key `settings` sends: CONVSIM_API_KEY with an api_base or an
+    explicit key, else the provider's own (OPENAI_API_KEY for openai/*, ...)."""
+    if settings.api_base or settings.api_key:
+        return "CONVSIM_API_KEY"
+    provider = settings.model.partition("/")[0].strip().lower()
+    return PROVIDER_KEY_VARIABLES.get(provider) or f"{re.sub(r'[^A-Z0-9]+', '_', provider.upper())}_API_KEY"
+
+
+@functools.lru_cache(maxsize=512)
+def strict_schema(schema: type[T]) -> type[T]:
+    """A subclass of `schema` in which every field is required and unknown keys are refused (nested models too).
+
+    The model is asked for it and its reply is validated against it; its instances are instances of
+    `schema`, so callers need no conversion. The Python class keeps its defaults for code that builds
+    instances itself (`UserTurn(message=...)`).
+    """
+    annotations: dict[str, Any] = {}
+    namespace: dict[str, Any] = {}
+    for name, info in schema.model_fields.items():
+        required = copy.copy(info)
+        required.default = PydanticUndefined
+        required.default_factory = None
+        annotations[name] = _strict_type(info.annotation)
+        namespace[name] = required
+    namespace.update(__annotations__=annotations, __module__=schema.__module__, __qualname__=schema.__qualname__,
+                     __doc__=schema.__doc__, model_config=ConfigDict(extra="forbid"))
+    return type(schema)(schema.__name__, (schema,), namespace)
+
+
+def _strict_type(tp: Any) -> Any:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return strict_schema(tp)
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if not args or origin is typing.Literal:
+        return tp
+    strict_args = tuple(_strict_type(a) for a in args)
+    if strict_args == args:
+        return tp
+    if origin is typing.Union or origin is types.UnionType:
+        return functools.reduce(operator.or_, strict_args)
+    return origin[strict_args]
 
 
 def normalise_model(model: str) -> str:
@@ -256,23 +407,37 @@ def _import_litellm():
     return _litellm
 
 
+_AUTH_TEXT = re.compile(r"(?i)invalid[ _-]?(?:x-)?api[ _-]?key|incorrect api key|api key not valid|missing credentials|"
+                        r"no api key|api[ _-]?key (?:is )?(?:missing|required)")
+_CONTEXT_TEXT = re.compile(r"(?i)context_length_exceeded|maximum context length|context window|prompt is too long")
+_SERVER_ERRORS = frozenset({"InternalServerError", "ServiceUnavailableError", "BadGatewayError"})
+
+
 def _classify(e: Exception) -> LLMError:
-    """Translate a litellm/openai exception into LLMError, retryable or not (its message is redacted)."""
+    """Translate a litellm/openai exception into LLMError with its kind, retryable or not (its message is redacted)."""
     status = getattr(e, "status_code", None)
+    status = status if isinstance(status, int) else None
     name = type(e).__name__
-    message = str(getattr(e, "message", "") or e).strip().splitlines()[0][:300] if str(e) else name
-    retryable_names = {"RateLimitError", "Timeout", "APITimeoutError", "APIConnectionError", "InternalServerError",
-                       "ServiceUnavailableError", "BadGatewayError"}
-    retryable = name in retryable_names or (isinstance(status, int) and (status == 429 or status >= 500))
-    if isinstance(e, (TimeoutError, ConnectionError)):
-        retryable = True
-    if name == "ContextWindowExceededError":
-        retryable = False
-    return LLMError(f"{name}: {message}", retryable=retryable,
-                    status_code=status if isinstance(status, int) else None)
+    text = str(e)
+    message = str(getattr(e, "message", "") or e).strip().splitlines()[0][:300] if text else name
+    if name in ("AuthenticationError", "PermissionDeniedError") or status in (401, 403) or _AUTH_TEXT.search(text):
+        kind = "auth"
+    elif name == "ContextWindowExceededError" or (status in (None, 400, 413) and _CONTEXT_TEXT.search(text)):
+        kind = "context_length"
+    elif name == "RateLimitError" or status == 429:
+        kind = "rate_limit"
+    elif name in ("Timeout", "APITimeoutError") or status == 408 or isinstance(e, TimeoutError):
+        kind = "timeout"
+    elif name == "APIConnectionError" or isinstance(e, ConnectionError) or "connection error" in text.lower():
+        kind = "connection"
+    elif name in _SERVER_ERRORS or (status is not None and status >= 500):
+        kind = "server_error"
+    else:
+        kind = "other"
+    return LLMError(f"{name}: {message}", retryable=kind in RETRYABLE_KINDS, status_code=status, kind=kind)
 
 
-def _retry_after(e: Exception) -> float | None:
+def _retry_after(e: BaseException | None) -> float | None:
     """Seconds from a Retry-After header on the error's response, if any."""
     for headers in (getattr(getattr(e, "response", None), "headers", None), getattr(e, "litellm_response_headers", None)):
         if not headers:
@@ -291,7 +456,7 @@ def _content(resp: Any) -> str:
     try:
         return resp.choices[0].message.content or ""
     except (AttributeError, IndexError) as e:
-        raise LLMError(f"model response had no message: {e}") from e
+        raise LLMError(f"model response had no message: {e}", kind="other") from e
 
 
 def _usage_of(resp: Any) -> Usage:

@@ -47,23 +47,58 @@ class Role(str, enum.Enum):
     ANALYST = "analyst"  # issue discovery
 
 
-class Usage(BaseModel):
-    """Model calls, tokens and cost, summed over whatever it is attached to."""
+FAILURE_KINDS = ("rate_limit", "server_error", "timeout", "connection", "auth", "invalid_output", "context_length",
+                 "other")
 
-    calls: int = 0
+
+class Usage(BaseModel):
+    """Model calls, tokens and cost, summed over whatever it is attached to. Failed attempts count too."""
+
+    calls: int = Field(0, description="Requests made to the model, failed attempts and retries included.")
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = Field(0.0, description="Sum of known costs; see cost_unknown_calls.")
     cost_unknown_calls: int = Field(0, description="Calls whose model has no known price (local or unknown models).")
+    failed_calls: int = Field(0, description="Calls that gave no usable reply: an error, or a reply that did not "
+                                             "match the schema (counted in calls too).")
+    failures: dict[str, int] = Field(
+        default_factory=dict,
+        description="Failed calls by kind: rate_limit, server_error, timeout, connection, auth, invalid_output, "
+                    "context_length, other.",
+    )
 
     def add(self, other: Usage) -> Usage:
+        failures = dict(self.failures) if self.failures else {}  # never shared between two Usage objects
+        for kind, n in other.failures.items():
+            failures[kind] = failures.get(kind, 0) + n
         return Usage(
             calls=self.calls + other.calls,
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             cost_usd=round(self.cost_usd + other.cost_usd, 8),
             cost_unknown_calls=self.cost_unknown_calls + other.cost_unknown_calls,
+            failed_calls=self.failed_calls + other.failed_calls,
+            failures=failures,
         )
+
+    def minus(self, earlier: Usage) -> Usage:
+        """What was spent since `earlier` (a snapshot of the same running total)."""
+        failures = {k: n - earlier.failures.get(k, 0) for k, n in self.failures.items()
+                    if n != earlier.failures.get(k, 0)} if self.failures else {}
+        return Usage(
+            calls=self.calls - earlier.calls,
+            prompt_tokens=self.prompt_tokens - earlier.prompt_tokens,
+            completion_tokens=self.completion_tokens - earlier.completion_tokens,
+            cost_usd=round(self.cost_usd - earlier.cost_usd, 8),
+            cost_unknown_calls=self.cost_unknown_calls - earlier.cost_unknown_calls,
+            failed_calls=self.failed_calls - earlier.failed_calls,
+            failures=failures,
+        )
+
+    @classmethod
+    def failed(cls, kind: str, *, calls: int = 1) -> Usage:
+        """One failed attempt of `kind` (a request that raised). An unusable reply: `calls=0`, it is already counted."""
+        return cls(calls=calls, failed_calls=1, failures={kind: 1})
 
 
 def add_usage(by_role: dict[str, Usage], role: str, usage: Usage) -> dict[str, Usage]:
@@ -94,6 +129,9 @@ class Message(BaseModel):
     error: str | None = Field(None, description="Set on an agent turn that failed; content is then empty.")
     scripted: bool = Field(False, description="A user message taken verbatim from scripted_turns.")
     usage: Usage | None = Field(None, description="Model usage spent producing this message (simulated user).")
+    history_omitted: int | None = Field(
+        None, description="Simulated user message written from a shortened history: this many earlier messages were "
+                          "left out of its model's prompt because the conversation no longer fit its context window.")
 
     def to_openai(self) -> dict[str, Any]:
         """The plain chat-completions dict the agent under test receives (content null only beside tool calls)."""

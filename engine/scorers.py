@@ -18,6 +18,7 @@ an unscored assessment with the reason (`passed=None`), never as a pass.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import re
@@ -148,9 +149,8 @@ class Output:
         return f"a number from {self.low:g} to {self.high:g}"
 
     def verdict_model(self) -> type[BaseModel]:
-        value_type: Any = {"bool": bool, "range": float}.get(self.kind) or Literal[self.labels]  # type: ignore[valid-type]
-        return create_model("JudgeVerdict", value=(value_type, ...), rationale=(str, ""),
-                            evidence=(list[Evidence], Field(default_factory=list)))
+        """The judge's reply schema (one class per output, built once). The model must give every field."""
+        return _verdict_model(self)
 
     def passed(self, value: Any) -> bool | None:
         if self.kind == "bool":
@@ -167,6 +167,17 @@ class Output:
         if self.kind == "labels":
             return f"one of {list(self.labels)}; passes when one of {list(self.passing)}"
         return f"number in [{self.low:g}, {self.high:g}]; passes at >= {self.threshold:g}"
+
+
+@functools.lru_cache(maxsize=256)
+def _verdict_model(output: Output) -> type[BaseModel]:
+    value_type: Any = {"bool": bool, "range": float}.get(output.kind) or Literal[output.labels]  # type: ignore[valid-type]
+    return create_model(
+        "JudgeVerdict",
+        value=(value_type, Field(description=output.help)),
+        rationale=(str, Field(description="At most two concrete sentences.")),
+        evidence=(list[Evidence], Field(description="The turns and short quotes that decided the verdict.")),
+    )
 
 
 BOOL = Output("bool")
@@ -295,8 +306,9 @@ class _ModelJudge(Scorer):
         schema = self.output.verdict_model()
         try:
             result = await llm.complete(self.messages(session), schema, role=Role.JUDGE)
-        except LLMError as e:
-            return [Assessment(session_id=session.id, scorer=self.name, error=f"unscored: {e}")]
+        except LLMError as e:  # unscored with the reason; a latched (refused) backend raises without a call
+            return [Assessment(session_id=session.id, scorer=self.name, error=f"unscored: {e}",
+                               usage=e.usage if e.usage.calls else None)]
         verdict = result.output
         passed = self.output.passed(verdict.value)
         return [Assessment(

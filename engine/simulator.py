@@ -80,6 +80,10 @@ Reply with a JSON object: {{"message": "...", "goal_achieved": false, "end_conve
 
 KICKOFF = "(You are now connected to the assistant. Write your first message.)"
 
+# Stands in for the earlier messages left out when the conversation no longer fits the model's context window.
+HISTORY_OMITTED = ("(The conversation went on here: {n} earlier messages are left out because the whole conversation "
+                   "no longer fits. Carry on from the most recent messages below, keeping to your goal.)")
+
 
 class UserTurn(BaseModel):
     """The simulated user's move: its next message, or the decision to stop."""
@@ -128,12 +132,15 @@ class SimulatedUser:
     """Base class of simulated users. Subclasses implement `next_turn`.
 
     One instance plays one session. Call `invoke_llm` for model calls so that
-    their usage is counted.
+    their usage is counted (failed attempts included) and an over-long
+    conversation is shortened instead of ending the session.
     """
 
     def __init__(self, llm: LLM):
         self.llm = llm
         self.usage = Usage()
+        self.history_omitted = 0  # earlier messages left out of the last call's prompt (context window)
+        self._keep_recent: int | None = None  # recent messages that fit, once the conversation outgrew the window
 
     async def next_turn(self, context: SimulatorContext) -> UserTurn:
         raise NotImplementedError(f"{type(self).__name__} must implement next_turn")
@@ -141,9 +148,83 @@ class SimulatedUser:
     async def invoke_llm(
         self, messages: list[dict[str, Any]], *, offline: Callable[[], UserTurn] | None = None
     ) -> UserTurn:
-        result = await self.llm.complete(messages, UserTurn, role=Role.USER, offline=offline)
+        """The model's next move for the (role-flipped) `messages`.
+
+        The reply must be a complete UserTurn (all four fields, nothing else). When the conversation
+        is too long for the model's context window, the oldest turns after the first user message are
+        left out (`elide_history`, keeping about half of the rest) and the call is made once more;
+        later turns of the session keep that many recent messages from the start, so an overflow costs
+        one failed call, not one per turn. `history_omitted` says how many messages the last call left
+        out. Raises LLMError, with the reason, when the shortened call fails too.
+        """
+        self.history_omitted = 0
+        total = len(messages) - _history_start(messages)
+        omitted = 0
+        prompt = messages
+        if self._keep_recent is not None and self._keep_recent < total:
+            prompt, omitted = elide_history(messages, self._keep_recent)
+        try:
+            move = await self._complete(prompt, offline)
+        except LLMError as e:
+            if e.kind != "context_length":
+                raise
+            shorter, more = elide_history(messages, (total - omitted) // 2)
+            if more <= omitted:  # nothing (more) to leave out: the latest exchange alone is too long
+                raise LLMError(f"the simulated user's prompt does not fit its model's context window, and there is no "
+                               f"earlier conversation to leave out: {e}", kind="context_length", usage=e.usage) from e
+            prompt, omitted = shorter, more
+            self._keep_recent = total - omitted
+            try:
+                move = await self._complete(prompt, offline)
+            except LLMError as e2:
+                if e2.kind != "context_length":
+                    raise
+                raise LLMError(f"the conversation does not fit the simulated user's model context window, even with "
+                               f"{omitted} earlier messages left out: {e2}", kind="context_length",
+                               usage=e2.usage) from e2
+        self.history_omitted = omitted
+        return move
+
+    async def _complete(self, messages: list[dict[str, Any]], offline: Callable[[], UserTurn] | None) -> UserTurn:
+        try:
+            result = await self.llm.complete(messages, UserTurn, role=Role.USER, offline=offline)
+        except LLMError as e:
+            self.usage = self.usage.add(e.usage)
+            raise
         self.usage = self.usage.add(result.usage)
         return result.output
+
+
+def _history_start(messages: list[dict[str, Any]]) -> int:
+    """Index of the first message that may be left out: after the system prompt(s), the kick-off and the
+    simulated user's first message."""
+    head = 0
+    while head < len(messages) and messages[head].get("role") == "system":
+        head += 1
+    return min(head + 2, len(messages))
+
+
+def elide_history(messages: list[dict[str, Any]], keep: int) -> tuple[list[dict[str, Any]], int]:
+    """`messages` with the oldest turns after the first user message left out, and how many were left out.
+
+    Kept: the system prompt(s), the kick-off and the simulated user's first message; then one
+    `HISTORY_OMITTED` marker; then the `keep` most recent messages (one fewer, or else one more, when that
+    lets the kept part start at one of the simulated user's own messages, so roles alternate after the marker).
+    At least one message is left out and the agent's latest reply is always kept; `(messages, 0)` when
+    there is nothing to leave out.
+    """
+    head = _history_start(messages)
+    rest = messages[head:]
+    if len(rest) < 2:
+        return messages, 0
+    start = len(rest) - max(1, min(keep, len(rest) - 1))
+    if rest[start].get("role") != "assistant":
+        if start + 1 < len(rest) - 1 and rest[start + 1].get("role") == "assistant":
+            start += 1
+        elif start > 1 and rest[start - 1].get("role") == "assistant":
+            start -= 1
+    marker = {"role": "user", "content": HISTORY_OMITTED.format(n=start)}
+    return [*messages[:head], marker, *rest[start:]], start
 
 
 class LLMSimulatedUser(SimulatedUser):
@@ -311,6 +392,9 @@ class ConversationRunner:
     max_turns: int
     recorder: SessionRecorder
     on_event: Callable[[TurnEvent], Awaitable[None]] | None = None
+    # Why the run was stopped, if it was stopped for a reason other than a cancel (a refused model key):
+    # a session cut short then ends simulator_error with that reason instead of cancelled.
+    stopped_by: Callable[[], BaseException | None] | None = None
 
     async def run(self, session: Session) -> Session:
         case = session.test_case or TestCase(goal="(no goal)")
@@ -318,7 +402,13 @@ class ConversationRunner:
             await self._loop(session, case)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
-                await self._finish(session, StopReason.CANCELLED, "the run was cancelled")
+                stop = self.stopped_by() if self.stopped_by else None
+                if session.stop_reason is not None:  # it had ended, but the cancel may have cut off its write
+                    await self._finish(session, session.stop_reason, session.stop_detail)
+                elif stop is not None:
+                    await self._finish(session, StopReason.SIMULATOR_ERROR, f"stopped: {stop}")
+                else:
+                    await self._finish(session, StopReason.CANCELLED, "the run was cancelled")
             raise
         except Exception as e:  # a bug in a custom user class must not lose the session
             await self._finish(session, StopReason.SIMULATOR_ERROR, f"{type(e).__name__}: {e}")
@@ -333,6 +423,7 @@ class ConversationRunner:
             if scripted:
                 move = UserTurn(message=case.scripted_turns[turn - 1])
             else:
+                self.user.history_omitted = 0
                 try:
                     move = await self.user.next_turn(ctx)
                 except LLMError as e:
@@ -345,10 +436,11 @@ class ConversationRunner:
                     return await self._finish(
                         session, StopReason.SIMULATOR_ERROR, "the simulated user produced an empty message",
                     )
-            spent = _usage_delta(self.user.usage, used_before)
+            spent = self.user.usage.minus(used_before)
             user_msg = Message(
                 role="user", content=move.message.strip(), turn=turn, scripted=scripted,
                 latency_ms=round((time.perf_counter() - started) * 1000, 2), usage=spent if spent.calls else None,
+                history_omitted=None if scripted else (self.user.history_omitted or None),
             )
             await self._record(session, user_msg, turn)
             try:
@@ -380,13 +472,3 @@ class ConversationRunner:
         await self.recorder.finished(session)
         if self.on_event:
             await self.on_event(TurnEvent(session.id, session.turns, finished=True, stop_reason=reason))
-
-
-def _usage_delta(after: Usage, before: Usage) -> Usage:
-    return Usage(
-        calls=after.calls - before.calls,
-        prompt_tokens=after.prompt_tokens - before.prompt_tokens,
-        completion_tokens=after.completion_tokens - before.completion_tokens,
-        cost_usd=round(after.cost_usd - before.cost_usd, 8),
-        cost_unknown_calls=after.cost_unknown_calls - before.cost_unknown_calls,
-    )

@@ -28,6 +28,12 @@ __all__ = [
 ]
 
 
+CONTEXT_LENGTH_MESSAGE = (
+    "This model's maximum context length is {limit} tokens. However, your messages resulted in {tokens} tokens. "
+    "Please reduce the length of the messages."
+)
+
+
 @dataclass
 class FakeReply:
     """One scripted answer; non-200 statuses become OpenAI-style error bodies."""
@@ -39,6 +45,13 @@ class FakeReply:
     tool_calls: list[dict] | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    error_code: str | None = None  # the error body's "code"; by default derived from the status
+
+    @classmethod
+    def context_length_exceeded(cls, limit: int = 128000, tokens: int = 130542) -> "FakeReply":
+        """OpenAI's answer to a prompt longer than the model's context window."""
+        return cls(status=400, error_code="context_length_exceeded",
+                   content=CONTEXT_LENGTH_MESSAGE.format(limit=limit, tokens=tokens))
 
 
 Handler = Callable[[dict], "FakeReply | str | dict"]
@@ -215,11 +228,12 @@ _ERROR_KINDS: dict[int, tuple[str, str]] = {
 }
 
 
-def _error_body(status: int, message: str) -> dict:
-    typ, code = _ERROR_KINDS.get(
+def _error_body(status: int, message: str, code: str | None = None) -> dict:
+    typ, default_code = _ERROR_KINDS.get(
         status, ("server_error", "server_error") if status >= 500 else ("api_error", "error")
     )
-    return {"error": {"message": message, "type": typ, "code": code, "param": None}}
+    param = "messages" if code == "context_length_exceeded" else None
+    return {"error": {"message": message, "type": typ, "code": code or default_code, "param": param}}
 
 
 class _Server(ThreadingHTTPServer):
@@ -314,7 +328,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
         if reply.status != 200:
             message = reply.content if isinstance(reply.content, str) else f"fake error {reply.status}"
-            self._send_json(reply.status, _error_body(reply.status, message), reply.headers)
+            self._send_json(reply.status, _error_body(reply.status, message, reply.error_code), reply.headers)
             return
 
         if request.get("stream"):

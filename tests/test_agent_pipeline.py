@@ -10,6 +10,7 @@ from engine.pipeline.agent_test import prepare_agent_test, rerun_issues, test_ag
 from engine.pipeline.generation import build_test_set, export_test_set
 from engine.testcases import load_test_cases
 from tests.conftest import ROOT
+from tests.fake_llm import FakeReply, example_for_schema
 
 pytestmark = pytest.mark.anyio
 
@@ -162,3 +163,83 @@ async def test_rerun_keeps_the_original_runs_models(store, monkeypatch):
     new_run, _ = await rerun_issues(store, report.run_id, issue_id=report.issues[0].id, workspace=ROOT)
     run = await store.get_run(new_run)
     assert run["offline"] and run["model"] == "offline" and run["options"]["judge_model"] == "offline"
+
+
+# --- a refused key stops everything -------------------------------------------------------------
+
+CASES = [{"goal": "Ask about shipping", "id": "shipping"}, {"goal": "Check order A1234", "id": "order"},
+         {"goal": "Ask about returns", "id": "returns"}]
+
+
+def refused(request):
+    return FakeReply(status=401, content="Incorrect API key provided")
+
+
+def key_checked_by_model(bad_model):
+    """The judge's (or another role's) model refuses the key; the user's works."""
+    def reply(request):
+        if request["model"] == bad_model:
+            return refused(request)
+        fmt = request["response_format"]["json_schema"]
+        if fmt["name"] == "UserTurn":
+            done = len(request["messages"]) > 3
+            return {"message": "" if done else "Hello", "goal_achieved": done, "end_conversation": False,
+                    "reason": "r"}
+        return example_for_schema(fmt["schema"])
+    return reply
+
+
+@pytest.mark.parametrize("generate", [False, True], ids=["given-cases", "generated-cases"])
+async def test_a_refused_key_fails_test_agent_after_one_request(store, fake_llm, generate):
+    fake_llm.set_handler(refused)
+    llm = LiteLLMBackend(LLMSettings(model="openai/fake", api_base=fake_llm.url, api_key="k", max_retries=2))
+    options = {"description": "A support bot", "num_test_cases": 3, "ask_agent": False} if generate \
+        else {"test_cases": CASES, "num_test_cases": 0}
+    job = await prepare_agent_test(store, AGENT, llm=llm, workspace=ROOT, max_turns=3, **options)
+    with pytest.raises(RunError, match="CONVSIM_API_KEY"):
+        await job.run()
+    assert fake_llm.calls == 1  # generator, users, judges and analyst share the model: one request in all
+    run = await store.get_run(job.run_id)
+    assert run["status"] == "failed"
+    assert run["error"].startswith("model openai/fake: the provider refused the credentials")
+    assert "Set CONVSIM_API_KEY" in run["error"]
+    sessions = await store.get_sessions(job.run_id)
+    assert {s.stop_reason.value for s in sessions} <= {"simulator_error"} and len(sessions) == (0 if generate else 3)
+    assert not await store.get_assessments([s.id for s in sessions])  # no judge ran
+
+
+async def test_a_judge_with_a_refused_key_fails_test_agent(store, fake_llm, monkeypatch):
+    monkeypatch.setenv("CONVSIM_API_BASE", fake_llm.url)
+    monkeypatch.setenv("CONVSIM_API_KEY", "k-for-the-fake")
+    fake_llm.set_handler(key_checked_by_model("fake-judge"))
+    job = await prepare_agent_test(store, AGENT, test_cases=CASES, num_test_cases=0, model="openai/fake-user",
+                                   judge_model="openai/fake-judge", workspace=ROOT, max_turns=3, concurrency=1)
+    with pytest.raises(RunError, match="openai/fake-judge"):
+        await job.run()
+    run = await store.get_run(job.run_id)
+    assert run["status"] == "failed" and "openai/fake-judge" in run["error"] and "CONVSIM_API_KEY" in run["error"]
+    assert sum(r["model"] == "fake-judge" for r in fake_llm.requests) == 1
+    assert {s.stop_reason.value for s in await store.get_sessions(job.run_id)} <= {"goal_achieved", "simulator_error"}
+
+
+async def test_an_analyst_with_a_refused_key_fails_test_agent(store, fake_llm, monkeypatch):
+    monkeypatch.setenv("CONVSIM_API_BASE", fake_llm.url)
+    monkeypatch.setenv("CONVSIM_API_KEY", "k-for-the-fake")
+    fake_llm.set_handler(key_checked_by_model("fake-analyst"))
+    job = await prepare_agent_test(store, AGENT, test_cases=CASES[:1], num_test_cases=0, model="openai/fake-user",
+                                   judge_model="openai/fake-analyst", scorers=["tests.code_scorers:mentions_order"],
+                                   workspace=ROOT, max_turns=3)
+    with pytest.raises(RunError, match="openai/fake-analyst"):
+        await job.run()  # the code scorer fails (no order number): the analyst's one call is refused
+    run = await store.get_run(job.run_id)
+    assert run["status"] == "failed" and run["error"].startswith("model openai/fake-analyst")
+    assert sum(r["model"] == "fake-analyst" for r in fake_llm.requests) == 1
+
+
+async def test_a_rerun_with_a_refused_key_fails_instead_of_calling_issues_fixed(store, fake_llm):
+    report = await offline_report(store, num_test_cases=0)
+    fake_llm.set_handler(refused)
+    llm = LiteLLMBackend(LLMSettings(model="openai/fake", api_base=fake_llm.url, api_key="k", max_retries=0))
+    with pytest.raises(RunError, match="CONVSIM_API_KEY"):
+        await rerun_issues(store, report.run_id, issue_id=report.issues[0].id, workspace=ROOT, llm=llm)
+    assert fake_llm.calls == 1

@@ -130,3 +130,13 @@ def test_requests_are_recorded_and_unknown_paths_404(fake: FakeLLMServer) -> Non
     missing = httpx.post(f"{fake.url}/nope", json={})
     assert missing.status_code == 404 and "error" in missing.json()
     assert fake.calls == 2
+
+
+def test_context_length_error_looks_like_openais(fake: FakeLLMServer) -> None:
+    fake.queue(FakeReply.context_length_exceeded(limit=8192, tokens=9000))
+    resp = _chat(fake.url, {})
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "context_length_exceeded",
+                                                             "messages")
+    assert error["message"].startswith("This model's maximum context length is 8192 tokens.")

@@ -394,3 +394,29 @@ async def test_distilling_nothing_is_a_caller_error():
 def test_dedupe_drops_near_duplicate_goals(goals, kept):
     cases = [TestCase(goal=g, id=str(i)) for i, g in enumerate(goals)]
     assert [c.id for c in dedupe_cases(cases)] == [str(i) for i in kept]
+
+
+# --- strict replies and failed calls ------------------------------------------------------------
+
+
+async def test_generated_cases_missing_a_field_are_refused_naming_it(fake_llm):
+    fake_llm.set_handler(lambda req: {"cases": [{"goal": "Check order A1234."}]})
+    with pytest.raises(LLMOutputError, match=r"cases\.0\.id: Field required") as info:
+        await generate_cases(PROFILE, model_llm(fake_llm), num_test_cases=2)
+    assert fake_llm.calls == 2 and info.value.usage.failures == {"invalid_output": 2}
+
+
+async def test_a_profile_with_an_unknown_key_is_refused(fake_llm):
+    fake_llm.set_handler(lambda req: {"name": "", "description": "d", "capabilities": [], "tools": [], "limits": [],
+                                      "mood": "cheerful"})
+    with pytest.raises(LLMOutputError, match="mood: Extra inputs are not permitted"):
+        await describe_agent(model_llm(fake_llm), description=DESCRIPTION)
+
+
+async def test_distillation_counts_the_calls_of_sessions_it_skipped(fake_llm):
+    good = {"goal": "Find out where order A1234 is.", "persona": "A customer.", "simulation_guidelines": [],
+            "expected_outcome": "The assistant gives the status."}
+    fake_llm.set_handler(lambda req: good if "A1234" in req["messages"][1]["content"] else {"goal": "half a reply"})
+    cases, usage = await distill_cases([TRANSCRIPTS[0], TRANSCRIPTS[2]], model_llm(fake_llm))
+    assert [c.id for c in cases] == ["from-s1"]  # s3's replies never had every field: skipped
+    assert (usage.calls, usage.failed_calls, usage.failures) == (3, 2, {"invalid_output": 2})

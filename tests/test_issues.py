@@ -407,7 +407,8 @@ async def test_a_failed_model_call_falls_back_to_the_offline_grouping(fake_llm, 
         issues, usage = await discover_issues(sessions, assessments, model_llm(fake_llm))
     offline, _ = await discover_issues(sessions, assessments, OFFLINE)
     assert [i.model_dump() for i in issues] == [i.model_dump() for i in offline]
-    assert usage == Usage() and "offline grouping" in caplog.text
+    assert "offline grouping" in caplog.text
+    assert (usage.calls, usage.failed_calls, usage.failures) == (2, 2, {"server_error": 2})  # failed attempts count
 
 
 async def test_no_model_call_when_nothing_failed(fake_llm):
@@ -427,3 +428,12 @@ async def test_a_model_split_of_one_scorer_is_kept_with_stable_distinct_ids(fake
     assert len({i.id for i in memory}) == 2 and [i.id for i in first] == [i.id for i in again]
     crash_offline = (await discover_issues([crashed("s1")], [], OFFLINE))[0][0]
     assert next(i for i in first if i.title == "Gift cards crash").id == crash_offline.id
+
+
+async def test_an_analyst_reply_of_the_wrong_shape_falls_back_and_counts_its_calls(fake_llm):
+    fake_llm.set_handler(lambda request: {"clusters": [cluster(["f2", "f3"], severity="high")]})
+    sessions, assessments = model_run()
+    issues, usage = await discover_issues(sessions, assessments, model_llm(fake_llm))
+    offline, _ = await discover_issues(sessions, assessments, OFFLINE)
+    assert [i.model_dump() for i in issues] == [i.model_dump() for i in offline]  # severity is not the model's
+    assert (usage.calls, usage.failed_calls, usage.failures) == (2, 2, {"invalid_output": 2})

@@ -5,14 +5,21 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import anyio
 import pytest
+from pydantic import ValidationError
 
-from engine import InvalidOption, LLMError, OfflineBackend, Role, UserTurn, resolve_llm, resolve_model
-from engine.llm import LiteLLMBackend, LLMSettings
+from engine import InvalidOption, LLMAuthError, LLMError, LLMOutputError, OfflineBackend, Role, Usage, UserTurn, \
+    parse_scorers, resolve_llm, resolve_model
+from engine.llm import LiteLLMBackend, LLMSettings, key_variable, strict_schema
 from tests.conftest import ROOT
 from tests.fake_llm import FakeReply
 
 MESSAGES = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+
+
+def turn(message: str) -> dict:
+    return {"message": message, "goal_achieved": False, "end_conversation": False, "reason": "r"}
 
 
 def backend(fake, model="openai/fake-user", **settings) -> LiteLLMBackend:
@@ -52,7 +59,7 @@ def test_api_base_and_key_come_from_the_environment(monkeypatch):
 
 @pytest.mark.anyio
 async def test_a_timed_out_call_is_retried(fake_llm):
-    fake_llm.queue(FakeReply(content={"message": "slow"}, delay_s=2), {"message": "fast"})
+    fake_llm.queue(FakeReply(content=turn("slow"), delay_s=2), turn("fast"))
     result = await backend(fake_llm, timeout_s=0.3).complete(MESSAGES, UserTurn, role=Role.USER)
     assert result.output.message == "fast"
     assert result.usage.calls == 2
@@ -76,7 +83,7 @@ async def test_a_fatal_error_is_not_retried(fake_llm):
 
 @pytest.mark.anyio
 async def test_cost_is_counted_for_priced_models_and_flagged_for_unknown_ones(fake_llm):
-    fake_llm.set_handler(lambda req: FakeReply(content={"message": "m"}, prompt_tokens=1000, completion_tokens=100))
+    fake_llm.set_handler(lambda req: FakeReply(content=turn("m"), prompt_tokens=1000, completion_tokens=100))
     priced = await backend(fake_llm, model="openai/gpt-4o-mini").complete(MESSAGES, UserTurn, role=Role.USER)
     unknown = await backend(fake_llm, model="openai/no-such-model").complete(MESSAGES, UserTurn, role=Role.USER)
     assert priced.usage.cost_usd > 0 and priced.usage.cost_unknown_calls == 0
@@ -115,3 +122,165 @@ async def test_keys_echoed_by_the_provider_are_redacted_from_errors(fake_llm, mo
         await llm.complete(MESSAGES, UserTurn, role=Role.USER)
     assert "k-secret-42" not in str(info.value) and "sk-env-0123456789" not in str(info.value)
     assert "Incorrect API key" in str(info.value)
+
+
+# --- strict replies -----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_reply_of_the_wrong_shape_is_repaired_once_then_refused_naming_the_fields(fake_llm):
+    fake_llm.set_handler(lambda req: {"totally": "wrong"})
+    with pytest.raises(LLMOutputError) as info:
+        await backend(fake_llm).complete(MESSAGES, UserTurn, role=Role.USER)
+    message = str(info.value)
+    assert "goal_achieved: Field required" in message and "totally: Extra inputs are not permitted" in message
+    assert fake_llm.calls == 2
+    assert "message: Field required" in fake_llm.requests[1]["messages"][-1]["content"]  # the repair names it
+    u = info.value.usage
+    assert (u.calls, u.failed_calls, u.failures) == (2, 2, {"invalid_output": 2})
+
+
+@pytest.mark.anyio
+async def test_the_model_is_asked_for_every_field_and_nothing_else(fake_llm):
+    await backend(fake_llm).complete(MESSAGES, UserTurn, role=Role.USER)
+    schema = fake_llm.requests[0]["response_format"]["json_schema"]["schema"]
+    assert set(schema["required"]) == {"message", "goal_achieved", "end_conversation", "reason"}
+    assert schema["additionalProperties"] is False
+    assert not any("default" in p for p in schema["properties"].values())
+
+
+def test_python_classes_keep_their_defaults_and_the_wire_schema_is_a_strict_subclass():
+    assert UserTurn(message="hi").goal_achieved is False and UserTurn(goal_achieved=True).message == ""
+    wire = strict_schema(UserTurn)
+    assert issubclass(wire, UserTurn) and wire.__name__ == "UserTurn" and strict_schema(UserTurn) is wire
+    with pytest.raises(ValidationError):
+        wire.model_validate({"message": "hi"})
+
+
+def test_nested_models_of_a_verdict_are_strict_too():
+    verdict = strict_schema(parse_scorers(["goal_achievement"])[0].output.verdict_model())
+    good = {"value": True, "rationale": "r", "evidence": [{"turn": 1, "role": "assistant", "quote": "q"}]}
+    assert verdict.model_validate(good).evidence[0].quote == "q"
+    for bad in ({"value": True}, {**good, "evidence": [{"turn": 1, "quote": "q"}]}, {**good, "extra": 1}):
+        with pytest.raises(ValidationError):
+            verdict.model_validate(bad)
+
+
+# --- failure kinds and usage --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reply, kind, attempts",
+    [
+        pytest.param(FakeReply(status=429, headers={"Retry-After": "0"}), "rate_limit", 3, id="429"),
+        pytest.param(FakeReply(status=503), "server_error", 3, id="503"),
+        pytest.param(FakeReply(status=401, content="Incorrect API key provided"), "auth", 1, id="401"),
+        pytest.param(FakeReply(status=403, content="not allowed"), "auth", 1, id="403"),
+        pytest.param(FakeReply(status=400, content="API key not valid. Please pass a valid API key."), "auth", 1,
+                     id="400-invalid-key"),
+        pytest.param(FakeReply.context_length_exceeded(), "context_length", 1, id="context-length"),
+        pytest.param(FakeReply(status=404, content="no such model"), "other", 1, id="404"),
+    ],
+)
+@pytest.mark.anyio
+async def test_each_failure_has_a_kind_and_its_attempts_are_counted(fake_llm, reply, kind, attempts):
+    fake_llm.set_handler(lambda req: reply)
+    with pytest.raises(LLMError) as info:
+        await backend(fake_llm).complete(MESSAGES, UserTurn, role=Role.USER)
+    assert info.value.kind == kind and fake_llm.calls == attempts
+    u = info.value.usage
+    assert (u.calls, u.failed_calls, u.failures) == (attempts, attempts, {kind: attempts})
+
+
+@pytest.mark.anyio
+async def test_connection_and_timeout_failures_are_told_apart(fake_llm):
+    fake_llm.queue(FakeReply(content=turn("slow"), delay_s=2))
+    with pytest.raises(LLMError) as timed_out:
+        await backend(fake_llm, timeout_s=0.3, max_retries=0).complete(MESSAGES, UserTurn, role=Role.USER)
+    refused = LiteLLMBackend(LLMSettings(model="openai/x", api_base="http://127.0.0.1:9/v1", api_key="k",
+                                         max_retries=0, timeout_s=5))
+    with pytest.raises(LLMError) as unreachable:
+        await refused.complete(MESSAGES, UserTurn, role=Role.USER)
+    assert (timed_out.value.kind, unreachable.value.kind) == ("timeout", "connection")
+    assert timed_out.value.retryable and unreachable.value.retryable
+
+
+@pytest.mark.anyio
+async def test_a_repaired_reply_counts_the_unusable_one_as_failed(fake_llm):
+    fake_llm.queue("not json at all", turn("hi"))
+    result = await backend(fake_llm).complete(MESSAGES, UserTurn, role=Role.USER)
+    u = result.usage
+    assert result.output.message == "hi"
+    assert (u.calls, u.failed_calls, u.failures) == (2, 1, {"invalid_output": 1})
+
+
+def test_usage_add_sums_failures_by_kind():
+    a = Usage(calls=2, failed_calls=1, failures={"timeout": 1})
+    b = Usage(calls=3, failed_calls=3, failures={"timeout": 1, "server_error": 2})
+    total = a.add(b)
+    assert (total.calls, total.failed_calls, total.failures) == (5, 4, {"timeout": 2, "server_error": 2})
+    assert a.failures == {"timeout": 1} and total.minus(a) == b  # the operands are left alone
+
+
+# --- refused credentials ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_refused_key_is_latched_and_later_calls_make_no_request(fake_llm):
+    fake_llm.set_handler(lambda req: FakeReply(status=401, content="Incorrect API key provided"))
+    llm = backend(fake_llm)
+    with pytest.raises(LLMAuthError) as first:
+        await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+    with pytest.raises(LLMAuthError) as later:
+        await llm.complete(MESSAGES, UserTurn, role=Role.JUDGE)
+    assert fake_llm.calls == 1
+    assert "openai/fake-user" in str(first.value) and "CONVSIM_API_KEY" in str(first.value)
+    assert "Incorrect API key provided" in str(first.value)
+    assert str(later.value) == str(first.value) and later.value.usage.calls == 0
+    assert llm.auth_error is not None
+
+
+@pytest.mark.anyio
+async def test_concurrent_first_calls_with_a_refused_key_make_one_request(fake_llm):
+    fake_llm.set_handler(lambda req: FakeReply(status=401, content="bad key", delay_s=0.1))
+    llm = backend(fake_llm)
+    errors = []
+
+    async def call():
+        try:
+            await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+        except LLMAuthError as e:
+            errors.append(e)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(call)
+    assert len(errors) == 5 and fake_llm.calls == 1
+
+
+@pytest.mark.anyio
+async def test_after_a_first_answer_calls_are_concurrent_again(fake_llm):
+    fake_llm.set_handler(lambda req: FakeReply(content=turn("hi"), delay_s=0.2))
+    llm = backend(fake_llm)
+    await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+    started = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(lambda: llm.complete(MESSAGES, UserTurn, role=Role.USER))
+    assert anyio.current_time() - started < 0.6
+
+
+@pytest.mark.parametrize(
+    "model, api_base, variable",
+    [
+        ("openai/gpt-4o-mini", None, "OPENAI_API_KEY"),
+        ("anthropic/claude-3-5-haiku-latest", None, "ANTHROPIC_API_KEY"),
+        ("gemini/gemini-2.0-flash", None, "GEMINI_API_KEY"),
+        ("mistral/mistral-small-latest", None, "MISTRAL_API_KEY"),
+        ("groq/llama-3.1-8b-instant", None, "GROQ_API_KEY"),
+        ("some_provider/x", None, "SOME_PROVIDER_API_KEY"),
+        ("openai/llama3.1", "http://127.0.0.1:11434/v1", "CONVSIM_API_KEY"),
+    ],
+)
+def test_the_variable_to_fix_follows_the_provider_or_the_api_base(model, api_base, variable):
+    assert key_variable(LLMSettings(model=model, api_base=api_base)) == variable

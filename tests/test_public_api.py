@@ -24,6 +24,7 @@ PUBLIC = {
     "InvalidTestCase",
     "JobRegistry",
     "LLM",
+    "LLMAuthError",
     "LLMError",
     "LLMOutputError",
     "LLMResult",

@@ -12,6 +12,7 @@ from engine.llm import LLMSettings
 from engine.pipeline import score_sessions
 from engine.scorers import BUILTIN_JUDGES, CodeScorer, CustomJudge, parse_scorers, render_conversation
 from tests.conftest import ROOT
+from tests.fake_llm import FakeReply
 
 pytestmark = pytest.mark.anyio
 
@@ -64,7 +65,8 @@ async def test_transcript_delimiters_are_neutralised(fake_llm):
 
 
 async def test_failing_verdict_and_out_of_range_evidence(fake_llm):
-    fake_llm.queue(verdict(False, evidence=[{"turn": 2, "quote": "x" * 500}, {"turn": 99, "quote": "nope"}],
+    fake_llm.queue(verdict(False, evidence=[{"turn": 2, "role": "assistant", "quote": "x" * 500},
+                                            {"turn": 99, "role": "assistant", "quote": "nope"}],
                            rationale="forgot"))
     (a,) = await parse_scorers(["knowledge_retention"])[0].score(conversation(), judge_llm(fake_llm))
     assert a.passed is False and a.rationale == "forgot"
@@ -271,3 +273,38 @@ async def test_simulation_scores_sessions_as_they_finish(store):
     assert remember in forgot
     crash = next(s.session_id for s in summary.sessions if s.case_id == "gift-card-refund")
     assert crash in {f.session_id for f in scores["goal_achievement"].failing}
+
+
+# --- model failures -----------------------------------------------------------------------------
+
+TRANSCRIPTS = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer"}]}
+               for i in range(3)]
+
+
+async def test_a_verdict_of_the_wrong_shape_is_unscored_naming_the_field(fake_llm):
+    fake_llm.set_handler(lambda req: {"value": True})
+    (a,) = await parse_scorers(["goal_achievement"])[0].score(conversation(), judge_llm(fake_llm))
+    assert a.passed is None and a.value is None
+    assert a.error.startswith("unscored:") and "rationale: Field required" in a.error
+    assert (a.usage.calls, a.usage.failed_calls, a.usage.failures) == (2, 2, {"invalid_output": 2})
+
+
+async def test_judges_on_a_refused_key_make_one_request_and_leave_every_verdict_unscored(store, fake_llm):
+    fake_llm.set_handler(lambda req: FakeReply(status=401, content="Incorrect API key provided"))
+    result = await score_sessions(store, transcripts=TRANSCRIPTS, scorers=["goal_achievement", "knowledge_retention"],
+                                  llm=judge_llm(fake_llm), concurrency=6)
+    assert fake_llm.calls == 1
+    assert all((s.passed, s.failed, s.unscored) == (0, 0, 3) for s in result.scorers)
+    assessments = await store.get_assessments([s.id for s in await store.get_sessions(result.run_ids[0])])
+    assert len(assessments) == 6 and all(a.passed is None for a in assessments)
+    assert all("openai/fake-judge" in a.error and "CONVSIM_API_KEY" in a.error for a in assessments)
+    assert result.usage["judge"].failures == {"auth": 1}
+
+
+async def test_failed_judge_attempts_count_in_the_judge_usage(store, fake_llm):
+    fake_llm.set_handler(lambda req: FakeReply(status=500, content="upstream down"))
+    result = await score_sessions(store, transcripts=TRANSCRIPTS[:1], scorers=["goal_achievement"],
+                                  llm=judge_llm(fake_llm))
+    u = result.usage["judge"]
+    assert result.scorers[0].unscored == 1
+    assert (u.calls, u.failed_calls, u.failures) == (2, 2, {"server_error": 2})  # max_retries=1

@@ -234,3 +234,98 @@ async def test_offline_run_is_deterministic(store):
 def test_prompt_is_a_reviewed_constant_with_placeholders():
     assert {"{goal}", "{persona}", "{guidelines}"} <= {p for p in ("{goal}", "{persona}", "{guidelines}") if p in SIMULATED_USER_PROMPT}
     json.loads(json.dumps(SIMULATED_USER_PROMPT))
+
+
+# --- model failures -----------------------------------------------------------------------------
+
+
+async def test_a_reply_of_the_wrong_shape_is_a_simulator_error_naming_the_fields(store, fake_llm):
+    fake_llm.set_handler(lambda req: {"totally": "wrong"})
+    summary = await run(store, fake_llm, [{"goal": "g"}])
+    s = summary.sessions[0]
+    assert s.stop_reason == StopReason.SIMULATOR_ERROR and s.turns == 0
+    assert "goal_achieved: Field required" in s.stop_detail and "totally: Extra inputs" in s.stop_detail
+    assert fake_llm.calls == 2  # the call and one repair retry
+    u = summary.usage["simulated_user"]
+    assert (u.calls, u.failed_calls, u.failures) == (2, 2, {"invalid_output": 2})
+
+
+async def test_failed_attempts_are_counted_in_session_and_run_usage(store, fake_llm):
+    fake_llm.set_handler(lambda req: FakeReply(status=500, content="upstream down"))
+    summary = await run(store, fake_llm, [{"goal": "g"}])
+    session = await store.get_session(summary.sessions[0].session_id)
+    assert session.stop_reason == StopReason.SIMULATOR_ERROR and fake_llm.calls == 3  # max_retries=2
+    for u in (session.usage["simulated_user"], summary.usage["simulated_user"]):
+        assert (u.calls, u.failed_calls, u.failures) == (3, 3, {"server_error": 3})
+
+
+async def test_a_refused_key_stops_the_whole_run_after_one_request(store, fake_llm):
+    fake_llm.set_handler(lambda req: FakeReply(status=401, content="Incorrect API key provided"))
+    summary = await run(store, fake_llm, [{"goal": f"g{i}"} for i in range(5)], concurrency=5)
+    assert fake_llm.calls == 1
+    assert summary.status == "failed"
+    assert "openai/fake-user" in summary.error and "CONVSIM_API_KEY" in summary.error
+    assert summary.stop_reasons == {"simulator_error": 5}  # never cancelled, never the agent's fault
+    assert all(s.stop_detail and "CONVSIM_API_KEY" in s.stop_detail for s in summary.sessions)
+    assert "test-key" not in summary.error
+
+
+async def test_a_key_refused_mid_run_ends_the_other_sessions_as_simulator_errors(store, fake_llm):
+    def reply(req):
+        if len(req["messages"]) > 4:  # the third turn of any session
+            return FakeReply(status=401, content="key revoked")
+        return FakeReply(content=turn(message="next"), delay_s=0.05)
+
+    fake_llm.set_handler(reply)
+    summary = await run(store, fake_llm, [{"goal": f"g{i}"} for i in range(6)], concurrency=2)
+    assert summary.status == "failed" and "key revoked" in summary.error
+    assert set(summary.stop_reasons) == {"simulator_error"}
+    details = sorted(s.stop_detail.split(":")[0] for s in summary.sessions)
+    assert "not run" in details  # sessions that never started say so
+    assert fake_llm.calls <= 2 * 2 + 2  # two turns of the two running sessions, then one refusal each at most
+
+
+async def test_a_too_long_conversation_leaves_out_old_turns_and_says_so(store, fake_llm):
+    limit = 800  # characters of conversation (the system prompt aside): about three turns
+
+    def reply(req):
+        if sum(len(m["content"] or "") for m in req["messages"][1:]) > limit:
+            return FakeReply.context_length_exceeded()
+        return turn(message="x" * 150)
+
+    fake_llm.set_handler(reply)
+    summary = await run(store, fake_llm, [{"goal": "g"}], max_turns=6)
+    assert summary.sessions[0].stop_reason == StopReason.MAX_TURNS
+    session = await store.get_session(summary.sessions[0].session_id)
+    omitted = [(m.turn, m.history_omitted) for m in session.messages if m.role == "user" and m.history_omitted]
+    assert omitted and omitted[0][1] >= 1
+    trimmed = next(r["messages"] for r in fake_llm.requests if "earlier messages are left out" in str(r["messages"]))
+    first_user = next(m.content for m in session.messages if m.role == "user")
+    assert [m["role"] for m in trimmed[:4]] == ["system", "user", "assistant", "user"]
+    assert trimmed[1]["content"] == KICKOFF and trimmed[2]["content"] == first_user
+    assert f"{omitted[0][1]} earlier messages are left out" in trimmed[3]["content"]
+    assert trimmed[-1]["content"].startswith("You said:")  # the agent's latest reply is kept
+    assert sum(len(m["content"]) for m in trimmed[1:]) <= limit
+    # one failed call when it first overflowed; later turns are shortened up front
+    assert fake_llm.calls == 6 + 1 and summary.usage["simulated_user"].failures == {"context_length": 1}
+    assert [t for t, _ in omitted] == [4, 5, 6]
+
+
+async def test_a_conversation_that_does_not_fit_even_shortened_is_a_simulator_error(store, fake_llm):
+    fake_llm.queue(turn(message="one"), turn(message="two"))
+    fake_llm.set_handler(lambda req: FakeReply.context_length_exceeded())
+    summary = await run(store, fake_llm, [{"goal": "g"}])
+    s = summary.sessions[0]
+    assert s.stop_reason == StopReason.SIMULATOR_ERROR and s.turns == 2
+    assert "even with 1 earlier messages left out" in s.stop_detail and "maximum context length" in s.stop_detail
+    assert fake_llm.calls == 4  # two turns, then the call and the shortened call: never retried as transient
+    u = summary.usage["simulated_user"]
+    assert (u.calls, u.failed_calls, u.failures) == (4, 2, {"context_length": 2})
+
+
+async def test_a_first_prompt_too_long_for_the_model_is_a_simulator_error(store, fake_llm):
+    fake_llm.set_handler(lambda req: FakeReply.context_length_exceeded())
+    summary = await run(store, fake_llm, [{"goal": "g"}])
+    assert summary.sessions[0].stop_reason == StopReason.SIMULATOR_ERROR
+    assert "no earlier conversation to leave out" in summary.sessions[0].stop_detail
+    assert fake_llm.calls == 1

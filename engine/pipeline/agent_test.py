@@ -12,15 +12,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, TypeVar
 
 import anyio
 from pydantic import BaseModel, Field
 
-from ..errors import InvalidOption, InvalidTarget, RunError
+from ..errors import InvalidOption, InvalidTarget, LLMAuthError, LLMError, RunError
 from ..generator import describe_agent, generate_cases
 from ..issues import collect_failures, discover_issues
-from ..llm import LLM, resolve_llm
+from ..llm import LLM, resolve_llm, resolve_model
 from ..models import (
     AgentProfile,
     Report,
@@ -50,6 +50,8 @@ from .generation import MAX_TEST_CASES
 from .simulation import SimulationJob, resolve_cases
 
 log = logging.getLogger("convsim.pipeline")
+
+R = TypeVar("R")
 
 STAGES = ("describe", "generate", "simulate", "discover", "report")
 
@@ -98,16 +100,13 @@ class AgentTestJob:
             cases = list(self.given_cases)
             if self.num_test_cases:
                 await stage(0, "describe: reading the agent (description, self-description, source)")
-                profile, spent = await describe_agent(self.generator_llm, description=self.description,
-                                                      target=self.target, ask_agent=self.ask_agent,
-                                                      introspect=self.introspect, workspace=self.workspace)
-                self.usage = add_usage(self.usage, Role.GENERATOR.value, spent)
+                profile = await self._spend(Role.GENERATOR, describe_agent(
+                    self.generator_llm, description=self.description, target=self.target, ask_agent=self.ask_agent,
+                    introspect=self.introspect, workspace=self.workspace))
                 await stage(1, f"generate: writing {self.num_test_cases} test cases")
-                generated, spent = await generate_cases(profile, self.generator_llm,
-                                                        num_test_cases=self.num_test_cases, guidance=self.guidance,
-                                                        adversarial=self.adversarial)
-                self.usage = add_usage(self.usage, Role.GENERATOR.value, spent)
-                cases += generated
+                cases += await self._spend(Role.GENERATOR, generate_cases(
+                    profile, self.generator_llm, num_test_cases=self.num_test_cases, guidance=self.guidance,
+                    adversarial=self.adversarial))
             test_set = TestSet(id=new_test_set_id(), name=f"test_agent {self.run_id}", created_at=time.time(),
                                cases=cases, profile=profile, sources=profile.sources if profile else ["given"],
                                offline=self.generator_llm.offline, usage=self.usage)
@@ -122,11 +121,12 @@ class AgentTestJob:
                                        self.max_turns, self.concurrency, self.repeats, self.scorers, self.judge_llm,
                                        finish_run=False)
             summary = await simulation.run(sim_progress)
+            if summary.status == RunStatus.FAILED:  # e.g. a refused key: the run is already marked failed
+                raise _Stopped(summary.error or "the simulation failed")
             await stage(2 + sim_steps, "discover: clustering failures into issues")
             sessions = await self.store.get_sessions(self.run_id)
             assessments = await self.store.get_assessments([s.id for s in sessions])
-            issues, spent = await discover_issues(sessions, assessments, self.judge_llm)
-            self.usage = add_usage(self.usage, Role.ANALYST.value, spent)
+            issues = await self._spend(Role.ANALYST, discover_issues(sessions, assessments, self.judge_llm))
             await stage(3 + sim_steps, "report: writing the report")
             usage = dict(summary.usage)
             for role, u in self.usage.items():
@@ -150,11 +150,30 @@ class AgentTestJob:
                     await self.store.finish_run(self.run_id, RunStatus.CANCELLED, "cancelled; completed turns are kept")
             raise
         except Exception as e:
-            log.exception("test_agent run %s failed", self.run_id)
-            await self.store.finish_run(self.run_id, RunStatus.FAILED, f"{type(e).__name__}: {e}")
-            raise RunError(f"test_agent run {self.run_id} failed: {type(e).__name__}: {e}") from e
+            # a refused key or a stopped simulation says what to fix in its own words; anything else is a bug
+            error = str(e) if isinstance(e, (LLMAuthError, _Stopped)) else f"{type(e).__name__}: {e}"
+            if isinstance(e, LLMAuthError):
+                log.error("test_agent run %s failed: %s", self.run_id, error)
+            else:
+                log.exception("test_agent run %s failed", self.run_id)
+            await self.store.finish_run(self.run_id, RunStatus.FAILED, error)
+            raise RunError(f"test_agent run {self.run_id} failed: {error}") from e
         finally:
             await self.target.aclose()
+
+    async def _spend(self, role: Role, call: Awaitable[tuple[R, Usage]]) -> R:
+        """Await a (result, usage) model step and count its usage under `role`, also when it fails."""
+        try:
+            result, spent = await call
+        except LLMError as e:
+            self.usage = add_usage(self.usage, role.value, e.usage)
+            raise
+        self.usage = add_usage(self.usage, role.value, spent)
+        return result
+
+
+class _Stopped(RunError):
+    """The simulation stage ended the run as failed (its error is already stored)."""
 
 
 async def prepare_agent_test(
@@ -196,10 +215,18 @@ async def prepare_agent_test(
     scorer_list = parse_scorers(scorers if scorers is not None else list(DEFAULT_SCORERS), workspace=workspace)
     user_class = load_user_class(user_agent, workspace=workspace)
 
+    backends: dict[str, LLM] = {}
+
     def model_for(specific: str | None) -> LLM:
+        """One backend per model name, so that roles sharing a model share one key check and one latch."""
         if llm is not None and specific is None:
             return llm
-        return resolve_llm(specific or model, max_concurrency=concurrency)
+        name = resolve_model(specific or model)
+        if llm is not None and name == llm.model:
+            return llm
+        if name not in backends:
+            backends[name] = resolve_llm(name, max_concurrency=concurrency)
+        return backends[name]
 
     user_llm, judge_llm, generator_llm = model_for(user_model), model_for(judge_model), model_for(generator_model)
     run_id = new_run_id()
@@ -291,7 +318,9 @@ async def rerun_issues(
                            sessions_total=len(cases) * repeats)
     job = SimulationJob(store, new_run, resolved, cases, user_llm, load_user_class(options.get("user_agent"), workspace=workspace), turns,
                         options.get("concurrency") or 8, repeats, scorers, judge_llm)
-    await job.run(progress)
+    rerun = await job.run(progress)
+    if rerun.status == RunStatus.FAILED:  # e.g. a refused key: nothing was tested, so nothing counts as fixed
+        raise RunError(f"re-run {new_run} of run {run_id} failed: {rerun.error}")
     sessions = await store.get_sessions(new_run)
     failures = collect_failures(sessions, await store.get_assessments([s.id for s in sessions]))
     checks = []

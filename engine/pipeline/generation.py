@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import InvalidOption
+from ..errors import InvalidOption, LLMError
 from ..generator import dedupe_cases, describe_agent, distill_cases, generate_cases
 from ..llm import LLM, resolve_llm
 from ..models import (
@@ -86,6 +86,9 @@ async def build_test_set(
             usage = add_usage(usage, Role.GENERATOR.value, spent)
             cases += dedupe_cases(distilled, against=cases)
             sources.append(f"transcripts:{len(sessions)} sessions")
+    except LLMError as e:  # the error carries everything generation spent, the failed call included
+        e.usage = usage.get(Role.GENERATOR.value, Usage()).add(e.usage)
+        raise
     finally:
         if resolved is not None and not isinstance(target, Target):
             await resolved.aclose()

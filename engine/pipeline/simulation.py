@@ -6,7 +6,10 @@
 `prepare_*` does every check that can fail because of the request before a
 run exists, so a bad target or test case is reported at once. `run` never
 raises for a failing agent or model: those end the affected session with a
-stop reason, and the run completes.
+stop reason, and the run completes. One model failure stops the whole run: a
+refused API key (`LLMAuthError`) for the simulated user or the judge. Then every
+session not yet finished ends `simulator_error` with the reason, and the run is
+`failed` with that one error (naming the model and the variable to fix).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Any
 
 import anyio
 
-from ..llm import LLM, resolve_llm
+from ..errors import LLMAuthError
+from ..llm import LLM, resolve_llm, resolve_model
 from ..models import (
     Message,
     RunStatus,
@@ -92,6 +96,10 @@ class SimulationJob:
     def total_steps(self) -> int:
         return len(self.cases) * self.repeats * self.max_turns
 
+    def stopped_by(self) -> LLMAuthError | None:
+        """The refused-credentials error that stops this run, once the user's or the judge's model latched one."""
+        return self.llm.auth_error or (self.judge_llm.auth_error if self.judge_llm is not None else None)
+
     async def run(self, progress: ProgressFn | None = None) -> RunSummary:
         sessions = [
             Session(id=new_session_id(), run_id=self.run_id, case_index=i, repeat=r, test_case=case, started_at=None)
@@ -110,19 +118,25 @@ class SimulationJob:
                 what = f"ended: {event.stop_reason.value}" if event.finished and event.stop_reason else f"turn {event.turn}"
                 await progress(Progress(sum(steps.values()), self.total_steps, f"{event.session_id} {what}"))
 
-        async def play(session: Session) -> None:
+        async def play(session: Session, stop: anyio.CancelScope) -> None:
             async with limiter:
+                if self.stopped_by():  # left for _close to end as not run
+                    stop.cancel()
+                    return
                 session.started_at = time.time()
-                runner = ConversationRunner(self.target, self.user_class(self.llm), self.max_turns, recorder, on_event)
+                runner = ConversationRunner(self.target, self.user_class(self.llm), self.max_turns, recorder, on_event,
+                                            stopped_by=self.stopped_by)
                 await runner.run(session)
-                if self.scorers and session.stop_reason != StopReason.CANCELLED:
+                if self.scorers and session.stop_reason != StopReason.CANCELLED and not self.stopped_by():
                     await score_one(self.store, session, self.scorers, self.judge_llm or self.llm)
+                if self.stopped_by():
+                    stop.cancel()
 
         status, error = RunStatus.COMPLETED, None
         try:
             async with anyio.create_task_group() as tg:
                 for s in sessions:
-                    tg.start_soon(play, s)
+                    tg.start_soon(play, s, tg.cancel_scope)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await self._close(RunStatus.CANCELLED, "cancelled; completed turns are kept", sessions)
@@ -130,13 +144,21 @@ class SimulationJob:
         except Exception as e:  # a bug, not an agent or model failure: keep what was stored
             log.exception("run %s failed", self.run_id)
             status, error = RunStatus.FAILED, f"{type(e).__name__}: {e}"
+        stopped = self.stopped_by()
+        if stopped is not None and status == RunStatus.COMPLETED:
+            status, error = RunStatus.FAILED, str(stopped)
         await self._close(status, error, sessions)
         return await run_summary(self.store, self.run_id)
 
     async def _close(self, status: RunStatus, error: str | None, sessions: list[Session]) -> None:
+        stopped = self.stopped_by()
         for s in sessions:
             if s.stop_reason is None:  # never started, or stopped by a failure elsewhere
-                s.stop_reason, s.stop_detail, s.finished_at = StopReason.CANCELLED, error or "not run", time.time()
+                if stopped is not None:  # could not be tested: a model reason, never the agent's
+                    s.stop_reason, s.stop_detail = StopReason.SIMULATOR_ERROR, f"not run: {stopped}"
+                else:
+                    s.stop_reason, s.stop_detail = StopReason.CANCELLED, error or "not run"
+                s.finished_at = time.time()
                 await self.store.finish_session(s)
         await self.target.aclose()
         if self.finish_run or status != RunStatus.COMPLETED:
@@ -171,8 +193,9 @@ async def prepare_simulation(
     user_class = load_user_class(user_agent, workspace=workspace)
     scorer_list = parse_scorers(scorers, workspace=workspace) if scorers else []
     llm = llm or resolve_llm(model, api_base=api_base, api_key=api_key, max_concurrency=concurrency)
-    judge_llm = resolve_llm(judge_model, api_base=api_base, api_key=api_key, max_concurrency=concurrency) \
-        if judge_model else llm
+    same_model = not judge_model or resolve_model(judge_model) == llm.model  # one backend: one key check, one latch
+    judge_llm = llm if same_model else resolve_llm(judge_model, api_base=api_base, api_key=api_key,
+                                                   max_concurrency=concurrency)
     run_id = new_run_id()
     options = {"max_turns": max_turns, "concurrency": concurrency, "repeats": repeats, "user_agent": user_agent,
                "scorers": [sc.name for sc in scorer_list], "judge_model": judge_llm.model}
