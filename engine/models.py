@@ -303,12 +303,25 @@ class RunSummary(BaseModel):
     turns_done: int
     progress: float = Field(description="Fraction of the run done, 0-1 (a finished session counts as all its turns).")
     stop_reasons: dict[str, int] = Field(default_factory=dict)
+    untested: int = Field(0, description="Sessions that could not test the agent: the simulated user failed "
+                                         "(simulator_error) or a judge's model could not give a verdict.")
+    untested_sessions: list[UntestedSession] = Field(default_factory=list, description="The first of them, why.")
     usage: dict[str, Usage] = Field(default_factory=dict, description="Model usage by role.")
     error: str | None = None
     sessions: list[SessionSummary] = Field(default_factory=list)
     scores: list["ScorerSummary"] = Field(default_factory=list, description="Per-scorer results, when scored.")
     resource: str = Field(description="URI of the full run (all transcripts).")
     note: str | None = Field(None, description="What to do next, or caveats (e.g. offline backend).")
+
+
+class UntestedSession(BaseModel):
+    """A session that could not test the agent: the simulated user's or a judge's model failed.
+
+    Never a pass and never an agent issue; the CLI exits 3 when there are any (see --allow-untested).
+    """
+
+    session_id: str
+    reason: str = Field(description="What failed, in one line.")
 
 
 class Evidence(BaseModel):
@@ -331,6 +344,9 @@ class Assessment(BaseModel):
     turn: int | None = Field(None, description="Set for per-turn scorers: the agent turn scored.")
     heuristic: bool = Field(False, description="Produced by the offline heuristic, not by a model.")
     error: str | None = Field(None, description="Why the session is unscored (judge failure, scorer exception).")
+    error_kind: Literal["model", "scorer"] | None = Field(
+        None, description="'model': the judge's model failed or none is configured, so the session could not be "
+                          "tested; 'scorer': the scorer itself raised or returned something unusable.")
     usage: Usage | None = None
     created_at: float | None = None
 
@@ -362,6 +378,8 @@ class ScoreSummary(BaseModel):
 
     run_ids: list[str]
     sessions: int
+    untested: int = Field(0, description="Sessions that could not be judged for a model reason (never passes).")
+    untested_sessions: list["UntestedSession"] = Field(default_factory=list)
     scorers: list[ScorerSummary]
     usage: dict[str, Usage] = Field(default_factory=dict, description="Judge model usage (role 'judge').")
     offline: bool
@@ -450,6 +468,8 @@ class Report(BaseModel):
     test_cases: list[TestCase] = Field(default_factory=list)
     sessions: list[SessionSummary] = Field(default_factory=list)
     scores: list[ScorerSummary] = Field(default_factory=list)
+    untested: int = Field(0, description="Sessions that could not test the agent (see RunSummary.untested).")
+    untested_sessions: list[UntestedSession] = Field(default_factory=list)
     issues: list[Issue] = Field(default_factory=list, description="Agent issues, most severe first.")
     simulator_issues: list[Issue] = Field(default_factory=list, description="Problems of the simulated user.")
     usage: dict[str, Usage] = Field(default_factory=dict)
@@ -457,3 +477,4 @@ class Report(BaseModel):
 
 
 RunSummary.model_rebuild()
+ScoreSummary.model_rebuild()

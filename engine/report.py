@@ -31,6 +31,7 @@ from .models import (
     ScorerSummary,
     SessionSummary,
     TestCase,
+    UntestedSession,
     Usage,
 )
 
@@ -47,7 +48,8 @@ GOAL_CHARS = 140
 def build_report(*, run_id: str, target: str, started_at: float, finished_at: float, offline: bool,
                  models: dict[str, str], agent: AgentProfile | None, test_set_id: str | None,
                  test_cases: list[TestCase], sessions: list[SessionSummary], scores: list[ScorerSummary],
-                 issues: list[Issue], usage: dict[str, Usage]) -> Report:
+                 issues: list[Issue], usage: dict[str, Usage], untested: int = 0,
+                 untested_sessions: list[UntestedSession] | None = None) -> Report:
     """A `Report` with agent issues most severe first and simulator issues kept apart."""
     return Report(
         run_id=run_id,
@@ -64,18 +66,23 @@ def build_report(*, run_id: str, target: str, started_at: float, finished_at: fl
         issues=sort_issues([i for i in issues if i.source == "agent"]),
         simulator_issues=sort_issues([i for i in issues if i.source == "simulator"]),
         usage=dict(usage),
+        untested=untested,
+        untested_sessions=list(untested_sessions or []),
         note=OFFLINE_NOTE if offline else None,
     )
 
 
 def verdict(report: Report) -> str:
-    """"3 issues: 2 high, 1 medium", or "no issues found"."""
+    """"3 issues: 2 high, 1 medium", or "no issues found"; first, how many sessions could not be tested."""
+    untested = ""
+    if report.untested:
+        untested = f"{report.untested} of {len(report.sessions)} sessions could not be tested; "
     if not report.issues:
-        head = "no issues found"
+        head = untested + ("no issues found in the rest" if untested else "no issues found")
     else:
         counts = Counter(i.severity for i in report.issues)
         parts = [f"{counts[s]} {s}" for s in sorted(counts, key=SEVERITY_ORDER.__getitem__)]
-        head = f"{len(report.issues)} issue{'s' if len(report.issues) != 1 else ''}: {', '.join(parts)}"
+        head = untested + f"{len(report.issues)} issue{'s' if len(report.issues) != 1 else ''}: {', '.join(parts)}"
     n = len(report.simulator_issues)
     return head + (f" (+{n} simulator issue{'s' if n != 1 else ''})" if n else "")
 
@@ -99,6 +106,10 @@ def _header(report: Report) -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(report.created_at))
     lines = [f"# {_inline(report.target)}: {verdict(report)}", "",
              f"Run `{report.run_id}`, {when}."]
+    if report.untested:
+        lines += ["", f"**{report.untested} session(s) could not be tested** (the simulated user's or a judge's model "
+                      "failed): they are neither passes nor agent issues. Fix the model setup and run again."]
+        lines += [f"- `{u.session_id}`: {_inline(u.reason, QUOTE_CHARS)}" for u in report.untested_sessions[:5]]
     if report.offline:
         lines.append(f"Produced by {report.note or OFFLINE_NOTE}")
     elif report.note:
@@ -216,6 +227,8 @@ class ReportDigest(BaseModel):
     verdict: str = Field(description="e.g. '3 issues: 2 high, 1 medium'.")
     offline: bool
     sessions: int
+    untested: int = Field(0, description="Sessions that could not test the agent (a model failed); not passes.")
+    untested_sessions: list[UntestedSession] = Field(default_factory=list)
     turns: int
     stop_reasons: dict[str, int] = Field(default_factory=dict)
     issues: list[IssueDigest] = Field(default_factory=list, description="Agent issues, most severe first.")
@@ -240,6 +253,8 @@ def compact_result(report: Report, *, resources: dict[str, str]) -> ReportDigest
         verdict=verdict(report),
         offline=report.offline,
         sessions=len(report.sessions),
+        untested=report.untested,
+        untested_sessions=report.untested_sessions[:5],
         turns=sum(s.turns for s in report.sessions),
         stop_reasons=dict(Counter(s.stop_reason.value for s in report.sessions if s.stop_reason)),
         issues=[_digest(i) for i in report.issues],
@@ -294,6 +309,9 @@ def _usage(u: Usage) -> str:
         text += f", ${u.cost_usd:.4f}"
     if u.cost_unknown_calls:
         text += f" ({u.cost_unknown_calls} without a known price)"
+    if u.failed_calls:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(u.failures.items()))
+        text += f"; {u.failed_calls} failed ({kinds})" if kinds else f"; {u.failed_calls} failed"
     return text
 
 

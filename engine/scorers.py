@@ -292,7 +292,8 @@ class _ModelJudge(Scorer):
 
     def heuristic(self, session: Session) -> Assessment | None:
         return Assessment(session_id=session.id, scorer=self.name, heuristic=True,
-                          error=f"'{self.name}' needs a model: the offline backend has no heuristic for custom judges")
+                          error=f"'{self.name}' needs a model: the offline backend has no heuristic for custom judges",
+                          error_kind="model")
 
     def applies(self, session: Session) -> bool:
         return True
@@ -307,7 +308,7 @@ class _ModelJudge(Scorer):
         try:
             result = await llm.complete(self.messages(session), schema, role=Role.JUDGE)
         except LLMError as e:  # unscored with the reason; a latched (refused) backend raises without a call
-            return [Assessment(session_id=session.id, scorer=self.name, error=f"unscored: {e}",
+            return [Assessment(session_id=session.id, scorer=self.name, error=f"unscored: {e}", error_kind="model",
                                usage=e.usage if e.usage.calls else None)]
         verdict = result.output
         passed = self.output.passed(verdict.value)
@@ -316,6 +317,7 @@ class _ModelJudge(Scorer):
             rationale=verdict.rationale.strip(), evidence=_clean_evidence(verdict.evidence, n_turns(session)),
             usage=result.usage,
             error=None if passed is not None else f"unscored: value {verdict.value} is outside the output range",
+            error_kind=None if passed is not None else "model",
         )]
 
 
@@ -475,11 +477,11 @@ class CodeScorer(Scorer):
         try:
             raw = await self._call(**offered)
         except Exception as e:
-            return base.model_copy(update={"error": f"scorer raised {type(e).__name__}: {e}"})
+            return base.model_copy(update={"error": f"scorer raised {type(e).__name__}: {e}", "error_kind": "scorer"})
         try:
             return base.model_copy(update=_from_return(raw))
         except (TypeError, ValueError, ValidationError) as e:
-            return base.model_copy(update={"error": f"scorer returned an unusable value: {e}"})
+            return base.model_copy(update={"error": f"scorer returned an unusable value: {e}", "error_kind": "scorer"})
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "level": self.level}

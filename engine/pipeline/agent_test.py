@@ -137,7 +137,8 @@ class AgentTestJob:
                 models={Role.USER.value: self.user_llm.model, Role.JUDGE.value: self.judge_llm.model,
                         Role.GENERATOR.value: self.generator_llm.model, Role.ANALYST.value: self.judge_llm.model},
                 agent=profile, test_set_id=test_set.id, test_cases=cases, sessions=summary.sessions,
-                scores=summary.scores, issues=issues, usage=usage,
+                scores=summary.scores, issues=issues, usage=usage, untested=summary.untested,
+                untested_sessions=summary.untested_sessions,
             )
             await self.store.save_report(report, render_markdown(report))
             await self.store.finish_run(self.run_id, RunStatus.COMPLETED)

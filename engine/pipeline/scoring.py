@@ -26,7 +26,7 @@ from ..scorers import Scorer, parse_scorers
 from ..store import Store, record_to_session
 from ..workspace import WorkspaceArg, as_workspace
 from ..text import one_line
-from ._shared import MAX_CONCURRENCY, Progress, ProgressFn, check_range, scores_uri
+from ._shared import MAX_CONCURRENCY, Progress, ProgressFn, check_range, scores_uri, untested_sessions
 
 log = logging.getLogger("convsim.pipeline")
 
@@ -40,13 +40,18 @@ async def score_one(store: Store, session: Session, scorers: list[Scorer], llm: 
 
 
 async def _score_pair(store: Store, session: Session, scorer: Scorer, llm: LLM) -> list[Assessment]:
+    """One scorer's verdicts on one session, stored. A session the agent never answered is not judged:
+    there is nothing of the agent's to judge (it ended before the agent's first turn)."""
+    if not any(m.role == "assistant" for m in session.messages):
+        return []
     try:
         assessments = await scorer.score(session, llm)
     except anyio.get_cancelled_exc_class():
         raise
     except Exception as e:
         log.exception("scorer %s failed on %s", scorer.name, session.id)
-        assessments = [Assessment(session_id=session.id, scorer=scorer.name, error=f"{type(e).__name__}: {e}")]
+        assessments = [Assessment(session_id=session.id, scorer=scorer.name, error=f"{type(e).__name__}: {e}",
+                                  error_kind="scorer")]
     now = time.time()
     assessments = [a.model_copy(update={"created_at": now}) for a in assessments]
     await store.save_assessments(assessments)
@@ -142,11 +147,13 @@ async def score_summary(store: Store, sessions: list[Session], scorer_names: lis
     usage = judge_usage(assessments)
     run_ids = sorted({s.run_id for s in sessions if s.run_id})
     summaries = summarize_scores(assessments, order=scorer_names)
+    untested, untested_list = untested_sessions(sessions, assessments)
     note = None
     if offline:
         note = ("Scored by the offline heuristics (no model): rough, deterministic checks. "
                 "Configure a model for real judges.")
-    return ScoreSummary(run_ids=run_ids, sessions=len(sessions), scorers=summaries, usage=usage, offline=offline,
+    return ScoreSummary(run_ids=run_ids, sessions=len(sessions), untested=untested, untested_sessions=untested_list,
+                        scorers=summaries, usage=usage, offline=offline,
                         resources=[scores_uri(r) for r in run_ids], note=note)
 
 

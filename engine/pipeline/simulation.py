@@ -58,6 +58,7 @@ from ._shared import (
     check_range,
     run_uri,
     session_uri,
+    untested_sessions,
 )
 from .scoring import judge_usage, score_one, summarize_scores
 
@@ -233,6 +234,7 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
             reasons[s.stop_reason.value] = reasons.get(s.stop_reason.value, 0) + 1
     assessments = await store.get_assessments([s.id for s in sessions])
     usage = judge_usage(assessments, into=usage)
+    untested, untested_list = untested_sessions(sessions, assessments)
     status = RunStatus(run["status"])
     max_turns = run["options"].get("max_turns") or 1
     steps = sum(max_turns if s.stop_reason else min(s.turns, max_turns) for s in sessions)
@@ -260,6 +262,8 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
         turns_done=sum(s.turns for s in sessions),
         progress=round(steps / max(run["sessions_total"] * max_turns, 1), 4) if status == RunStatus.RUNNING else 1.0,
         stop_reasons=reasons,
+        untested=untested,
+        untested_sessions=untested_list,
         usage=usage,
         error=run["error"],
         sessions=[summarize_session(s) for s in sessions[:max_sessions]],
