@@ -83,3 +83,133 @@ async def test_runs_left_running_by_a_dead_process_become_interrupted(store):
     assert (await store.get_run(summary.run_id))["status"] == "interrupted"
     (session,) = await store.get_sessions(summary.run_id)
     assert session.stop_reason == StopReason.CANCELLED and session.messages
+
+
+# --- big and hostile transcript files: streamed, bounded, all or nothing ------------------------
+
+from engine.limits import MAX_JSON_DEPTH, MAX_LINE_BYTES, MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TRANSCRIPTS  # noqa: E402
+from engine.pipeline import run_summary, score_sessions  # noqa: E402
+from engine.store import MAX_SQL_PARAMS  # noqa: E402
+
+SECRET = "SECRET-VALUE-do-not-echo-4711"
+
+
+def _chat(i: int) -> str:
+    return json.dumps([{"role": "user", "content": f"where is order {i}?"},
+                       {"role": "assistant", "content": f"order {i} ships today"}])
+
+
+def _write(path, lines: list[str]):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+async def _nothing_stored(store: Store) -> None:
+    assert await store.list_runs() == []
+    for table in ("runs", "sessions", "messages", "test_cases"):
+        assert store._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0, table
+
+
+async def test_a_file_over_max_transcripts_is_refused_before_anything_is_stored(store, tmp_path):
+    # Line 3 is not JSON: the count is checked first, by streaming, before any line is parsed.
+    lines = [_chat(i) for i in range(MAX_TRANSCRIPTS + 1)]
+    lines[2] = "{not json"
+    path = _write(tmp_path / "big.jsonl", lines)
+    with pytest.raises(InvalidOption, match=f"more than {MAX_TRANSCRIPTS} transcripts.*MAX_TRANSCRIPTS"):
+        await store.import_file(path)
+    await _nothing_stored(store)
+
+
+async def test_inline_transcripts_over_max_transcripts_are_refused_before_anything_is_stored(store):
+    transcripts = [{"messages": [{"role": "user", "content": "hi"}]}] * (MAX_TRANSCRIPTS + 1)
+    with pytest.raises(InvalidOption, match=f"{MAX_TRANSCRIPTS + 1} transcripts.*MAX_TRANSCRIPTS"):
+        await score_sessions(store, transcripts=transcripts, scorers=["goal_achievement"], model="offline")
+    await _nothing_stored(store)
+
+
+def _nested(depth: int) -> object:
+    value: object = "leaf"
+    for _ in range(depth):
+        value = {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("line, expected", [
+    pytest.param('["' + "x" * MAX_LINE_BYTES + '"]', "line 2 is longer than .*MAX_LINE_BYTES", id="line-bytes"),
+    pytest.param(json.dumps([{"role": "user", "content": SECRET}] * (MAX_MESSAGES + 1)),
+                 f"line 2: 'messages' has {MAX_MESSAGES + 1} entries.*MAX_MESSAGES", id="messages"),
+    pytest.param(json.dumps([{"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": SECRET * (MAX_MESSAGE_CHARS // len(SECRET) + 1)}]),
+                 r"line 2: messages\[1\]\.content is .*MAX_MESSAGE_CHARS", id="message-chars"),
+    pytest.param(json.dumps({"messages": [{"role": "user", "content": "hi"}], "metadata": _nested(MAX_JSON_DEPTH)}),
+                 "line 2: nested more than .*MAX_JSON_DEPTH", id="depth"),
+    pytest.param("[" * 200_000, "line 2: nested more than .*MAX_JSON_DEPTH", id="depth-beyond-the-parser"),
+    pytest.param(json.dumps([{"role": SECRET, "content": "hi"}]), r"line 2: messages\[0\]\.role: Input should be",
+                 id="pydantic-field"),
+    pytest.param(json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop_reason": SECRET}),
+                 "line 2: stop_reason: Input should be", id="stop-reason"),
+    pytest.param(json.dumps({"messages": [{"role": "user", "content": "hi"}], "test_case": {"goal": SECRET,
+                                                                                           "persona": 7}}),
+                 "line 2: test_case.persona: Input should be a valid string", id="test-case"),
+    pytest.param(json.dumps({"messages": [{"role": "user", "content": "hi"}], "session_id": {"x": SECRET}}),
+                 "line 2: session_id must be a string", id="session-id"),
+    pytest.param(b'["\xff"]', "line 2 is not valid UTF-8", id="utf-8"),
+])
+async def test_a_bad_record_is_refused_naming_line_and_field_but_never_its_content(store, tmp_path, line, expected):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(_chat(0).encode() + b"\n" + (line if isinstance(line, bytes) else line.encode()) + b"\n")
+    with pytest.raises(InvalidOption, match=expected) as e:
+        await store.import_file(path)
+    assert SECRET not in str(e.value) and "xxxxxxxx" not in str(e.value)
+    assert len(str(e.value)) < 300
+    await _nothing_stored(store)
+
+
+async def test_a_bad_line_after_committed_batches_leaves_nothing_stored(store, tmp_path):
+    path = _write(tmp_path / "late.jsonl", [_chat(i) for i in range(1200)] + ['{"nope": 1}'])
+    with pytest.raises(InvalidOption, match="line 1201"):
+        await store.import_file(path)
+    await _nothing_stored(store)
+
+
+async def test_an_import_inserts_in_a_few_transactions_not_one_per_message(store, tmp_path):
+    path = _write(tmp_path / "t.jsonl", [_chat(i) for i in range(1200)])
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    run_id = await store.import_file(path)
+    store._db.set_trace_callback(None)
+    assert sum(s.strip().upper().startswith("BEGIN") for s in statements) <= 5  # create run + 3 batches
+    assert (await store.get_run(run_id))["sessions_total"] == 1200
+    assert store._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 2400
+
+
+async def test_no_statement_binds_more_than_max_sql_params(store, tmp_path):
+    """SQLite refuses statements past its variable limit: set it to MAX_SQL_PARAMS and use every reader."""
+    store._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, MAX_SQL_PARAMS)
+    n = 3 * MAX_SQL_PARAMS + 7
+    records = [json.dumps({"session_id": f"s-{i}", "messages": json.loads(_chat(i))}) for i in range(n)]
+    first = await store.import_file(_write(tmp_path / "t.jsonl", records))
+    again = await store.import_jsonl(records)  # every id taken: each is renamed, in chunks
+    ids = await store.session_ids(again)
+    assert len(ids) == n and not set(ids) & set(await store.session_ids(first))
+    by_run = await score_sessions(store, run_id=again, scorers=["goal_achievement"], model="offline")
+    by_ids = await score_sessions(store, session_ids=ids, scorers=["goal_achievement"], model="offline")
+    assert by_run.scorers[0].passed == by_ids.scorers[0].passed == n and by_ids.run_ids == [again]
+    assert len(await store.get_assessments(ids)) == n
+    assert len(await store.get_sessions(again)) == n
+    assert len(await store.export_jsonl(again)) == n
+    summary = await run_summary(store, again)
+    assert summary.turns_done == n and summary.scores[0].passed == n and len(summary.sessions) == 50
+    assert [s.turns for s in await store.get_sessions_by_ids(ids)] == [1] * n
+    assert await store.mark_interrupted() == 0
+
+
+async def test_run_summary_lists_the_last_messages_without_reading_transcripts(store):
+    summary = await simulate(store, agent("echo"), [{"goal": "A. B. C."}], model="offline", workspace=ROOT,
+                             max_turns=3)
+    (s,) = summary.sessions
+    (full,) = await store.get_sessions(summary.run_id)
+    assert s.last_agent_reply == next(m.content for m in reversed(full.messages) if m.role == "assistant")
+    assert s.last_user_message == next(m.content for m in reversed(full.messages) if m.role == "user")
+    (preview,) = await store.get_session_previews(summary.run_id, 50)
+    assert [m.role for m in preview.messages] == ["user", "assistant"] and len(full.messages) == 6
