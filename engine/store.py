@@ -15,6 +15,11 @@ insert in batches (a file over MAX_TRANSCRIPTS is refused after a counting
 pass, before anything is stored); readers page sessions (`iter_sessions`,
 `get_sessions_by_ids`) and aggregate in SQL (`session_totals`); no statement
 binds more than MAX_SQL_PARAMS parameters.
+
+A run left 'running' by a process that died reads 'interrupted' from every
+reader (`get_run`, `list_runs`, the server's startup sweep). A run row keeps
+its process's pid and, on Linux, the process start time (with the boot id),
+so a recycled pid does not keep a dead run 'running'.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, AsyncIterator, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import IO, Any, AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence, TypeVar
 
 import anyio
 from pydantic import ValidationError
@@ -68,8 +73,10 @@ CREATE TABLE IF NOT EXISTS runs (
     offline INTEGER NOT NULL,
     sessions_total INTEGER NOT NULL,
     error TEXT,
-    pid INTEGER
+    pid INTEGER,
+    pid_start TEXT                 -- the process's start stamp (boot id:start time), against pid reuse
 );
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 CREATE TABLE IF NOT EXISTS test_cases (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     idx INTEGER NOT NULL,
@@ -172,7 +179,18 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._migrate()
         self._limiter = anyio.CapacityLimiter(1)
+
+    def _migrate(self) -> None:
+        """Columns added since a database was created (another process may be adding them too)."""
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(runs)")}
+        if "pid_start" not in columns:
+            try:
+                self._db.execute("ALTER TABLE runs ADD COLUMN pid_start TEXT")
+            except sqlite3.OperationalError:
+                if "pid_start" not in {r["name"] for r in self._db.execute("PRAGMA table_info(runs)")}:
+                    raise
 
     async def _run(self, fn: Callable[..., R], *args: Any) -> R:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -198,10 +216,10 @@ class Store:
             with self._db:
                 self._db.execute("BEGIN")
                 self._db.execute(
-                    "INSERT INTO runs (id, kind, status, created_at, target, options, model, offline, sessions_total, pid)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO runs (id, kind, status, created_at, target, options, model, offline, sessions_total,"
+                    " pid, pid_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (run_id, kind, RunStatus.RUNNING.value, time.time(), _clean(json.dumps(target)),
-                     _clean(json.dumps(options)), model, int(offline), sessions_total, os.getpid()),
+                     _clean(json.dumps(options)), model, int(offline), sessions_total, os.getpid(), _own_stamp()),
                 )
                 self._db.executemany(
                     "INSERT INTO test_cases (run_id, idx, data) VALUES (?, ?, ?)",
@@ -232,16 +250,27 @@ class Store:
         )
 
     async def get_run(self, run_id: str) -> dict[str, Any]:
-        row = await self._run(lambda: self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
-        if row is None:
+        """One run; 'interrupted' if it was left running by a process that has died."""
+
+        def read() -> dict[str, Any] | None:
+            dead = self._sweep([run_id])
+            row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+            return _run_row(row, dead) if row is not None else None
+
+        run = await self._run(read)
+        if run is None:
             raise NotFound(f"no run with id '{run_id}'; call list_runs to see the runs there are")
-        return _run_row(row)
+        return run
 
     async def list_runs(self, limit: int = 20) -> list[dict[str, Any]]:
-        rows = await self._run(
-            lambda: self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
-        )
-        return [_run_row(r) for r in rows]
+        """The most recent runs, newest first (dead processes' runs read 'interrupted')."""
+
+        def read() -> list[dict[str, Any]]:
+            dead = self._sweep()
+            rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
+            return [_run_row(r, dead) for r in rows]
+
+        return await self._run(read)
 
     async def get_test_cases(self, run_id: str) -> list[TestCase]:
         rows = await self._run(
@@ -251,23 +280,43 @@ class Store:
 
     async def mark_interrupted(self) -> int:
         """Runs left 'running' by a process that no longer exists become 'interrupted'. Returns how many."""
+        return await self._run(lambda: len(self._sweep()))
 
-        def sweep() -> int:
-            rows = self._db.execute("SELECT id, pid FROM runs WHERE status = ?", (RunStatus.RUNNING.value,)).fetchall()
-            dead = [r["id"] for r in rows if r["pid"] != os.getpid() and not _pid_alive(r["pid"])]
-            for run_id in dead:
-                self._db.execute(
-                    "UPDATE runs SET status = ?, error = ? WHERE id = ?",
-                    (RunStatus.INTERRUPTED.value, "the process running it exited before it finished", run_id),
-                )
-                self._db.execute(
-                    "UPDATE sessions SET stop_reason = ?, stop_detail = ?, finished_at = ? "
-                    "WHERE run_id = ? AND stop_reason IS NULL",
-                    (StopReason.CANCELLED.value, "run interrupted", time.time(), run_id),
-                )
-            return len(dead)
+    def _sweep(self, run_ids: Sequence[str] | None = None) -> set[str]:
+        """Mark runs whose process has died 'interrupted' (of `run_ids`, or all); returns their ids.
 
-        return await self._run(sweep)
+        Cheap enough for every read: only rows still 'running' are looked at (an index), and a
+        process is checked with one signal 0 and one read of /proc. On a read-only database the
+        ids are still returned, so readers report the status they could not record.
+        """
+        running = RunStatus.RUNNING.value
+        if run_ids is None:
+            rows = self._db.execute("SELECT id, pid, pid_start FROM runs WHERE status = ?", (running,)).fetchall()
+        else:
+            rows = []
+            for chunk in _chunks(run_ids):
+                rows += self._db.execute(
+                    f"SELECT id, pid, pid_start FROM runs WHERE status = ? AND id IN ({_marks(chunk)})",
+                    [running, *chunk]).fetchall()
+        dead = {r["id"] for r in rows if not _process_alive(r["pid"], r["pid_start"])}
+        if not dead:
+            return dead
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                for run_id in dead:
+                    self._db.execute(
+                        "UPDATE runs SET status = ?, error = ? WHERE id = ? AND status = ?",
+                        (RunStatus.INTERRUPTED.value, INTERRUPTED_ERROR, run_id, running),
+                    )
+                    self._db.execute(
+                        "UPDATE sessions SET stop_reason = ?, stop_detail = ?, finished_at = ? "
+                        "WHERE run_id = ? AND stop_reason IS NULL",
+                        (StopReason.CANCELLED.value, "run interrupted", time.time(), run_id),
+                    )
+        except sqlite3.Error as e:  # read-only or locked: report it, record it next time
+            log.warning("could not record %d interrupted run(s): %s", len(dead), e)
+        return dead
 
     # --- sessions and messages ------------------------------------------------------------------
 
@@ -609,6 +658,8 @@ class Store:
             log.warning("could not remove the partial import %s: %s", run_id, e)
 
 
+INTERRUPTED_ERROR = "the process running it exited before it finished"
+
 
 def session_to_record(s: Session) -> dict[str, Any]:
     messages = []
@@ -836,21 +887,59 @@ def _session(row: sqlite3.Row, case: TestCase | None, messages: list[Message]) -
     )
 
 
-def _run_row(row: sqlite3.Row) -> dict[str, Any]:
+def _run_row(row: sqlite3.Row, dead: Collection[str] = ()) -> dict[str, Any]:
     d = dict(row)
+    d.pop("pid_start", None)
     d["target"] = json.loads(d["target"])
     d["options"] = json.loads(d["options"])
     d["offline"] = bool(d["offline"])
+    if d["id"] in dead and d["status"] == RunStatus.RUNNING.value:  # seen dead, but not recorded (read-only)
+        d["status"], d["error"] = RunStatus.INTERRUPTED.value, INTERRUPTED_ERROR
     return d
 
 
-def _pid_alive(pid: int | None) -> bool:
+# --- is the process that runs a run still alive? -------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, 'boot id:start time') of a process from Linux /proc; None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            boot = f.read().strip().decode()
+        fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) ": state is field 3, starttime 22
+        return fields[0].decode(), f"{boot}:{int(fields[19])}"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_stamps: dict[int, str | None] = {}
+
+
+def _own_stamp() -> str | None:
+    """This process's start stamp (per pid, so a forked child gets its own)."""
+    pid = os.getpid()
+    if pid not in _stamps:
+        stat = _proc_stat(pid)
+        _stamps[pid] = stat[1] if stat else None
+    return _stamps[pid]
+
+
+def _process_alive(pid: int | None, stamp: str | None) -> bool:
+    """Is the process that created a run still running? A recycled pid (other start stamp) is not."""
     if not pid:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
     except PermissionError:
-        return True
-    return True
+        return True  # another user's process: it exists; its start time is not ours to read
+    except (OSError, OverflowError):
+        return False
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True  # no /proc (macOS): the signal says it exists
+    state, current = stat
+    if state in ("Z", "X"):  # exited, not yet reaped by its parent
+        return False
+    return stamp is None or stamp == current

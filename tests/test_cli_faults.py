@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -117,3 +119,53 @@ def test_a_file_over_max_transcripts_is_refused_up_front_and_nothing_is_stored(c
     assert imported.returncode == 2 and "MAX_TRANSCRIPTS" in imported.stderr, imported.stderr
     listed = convsim("runs", "list", "--db", db, home=convsim_home)
     assert listed.returncode == 0 and "no runs yet" in listed.stdout
+
+
+def _stored(db: str, sql: str) -> list[tuple]:
+    if not Path(db).exists():
+        return []
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            return conn.execute(sql).fetchall()
+    except sqlite3.OperationalError:  # the schema is not there yet
+        return []
+
+
+def test_a_killed_simulation_reads_interrupted_everywhere_and_keeps_its_turns(convsim_home, tmp_path):
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps([{"goal": "A. B. C. D.", "id": "a"}, {"goal": "E. F. G. H.", "id": "b"}]))
+    db = str(tmp_path / "killed.sqlite")
+    # tests.agents:slow takes 2 s a reply: 5 turns would take 10 s
+    sim = subprocess.Popen([sys.executable, "-m", "convsim_mcp", "simulate", "tests.agents:slow", str(cases),
+                            "--max-turns", "5", "--db", db], cwd=ROOT, env=_env(convsim_home),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not _stored(db, "SELECT 1 FROM messages WHERE data LIKE '%too late%'"):  # one agent turn is stored
+            assert sim.poll() is None and time.monotonic() < deadline, "the simulation ended before a turn was stored"
+            time.sleep(0.05)
+        ((run_id,),) = _stored(db, "SELECT id FROM runs")
+        alive = convsim("runs", "list", "--db", db, home=convsim_home)
+        assert "running" in next(line for line in alive.stdout.splitlines() if line.startswith(run_id))
+        sim.send_signal(signal.SIGKILL)
+        assert sim.wait(10) == -signal.SIGKILL
+    finally:
+        sim.kill()
+
+    listed = convsim("runs", "list", "--db", db, home=convsim_home)
+    assert listed.returncode == 0, listed.stderr
+    assert "interrupted" in next(line for line in listed.stdout.splitlines() if line.startswith(run_id))
+
+    table = convsim("runs", "show", run_id, "--db", db, home=convsim_home)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.startswith(f"run {run_id}  interrupted")
+    shown = json.loads(convsim("runs", "show", run_id, "--json", "--db", db, home=convsim_home).stdout)
+    assert shown["status"] == "interrupted" and "exited before it finished" in shown["error"]
+    assert shown["stop_reasons"] == {"cancelled": 2} and shown["turns_done"] >= 1
+
+    exported = convsim("runs", "export", run_id, "--db", db, home=convsim_home)
+    assert exported.returncode == 0, exported.stderr
+    records = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert len(records) == 2 and all(r["stop_reason"] == "cancelled" for r in records)
+    replies = [m["content"] for r in records for m in r["messages"] if m["role"] == "assistant"]
+    assert "too late" in replies  # the completed turns survived the kill

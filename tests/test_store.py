@@ -213,3 +213,89 @@ async def test_run_summary_lists_the_last_messages_without_reading_transcripts(s
     assert s.last_user_message == next(m.content for m in reversed(full.messages) if m.role == "user")
     (preview,) = await store.get_session_previews(summary.run_id, 50)
     assert [m.role for m in preview.messages] == ["user", "assistant"] and len(full.messages) == 6
+
+
+# --- runs whose process died read 'interrupted' from every reader --------------------------------
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from engine.store import _proc_stat  # noqa: E402
+
+linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process start times come from /proc")
+
+
+async def _left_running(store: Store, pid: int, stamp: str | None) -> str:
+    """A finished run rewritten as if its process were still running it (or had died running it)."""
+    summary = await simulate(store, agent("echo"), [{"goal": "g"}], model="offline", workspace=ROOT)
+    store._db.execute("UPDATE runs SET status = 'running', pid = ?, pid_start = ? WHERE id = ?",
+                      (pid, stamp, summary.run_id))
+    store._db.execute("UPDATE sessions SET stop_reason = NULL WHERE run_id = ?", (summary.run_id,))
+    return summary.run_id
+
+
+@pytest.mark.parametrize("read", ["get_run", "list_runs", "run_summary"])
+async def test_every_read_marks_a_dead_process_run_interrupted(store, read):
+    run_id = await _left_running(store, 999_999_999, None)
+    if read == "get_run":
+        status = (await store.get_run(run_id))["status"]
+    elif read == "list_runs":
+        (run,) = await store.list_runs()
+        status = run["status"]
+    else:
+        status = (await run_summary(store, run_id)).status.value
+    assert status == "interrupted"
+    (session,) = await store.get_sessions(run_id)
+    assert session.stop_reason == StopReason.CANCELLED and session.messages  # the turns are kept
+    assert await store.mark_interrupted() == 0  # recorded once, by the read
+
+
+@linux_only
+async def test_a_live_process_keeps_its_run_running_until_it_is_killed(store):
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run_id = await _left_running(store, proc.pid, _proc_stat(proc.pid)[1])
+        assert (await store.get_run(run_id))["status"] == "running"
+        assert [r["status"] for r in await store.list_runs()] == ["running"]
+        proc.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        # Not reaped yet (a zombie: its pid still answers signal 0), and already dead to the store.
+        while (await store.get_run(run_id))["status"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (await store.get_run(run_id))["status"] == "interrupted"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@linux_only
+async def test_a_recycled_pid_does_not_keep_a_dead_run_running(store):
+    # The pid is alive (it is this very process) but the process that created the run started at another time.
+    run_id = await _left_running(store, os.getpid(), "another-boot:12345")
+    assert (await store.get_run(run_id))["status"] == "interrupted"
+
+
+async def test_this_process_keeps_its_own_running_runs_running(store):
+    run_id = await _left_running(store, os.getpid(), _proc_stat(os.getpid())[1] if _proc_stat(os.getpid()) else None)
+    assert (await store.get_run(run_id))["status"] == "running"
+    assert await store.mark_interrupted() == 0
+
+
+async def test_a_database_from_before_pid_start_times_gains_the_column(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE runs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL, "
+                   "created_at REAL NOT NULL, finished_at REAL, target TEXT NOT NULL, options TEXT NOT NULL, "
+                   "model TEXT NOT NULL, offline INTEGER NOT NULL, sessions_total INTEGER NOT NULL, error TEXT, "
+                   "pid INTEGER)")
+        db.execute("INSERT INTO runs VALUES ('run-old', 'simulate', 'running', 1, NULL, '{}', '{}', 'offline', 1, "
+                   "0, NULL, 999999999)")
+    old = Store(path)
+    try:
+        assert (await old.get_run("run-old"))["status"] == "interrupted"
+        assert "pid_start" in {r["name"] for r in old._db.execute("PRAGMA table_info(runs)")}
+    finally:
+        old.close()
