@@ -169,3 +169,29 @@ def test_a_killed_simulation_reads_interrupted_everywhere_and_keeps_its_turns(co
     assert len(records) == 2 and all(r["stop_reason"] == "cancelled" for r in records)
     replies = [m["content"] for r in records for m in r["messages"] if m["role"] == "assistant"]
     assert "too late" in replies  # the completed turns survived the kill
+
+
+def test_a_sync_agent_blocked_past_its_timeout_ends_its_sessions_and_the_process_exits(convsim_home, tmp_path):
+    """tests.agents:blocks sleeps 600 s. Its threads cannot be killed: they are abandoned, and must not
+    keep the CLI alive once the run is done."""
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps([{"goal": "track my order"}, {"goal": "get a refund"}, {"goal": "change address"}]))
+    db = str(tmp_path / "blocked.sqlite")
+    target = json.dumps({"path": "tests.agents:blocks", "timeout_s": 2})
+    start = time.monotonic()
+    proc = convsim("simulate", target, str(cases), "--max-turns", "3", "--json", "--db", db, home=convsim_home,
+                   timeout=30)  # a hang fails here with TimeoutExpired (and the child is killed)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr
+    assert elapsed < 15, f"took {elapsed:.1f} s"
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "completed" and summary["stop_reasons"] == {"agent_error": 3}
+    assert all(s["error"] == "agent did not reply within 2s" for s in summary["sessions"])
+
+    shown = json.loads(convsim("runs", "show", summary["run_id"], "--json", "--db", db, home=convsim_home).stdout)
+    assert shown["status"] == "completed" and shown["stop_reasons"] == {"agent_error": 3}
+    exported = convsim("runs", "export", summary["run_id"], "--db", db, home=convsim_home)
+    assert exported.returncode == 0, exported.stderr
+    records = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert [r["stop_detail"] for r in records] == ["agent did not reply within 2s"] * 3
+    assert all(r["messages"][0]["role"] == "user" and r["messages"][-1]["error"] for r in records)
