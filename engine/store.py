@@ -294,7 +294,7 @@ class Store:
             rows = self._db.execute("SELECT id, pid, pid_start FROM runs WHERE status = ?", (running,)).fetchall()
         else:
             rows = []
-            for chunk in _chunks(run_ids):
+            for chunk in _chunks(run_ids, MAX_SQL_PARAMS - 1):  # and the status
                 rows += self._db.execute(
                     f"SELECT id, pid, pid_start FROM runs WHERE status = ? AND id IN ({_marks(chunk)})",
                     [running, *chunk]).fetchall()
@@ -431,7 +431,9 @@ class Store:
         return found[0]
 
     def _load_sessions(self, ids: Sequence[str], messages: str) -> list[Session]:
-        """Sessions by id (at most MAX_SQL_PARAMS), in the order given; `messages`: 'all', 'last' or 'none'."""
+        """Sessions by id, in the order given; `messages`: 'all', 'last' or 'none'."""
+        if len(ids) > MAX_SQL_PARAMS:
+            return [s for chunk in _chunks(ids) for s in self._load_sessions(chunk, messages)]
         if not ids:
             return []
         marks = _marks(ids)

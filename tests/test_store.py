@@ -200,6 +200,7 @@ async def test_no_statement_binds_more_than_max_sql_params(store, tmp_path):
     assert len(await store.export_jsonl(again)) == n
     summary = await run_summary(store, again)
     assert summary.turns_done == n and summary.scores[0].passed == n and len(summary.sessions) == 50
+    assert len((await run_summary(store, again, max_sessions=n)).sessions) == n
     assert [s.turns for s in await store.get_sessions_by_ids(ids)] == [1] * n
     assert await store.mark_interrupted() == 0
 
