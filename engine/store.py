@@ -128,7 +128,8 @@ CREATE TABLE IF NOT EXISTS reports (
 
 
 MAX_SQL_PARAMS = 500  # parameters in one `IN (...)` list; longer lists are chunked
-PAGE_SESSIONS = 200  # sessions (with messages) read at a time by scoring, export and summaries
+PAGE_SESSIONS = 200  # sessions (with messages) read at a time by scoring and export ...
+PAGE_BYTES = 32_000_000  # ... or fewer, once their messages hold this much JSON
 IMPORT_BATCH_SESSIONS = 500  # sessions inserted per transaction by an import
 IMPORT_BATCH_CHARS = 8_000_000  # ... or fewer, when their messages hold this many characters
 MAX_SESSION_ID_CHARS = 200  # an imported session id
@@ -384,10 +385,17 @@ class Store:
 
     async def iter_sessions(self, run_id: str | None = None, *, session_ids: Sequence[str] | None = None,
                             page: int = PAGE_SESSIONS, with_messages: bool = True) -> AsyncIterator[list[Session]]:
-        """The sessions of a run (or these ids), `page` at a time, with their messages: memory stays flat."""
+        """The sessions of a run (or these ids) with their messages, a page at a time: at most `page`
+        sessions, and fewer once their messages pass PAGE_BYTES (at least one). Memory stays flat."""
         ids = session_ids if session_ids is not None else await self.session_ids(run_id or "")
-        for i in range(0, len(ids), page):
-            yield await self._run(self._load_sessions, ids[i:i + page], "all" if with_messages else "none")
+        i = 0
+        while i < len(ids):
+            if with_messages:
+                sessions, used = await self._run(self._load_page, ids[i:i + page], PAGE_BYTES)
+            else:
+                sessions, used = await self._run(self._load_sessions, ids[i:i + page], "none"), page
+            i += used
+            yield sessions
 
     async def get_session_previews(self, run_id: str, limit: int) -> list[Session]:
         """The first `limit` sessions of a run, each with only its last user and last assistant message.
@@ -459,6 +467,25 @@ class Store:
                 case = cases.get(key) or cases.setdefault(key, TestCase.model_validate_json(row["case_data"]))
             out.append(_session(row, case, transcripts.get(sid, [])))
         return out
+
+    def _load_page(self, ids: Sequence[str], max_bytes: int) -> tuple[list[Session], int]:
+        """The first of `ids` whose messages fit in `max_bytes` of JSON (at least one), with their messages;
+        returns them and how many ids were used."""
+        heads = {s.id: s for s in self._load_sessions(ids, "none")}
+        out: list[Session] = []
+        size = 0
+        for used, sid in enumerate(ids, 1):
+            head = heads.get(sid)
+            if head is None:
+                continue
+            messages = []
+            for (data,) in self._db.execute("SELECT data FROM messages WHERE session_id = ? ORDER BY seq", (sid,)):
+                size += len(data)
+                messages.append(Message.model_validate_json(data))
+            out.append(head.model_copy(update={"messages": messages}))
+            if size >= max_bytes:
+                return out, used
+        return out, len(ids)
 
     def _last_messages(self, session_id: str) -> list[Message]:
         """The last user message and the last assistant message of a session, in transcript order."""

@@ -205,6 +205,18 @@ async def test_no_statement_binds_more_than_max_sql_params(store, tmp_path):
     assert await store.mark_interrupted() == 0
 
 
+async def test_pages_of_sessions_stop_at_page_bytes_as_well_as_at_page_sessions(store, monkeypatch):
+    run_id = await store.import_jsonl([json.dumps([{"role": "user", "content": f"{i} " + "x" * 1000}])
+                                       for i in range(10)])
+    monkeypatch.setattr("engine.store.PAGE_BYTES", 2500)  # each session's message is ~1 KB of JSON
+    pages = [page async for page in store.iter_sessions(run_id, page=4)]
+    assert [len(p) for p in pages] == [3, 3, 3, 1]
+    assert [s.id for p in pages for s in p] == await store.session_ids(run_id)
+    assert all(s.messages[0].content.startswith(f"{i} ") for i, s in enumerate(x for p in pages for x in p))
+    monkeypatch.setattr("engine.store.PAGE_BYTES", 10**9)
+    assert [len(p) async for p in store.iter_sessions(run_id, page=4)] == [4, 4, 2]
+
+
 async def test_run_summary_lists_the_last_messages_without_reading_transcripts(store):
     summary = await simulate(store, agent("echo"), [{"goal": "A. B. C."}], model="offline", workspace=ROOT,
                              max_turns=3)
