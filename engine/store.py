@@ -648,6 +648,8 @@ class Store:
 
     def _insert_batch(self, run_id: str, batch: list[Session], start: int) -> None:
         """Insert sessions with their cases and messages in one transaction (ids already taken are renamed)."""
+        for s in batch:
+            s.id = _clean(s.id)  # ids are text from the file too
         ids = [s.id for s in batch]
         taken: set[str] = set()
         for chunk in _chunks(ids):
@@ -666,7 +668,8 @@ class Store:
             cases.append((run_id, i, _clean(case.model_dump_json())))
             rows.append((s.id, run_id, i, s.repeat, s.stop_reason.value if s.stop_reason else None,
                          _clean(s.stop_detail) if s.stop_detail else None, s.turns, s.started_at, s.finished_at,
-                         json.dumps({k: u.model_dump() for k, u in s.usage.items()}), _clean(json.dumps(s.metadata))))
+                         _clean(json.dumps({k: u.model_dump() for k, u in s.usage.items()})),
+                         _clean(json.dumps(s.metadata))))
             messages += [(s.id, seq, _clean(m.model_dump_json(exclude_defaults=True)), now)
                          for seq, m in enumerate(s.messages)]
         with self._db:

@@ -165,6 +165,22 @@ async def test_a_bad_record_is_refused_naming_line_and_field_but_never_its_conte
     await _nothing_stored(store)
 
 
+async def test_a_secret_anywhere_in_an_imported_file_is_masked_in_the_database(store, tmp_path):
+    from engine.secrets import register
+
+    key = "sk-imported-0a1b2c3d4e5f"
+    register(key)
+    record = {"session_id": f"s-{key}", "run_id": key, "stop_reason": "agent_error", "stop_detail": f"401 {key}",
+              "test_case": {"goal": f"use {key}"}, "metadata": {key: key}, "usage": {key: {"calls": 1}},
+              "messages": [{"role": "user", "content": f"my key is {key}"},
+                           {"role": "assistant", "content": None, "error": f"echoed {key}",
+                            "tool_calls": [{"id": key, "function": {"name": "f", "arguments": key}}]}]}
+    run_id = await store.import_file(_write(tmp_path / "secret.jsonl", [json.dumps(record)] * 2))
+    assert len(await store.export_jsonl(run_id)) == 2
+    for path in tmp_path.glob("test.sqlite*"):
+        assert key.encode() not in path.read_bytes(), path.name
+
+
 async def test_a_bad_line_after_committed_batches_leaves_nothing_stored(store, tmp_path):
     path = _write(tmp_path / "late.jsonl", [_chat(i) for i in range(1200)] + ['{"nope": 1}'])
     with pytest.raises(InvalidOption, match="line 1201"):
