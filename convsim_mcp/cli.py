@@ -22,6 +22,7 @@ import argparse
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -379,20 +380,26 @@ def _runs_show(args: argparse.Namespace) -> int:
 
 
 def _runs_export(args: argparse.Namespace) -> int:
-    lines = anyio.run(lambda: Store(args.db).export_jsonl(args.run_id))
-    text = "".join(line + "\n" for line in lines)
+    store = Store(args.db)
+
+    async def export() -> int:  # a page of sessions at a time: a big run exports in flat memory
+        await store.get_run(args.run_id)  # NotFound before any output file is created
+        with open(args.output, "w", encoding="utf-8") if args.output else nullcontext(sys.stdout) as out:
+            n = 0
+            async for line in store.iter_export(args.run_id):
+                out.write(line + "\n")
+                n += 1
+            return n
+
+    n = anyio.run(export)
     if args.output:
-        _write(args.output, text)
-        print(f"wrote {len(lines)} sessions to {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
+        print(f"wrote {n} sessions to {args.output}", file=sys.stderr)
     return 0
 
 
 def _runs_import(args: argparse.Namespace) -> int:
     path = _workspace(args).resolve_file(args.file, what="file to import")
-    with path.open(encoding="utf-8") as f:
-        run_id = anyio.run(lambda: Store(args.db).import_jsonl(f, source=str(path)))
+    run_id = anyio.run(lambda: Store(args.db).import_file(path, source=str(path)))
     print(run_id)
     return 0
 

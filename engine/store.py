@@ -9,21 +9,38 @@ Nothing secret is stored: target specs arrive already redacted
 (`targets.redacted_spec`), model API keys never reach this module, and every
 text written passes through `secrets.redact` (`_clean`) on its way in, so a
 key that an agent or a provider echoed is masked in the tables and the WAL.
+
+Big runs stay in constant memory: imports stream a file line by line and
+insert in batches (a file over MAX_TRANSCRIPTS is refused after a counting
+pass, before anything is stored); readers page sessions (`iter_sessions`,
+`get_sessions_by_ids`) and aggregate in SQL (`session_totals`); no statement
+binds more than MAX_SQL_PARAMS parameters.
+
+A run left 'running' by a process that died reads 'interrupted' from every
+reader (`get_run`, `list_runs`, the server's startup sweep). A run row keeps
+its process's pid and, on Linux, the process start time (with the boot id),
+so a recycled pid does not keep a dead run 'running'.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import logging
 import os
 import sqlite3
 import time
 import uuid
+from contextlib import aclosing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import IO, Any, AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence, TypeVar
 
 import anyio
+from pydantic import ValidationError
 
 from .errors import InvalidOption, NotFound
+from .limits import MAX_JSON_DEPTH, MAX_LINE_BYTES, MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TRANSCRIPTS, json_depth
 from .secrets import redact as _clean
 from .models import (
     Assessment,
@@ -35,9 +52,13 @@ from .models import (
     TestCase,
     TestSet,
     Usage,
+    add_usage,
 )
 
 R = TypeVar("R")
+T = TypeVar("T")
+
+log = logging.getLogger("convsim.store")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -52,8 +73,10 @@ CREATE TABLE IF NOT EXISTS runs (
     offline INTEGER NOT NULL,
     sessions_total INTEGER NOT NULL,
     error TEXT,
-    pid INTEGER
+    pid INTEGER,
+    pid_start TEXT                 -- the process's start stamp (boot id:start time), against pid reuse
 );
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 CREATE TABLE IF NOT EXISTS test_cases (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     idx INTEGER NOT NULL,
@@ -104,6 +127,14 @@ CREATE TABLE IF NOT EXISTS reports (
 """
 
 
+MAX_SQL_PARAMS = 500  # parameters in one `IN (...)` list; longer lists are chunked
+PAGE_SESSIONS = 200  # sessions (with messages) read at a time by scoring and export ...
+PAGE_BYTES = 32_000_000  # ... or fewer, once their messages hold this much JSON
+IMPORT_BATCH_SESSIONS = 500  # sessions inserted per transaction by an import
+IMPORT_BATCH_CHARS = 8_000_000  # ... or fewer, when their messages hold this many characters
+MAX_SESSION_ID_CHARS = 200  # an imported session id
+
+
 def default_db_path() -> Path:
     home = os.environ.get("CONVSIM_HOME") or str(Path.home() / ".convsim")
     return Path(home).expanduser() / "convsim.sqlite"
@@ -119,6 +150,18 @@ def new_session_id() -> str:
 
 def new_test_set_id() -> str:
     return "set-" + uuid.uuid4().hex[:12]
+
+
+@dataclass
+class SessionTotals:
+    """A run's sessions in aggregate, counted in SQL without reading a transcript."""
+
+    sessions: int = 0
+    done: int = 0  # sessions with a stop reason
+    turns: int = 0
+    steps: int = 0  # progress: max_turns per finished session, else its turns (at most max_turns)
+    stop_reasons: dict[str, int] = field(default_factory=dict)
+    usage: dict[str, Usage] = field(default_factory=dict)
 
 
 class Store:
@@ -137,7 +180,18 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._migrate()
         self._limiter = anyio.CapacityLimiter(1)
+
+    def _migrate(self) -> None:
+        """Columns added since a database was created (another process may be adding them too)."""
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(runs)")}
+        if "pid_start" not in columns:
+            try:
+                self._db.execute("ALTER TABLE runs ADD COLUMN pid_start TEXT")
+            except sqlite3.OperationalError:
+                if "pid_start" not in {r["name"] for r in self._db.execute("PRAGMA table_info(runs)")}:
+                    raise
 
     async def _run(self, fn: Callable[..., R], *args: Any) -> R:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -163,10 +217,10 @@ class Store:
             with self._db:
                 self._db.execute("BEGIN")
                 self._db.execute(
-                    "INSERT INTO runs (id, kind, status, created_at, target, options, model, offline, sessions_total, pid)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO runs (id, kind, status, created_at, target, options, model, offline, sessions_total,"
+                    " pid, pid_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (run_id, kind, RunStatus.RUNNING.value, time.time(), _clean(json.dumps(target)),
-                     _clean(json.dumps(options)), model, int(offline), sessions_total, os.getpid()),
+                     _clean(json.dumps(options)), model, int(offline), sessions_total, os.getpid(), _own_stamp()),
                 )
                 self._db.executemany(
                     "INSERT INTO test_cases (run_id, idx, data) VALUES (?, ?, ?)",
@@ -197,16 +251,27 @@ class Store:
         )
 
     async def get_run(self, run_id: str) -> dict[str, Any]:
-        row = await self._run(lambda: self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
-        if row is None:
+        """One run; 'interrupted' if it was left running by a process that has died."""
+
+        def read() -> dict[str, Any] | None:
+            dead = self._sweep([run_id])
+            row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+            return _run_row(row, dead) if row is not None else None
+
+        run = await self._run(read)
+        if run is None:
             raise NotFound(f"no run with id '{run_id}'; call list_runs to see the runs there are")
-        return _run_row(row)
+        return run
 
     async def list_runs(self, limit: int = 20) -> list[dict[str, Any]]:
-        rows = await self._run(
-            lambda: self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
-        )
-        return [_run_row(r) for r in rows]
+        """The most recent runs, newest first (dead processes' runs read 'interrupted')."""
+
+        def read() -> list[dict[str, Any]]:
+            dead = self._sweep()
+            rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
+            return [_run_row(r, dead) for r in rows]
+
+        return await self._run(read)
 
     async def get_test_cases(self, run_id: str) -> list[TestCase]:
         rows = await self._run(
@@ -216,23 +281,43 @@ class Store:
 
     async def mark_interrupted(self) -> int:
         """Runs left 'running' by a process that no longer exists become 'interrupted'. Returns how many."""
+        return await self._run(lambda: len(self._sweep()))
 
-        def sweep() -> int:
-            rows = self._db.execute("SELECT id, pid FROM runs WHERE status = ?", (RunStatus.RUNNING.value,)).fetchall()
-            dead = [r["id"] for r in rows if r["pid"] != os.getpid() and not _pid_alive(r["pid"])]
-            for run_id in dead:
-                self._db.execute(
-                    "UPDATE runs SET status = ?, error = ? WHERE id = ?",
-                    (RunStatus.INTERRUPTED.value, "the process running it exited before it finished", run_id),
-                )
-                self._db.execute(
-                    "UPDATE sessions SET stop_reason = ?, stop_detail = ?, finished_at = ? "
-                    "WHERE run_id = ? AND stop_reason IS NULL",
-                    (StopReason.CANCELLED.value, "run interrupted", time.time(), run_id),
-                )
-            return len(dead)
+    def _sweep(self, run_ids: Sequence[str] | None = None) -> set[str]:
+        """Mark runs whose process has died 'interrupted' (of `run_ids`, or all); returns their ids.
 
-        return await self._run(sweep)
+        Cheap enough for every read: only rows still 'running' are looked at (an index), and a
+        process is checked with one signal 0 and one read of /proc. On a read-only database the
+        ids are still returned, so readers report the status they could not record.
+        """
+        running = RunStatus.RUNNING.value
+        if run_ids is None:
+            rows = self._db.execute("SELECT id, pid, pid_start FROM runs WHERE status = ?", (running,)).fetchall()
+        else:
+            rows = []
+            for chunk in _chunks(run_ids, MAX_SQL_PARAMS - 1):  # and the status
+                rows += self._db.execute(
+                    f"SELECT id, pid, pid_start FROM runs WHERE status = ? AND id IN ({_marks(chunk)})",
+                    [running, *chunk]).fetchall()
+        dead = {r["id"] for r in rows if not _process_alive(r["pid"], r["pid_start"])}
+        if not dead:
+            return dead
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                for run_id in dead:
+                    self._db.execute(
+                        "UPDATE runs SET status = ?, error = ? WHERE id = ? AND status = ?",
+                        (RunStatus.INTERRUPTED.value, INTERRUPTED_ERROR, run_id, running),
+                    )
+                    self._db.execute(
+                        "UPDATE sessions SET stop_reason = ?, stop_detail = ?, finished_at = ? "
+                        "WHERE run_id = ? AND stop_reason IS NULL",
+                        (StopReason.CANCELLED.value, "run interrupted", time.time(), run_id),
+                    )
+        except sqlite3.Error as e:  # read-only or locked: report it, record it next time
+            log.warning("could not record %d interrupted run(s): %s", len(dead), e)
+        return dead
 
     # --- sessions and messages ------------------------------------------------------------------
 
@@ -269,57 +354,168 @@ class Store:
             )
         )
 
+    async def session_ids(self, run_id: str) -> list[str]:
+        """A run's session ids in run order (case, repeat, start): small enough to hold for any run."""
+        rows = await self._run(lambda: self._db.execute(
+            "SELECT id FROM sessions WHERE run_id = ? ORDER BY case_index, repeat, started_at", (run_id,)).fetchall())
+        return [r[0] for r in rows]
+
+    async def session_runs(self, session_ids: Sequence[str]) -> dict[str, str]:
+        """Which run each of these sessions belongs to (unknown ids are left out)."""
+
+        def read() -> dict[str, str]:
+            found: dict[str, str] = {}
+            for chunk in _chunks(session_ids):
+                found.update((r[0], r[1]) for r in self._db.execute(
+                    f"SELECT id, run_id FROM sessions WHERE id IN ({_marks(chunk)})", chunk))
+            return found
+
+        return await self._run(read)
+
     async def get_sessions(self, run_id: str, *, with_messages: bool = True) -> list[Session]:
-        def read() -> list[Session]:
-            cases = {
-                r["idx"]: TestCase.model_validate_json(r["data"])
-                for r in self._db.execute("SELECT idx, data FROM test_cases WHERE run_id = ?", (run_id,))
-            }
-            rows = self._db.execute(
-                "SELECT * FROM sessions WHERE run_id = ? ORDER BY case_index, repeat, started_at", (run_id,)
-            ).fetchall()
-            return [self._session(r, cases.get(r["case_index"]), with_messages) for r in rows]
+        """Every session of a run, in memory: read a big run with `iter_sessions` instead."""
+        return await self.get_sessions_by_ids(await self.session_ids(run_id), with_messages=with_messages)
+
+    async def get_sessions_by_ids(self, session_ids: Sequence[str], *, with_messages: bool = True) -> list[Session]:
+        """These sessions in the order given; unknown ids are skipped."""
+        out: list[Session] = []
+        for chunk in _chunks(session_ids):
+            out += await self._run(self._load_sessions, chunk, "all" if with_messages else "none")
+        return out
+
+    async def iter_sessions(self, run_id: str | None = None, *, session_ids: Sequence[str] | None = None,
+                            page: int = PAGE_SESSIONS, with_messages: bool = True) -> AsyncIterator[list[Session]]:
+        """The sessions of a run (or these ids) with their messages, a page at a time: at most `page`
+        sessions, and fewer once their messages pass PAGE_BYTES (at least one). Memory stays flat."""
+        ids = session_ids if session_ids is not None else await self.session_ids(run_id or "")
+        i = 0
+        while i < len(ids):
+            if with_messages:
+                sessions, used = await self._run(self._load_page, ids[i:i + page], PAGE_BYTES)
+            else:
+                sessions, used = await self._run(self._load_sessions, ids[i:i + page], "none"), page
+            i += used
+            yield sessions
+
+    async def stopped_sessions(self, reason: StopReason, *, run_id: str | None = None,
+                               session_ids: Sequence[str] | None = None) -> list[tuple[str, str | None]]:
+        """(id, stop detail) of the sessions of a run (or of these ids) that ended with `reason`."""
+
+        def read() -> list[tuple[str, str | None]]:
+            if session_ids is None:
+                return [(r[0], r[1]) for r in self._db.execute(
+                    "SELECT id, stop_detail FROM sessions WHERE run_id = ? AND stop_reason = ?", (run_id, reason.value))]
+            return [(r[0], r[1]) for chunk in _chunks(session_ids, MAX_SQL_PARAMS - 1) for r in self._db.execute(
+                f"SELECT id, stop_detail FROM sessions WHERE stop_reason = ? AND id IN ({_marks(chunk)})",
+                (reason.value, *chunk))]
+
+        return await self._run(read)
+
+    async def get_session_previews(self, run_id: str, limit: int) -> list[Session]:
+        """The first `limit` sessions of a run, each with only its last user and last assistant message.
+
+        Enough to summarise a session (`summarize_session`) without reading its transcript.
+        """
+        ids = await self._run(lambda: [r[0] for r in self._db.execute(
+            "SELECT id FROM sessions WHERE run_id = ? ORDER BY case_index, repeat, started_at LIMIT ?",
+            (run_id, limit))])
+        return await self._run(self._load_sessions, ids, "last") if ids else []
+
+    async def session_totals(self, run_id: str, max_turns: int) -> SessionTotals:
+        """Counts, turns, progress steps, stop reasons and usage of a run's sessions, without transcripts."""
+
+        def read() -> SessionTotals:
+            t = SessionTotals()
+            for reason, n, turns, capped in self._db.execute(
+                    "SELECT stop_reason, COUNT(*), SUM(turns), SUM(MIN(turns, ?)) FROM sessions WHERE run_id = ? "
+                    "GROUP BY stop_reason ORDER BY stop_reason", (max_turns, run_id)):
+                t.sessions += n
+                t.turns += turns or 0
+                if reason:
+                    t.done += n
+                    t.steps += n * max_turns
+                    t.stop_reasons[reason] = n
+                else:
+                    t.steps += capped or 0
+            for (usage,) in self._db.execute("SELECT usage FROM sessions WHERE run_id = ? AND usage != '{}'",
+                                             (run_id,)):
+                for role, u in json.loads(usage).items():
+                    t.usage = add_usage(t.usage, role, Usage.model_validate(u))
+            return t
 
         return await self._run(read)
 
     async def get_session(self, session_id: str, run_id: str | None = None) -> Session:
-        def read() -> Session | None:
-            row = self._db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
-            if row is None or (run_id and row["run_id"] != run_id):
-                return None
-            case = self._db.execute(
-                "SELECT data FROM test_cases WHERE run_id = ? AND idx = ?", (row["run_id"], row["case_index"])
-            ).fetchone()
-            return self._session(row, TestCase.model_validate_json(case["data"]) if case else None, True)
-
-        session = await self._run(read)
-        if session is None:
+        found = await self._run(self._load_sessions, [session_id], "all")
+        if not found or (run_id and found[0].run_id != run_id):
             where = f" in run '{run_id}'" if run_id else ""
             raise NotFound(f"no session with id '{session_id}'{where}; call get_run to list a run's sessions")
-        return session
+        return found[0]
 
-    def _session(self, row: sqlite3.Row, case: TestCase | None, with_messages: bool) -> Session:
-        messages: list[Message] = []
-        if with_messages:
-            messages = [
-                Message.model_validate_json(m["data"])
-                for m in self._db.execute("SELECT data FROM messages WHERE session_id = ? ORDER BY seq", (row["id"],))
-            ]
-        return Session(
-            id=row["id"],
-            run_id=row["run_id"],
-            case_index=row["case_index"],
-            repeat=row["repeat"],
-            test_case=case,
-            messages=messages,
-            stop_reason=StopReason(row["stop_reason"]) if row["stop_reason"] else None,
-            stop_detail=row["stop_detail"],
-            turns=row["turns"],
-            started_at=row["started_at"],
-            finished_at=row["finished_at"],
-            usage={k: Usage.model_validate(v) for k, v in json.loads(row["usage"]).items()},
-            metadata=json.loads(row["metadata"]),
-        )
+    def _load_sessions(self, ids: Sequence[str], messages: str) -> list[Session]:
+        """Sessions by id, in the order given; `messages`: 'all', 'last' or 'none'."""
+        if len(ids) > MAX_SQL_PARAMS:
+            return [s for chunk in _chunks(ids) for s in self._load_sessions(chunk, messages)]
+        if not ids:
+            return []
+        marks = _marks(ids)
+        rows = {r["id"]: r for r in self._db.execute(
+            "SELECT s.*, t.data AS case_data FROM sessions s LEFT JOIN test_cases t "
+            f"ON t.run_id = s.run_id AND t.idx = s.case_index WHERE s.id IN ({marks})", list(ids))}
+        transcripts: dict[str, list[Message]] = {}
+        if messages == "all":
+            for r in self._db.execute(f"SELECT session_id, data FROM messages WHERE session_id IN ({marks}) "
+                                      "ORDER BY session_id, seq", list(ids)):
+                transcripts.setdefault(r[0], []).append(Message.model_validate_json(r[1]))
+        elif messages == "last":
+            transcripts = {sid: self._last_messages(sid) for sid in rows}
+        cases: dict[tuple[str, int], TestCase] = {}  # repeats of a case share one parsed TestCase
+        out = []
+        for sid in ids:
+            row = rows.get(sid)
+            if row is None:
+                continue
+            case = None
+            if row["case_data"] is not None:
+                key = (row["run_id"], row["case_index"])
+                case = cases.get(key) or cases.setdefault(key, TestCase.model_validate_json(row["case_data"]))
+            out.append(_session(row, case, transcripts.get(sid, [])))
+        return out
+
+    def _load_page(self, ids: Sequence[str], max_bytes: int) -> tuple[list[Session], int]:
+        """The first of `ids` whose messages fit in `max_bytes` of JSON (at least one), with their messages;
+        returns them and how many ids were used."""
+        heads = {s.id: s for s in self._load_sessions(ids, "none")}
+        out: list[Session] = []
+        size = 0
+        for used, sid in enumerate(ids, 1):
+            head = heads.get(sid)
+            if head is None:
+                continue
+            messages = []
+            for (data,) in self._db.execute("SELECT data FROM messages WHERE session_id = ? ORDER BY seq", (sid,)):
+                size += len(data)
+                messages.append(Message.model_validate_json(data))
+            out.append(head.model_copy(update={"messages": messages}))
+            if size >= max_bytes:
+                return out, used
+        return out, len(ids)
+
+    def _last_messages(self, session_id: str) -> list[Message]:
+        """The last user message and the last assistant message of a session, in transcript order."""
+        found: dict[str, tuple[int, Message]] = {}
+        cursor = self._db.execute("SELECT seq, data FROM messages WHERE session_id = ? ORDER BY seq DESC",
+                                  (session_id,))
+        try:
+            for seq, data in cursor:
+                m = Message.model_validate_json(data)
+                if m.role in ("user", "assistant"):
+                    found.setdefault(m.role, (seq, m))
+                    if len(found) == 2:
+                        break
+        finally:
+            cursor.close()
+        return [m for _, m in sorted(found.values(), key=lambda x: x[0])]
 
     # --- assessments ----------------------------------------------------------------------------
 
@@ -339,17 +535,24 @@ class Store:
         if assessments:
             await self._run(write)
 
-    async def get_assessments(self, session_ids: list[str]) -> list[Assessment]:
-        def read() -> list[Assessment]:
-            out = []
-            for i in range(0, len(session_ids), 500):
-                chunk = session_ids[i:i + 500]
-                out += [Assessment.model_validate_json(r["data"]) for r in self._db.execute(
-                    f"SELECT data FROM assessments WHERE session_id IN ({','.join('?' * len(chunk))}) "
-                    "ORDER BY session_id, scorer, turn", chunk)]
-            return out
+    async def get_assessments(self, session_ids: Sequence[str]) -> list[Assessment]:
+        """Verdicts on these sessions, grouped by session (in memory: page with `iter_assessments`)."""
+        out: list[Assessment] = []
+        async with aclosing(self.iter_assessments(session_ids)) as pages:
+            async for page in pages:
+                out += page
+        return out
 
-        return await self._run(read) if session_ids else []
+    async def iter_assessments(self, session_ids: Sequence[str]) -> AsyncIterator[list[Assessment]]:
+        """Verdicts on these sessions, MAX_SQL_PARAMS sessions at a time; each page grouped by session."""
+
+        def read(chunk: Sequence[str]) -> list[Assessment]:
+            return [Assessment.model_validate_json(r["data"]) for r in self._db.execute(
+                f"SELECT data FROM assessments WHERE session_id IN ({_marks(chunk)}) "
+                "ORDER BY session_id, scorer, turn", list(chunk))]
+
+        for chunk in _chunks(session_ids):
+            yield await self._run(read, chunk)
 
     # --- test sets and reports ------------------------------------------------------------------
 
@@ -382,48 +585,126 @@ class Store:
 
     # --- JSONL export / import ------------------------------------------------------------------
 
+    async def iter_export(self, run_id: str) -> AsyncIterator[str]:
+        """One JSON line per session (see `export_jsonl`), read a page of sessions at a time."""
+        await self.get_run(run_id)
+        async with aclosing(self.iter_sessions(run_id)) as pages:
+            async for page in pages:
+                for s in page:
+                    yield json.dumps(session_to_record(s), ensure_ascii=False)
+
     async def export_jsonl(self, run_id: str) -> list[str]:
         """One JSON line per session: OpenAI-format messages plus test case, stop reason and metadata."""
-        await self.get_run(run_id)
-        return [json.dumps(session_to_record(s), ensure_ascii=False) for s in await self.get_sessions(run_id)]
+        async with aclosing(self.iter_export(run_id)) as lines:
+            return [line async for line in lines]
 
-    async def import_jsonl(self, lines: Iterable[str], *, source: str = "import") -> str:
-        """Store sessions from JSONL (our export format, or one bare list of messages per line) as a new run."""
-        return await self.import_sessions([record_to_session(_json_line(line, n), n) for n, line in _numbered(lines)],
-                                          source=source)
+    async def import_file(self, path: str | Path, *, source: str | None = None) -> str:
+        """Store a JSONL file (our export format, or one message list per line) as a new run; returns its id.
 
-    async def import_sessions(self, sessions: list[Session], *, source: str = "import") -> str:
+        A first pass counts the transcripts (and checks line lengths) without parsing, so a file
+        over MAX_TRANSCRIPTS is refused before anything is stored; the second parses line by line
+        and inserts in batches. Memory stays flat whatever the file's size.
+        """
+        path = Path(path)
+        source = source or str(path)
+        total = None
+        if path.is_file():  # a pipe or device cannot be read twice: its count is checked as it streams
+            total = await anyio.to_thread.run_sync(_count_file, path, source)
+        return await self._import(_parse_file(path, source), source=source, total=total)
+
+    async def import_jsonl(self, lines: Iterable[str | bytes], *, source: str = "import") -> str:
+        """Store sessions from JSONL lines (a list, or any iterable: streamed) as a new run; returns its id."""
+        total = None
+        if isinstance(lines, (list, tuple)):
+            total = sum(1 for line in lines if line.strip())
+        return await self._import((_parse_line(line, n) for n, line in _numbered(lines)), source=source, total=total)
+
+    async def import_records(self, records: Sequence[Any], *, source: str = "inline transcripts",
+                             what: str = "transcript") -> str:
+        """Store decoded records (see `record_to_session`; numbered from 0 in errors) as a new run."""
+        return await self._import((record_to_session(r, i, what=what) for i, r in enumerate(records)),
+                                  source=source, total=len(records))
+
+    async def import_sessions(self, sessions: Iterable[Session], *, source: str = "import") -> str:
         """Store already-parsed sessions (see `record_to_session`) as a new run; returns its id."""
-        if not sessions:
-            raise InvalidOption(f"{source}: no sessions found (expected one JSON object or message list per line)")
-        taken = await self._run(lambda: {
-            r[0] for r in self._db.execute(
-                f"SELECT id FROM sessions WHERE id IN ({','.join('?' * len(sessions))})", [s.id for s in sessions])
-        })
-        for s in sessions:
-            if s.id in taken:  # already in this database or earlier in the file: keep both, note the original
+        total = len(sessions) if isinstance(sessions, (list, tuple)) else None
+        return await self._import(iter(sessions), source=source, total=total)
+
+    async def _import(self, sessions: Iterator[Session], *, source: str, total: int | None) -> str:
+        """All or nothing: sessions are inserted in batches (a transaction each); on any error the run is
+        deleted again. `total`, when known, is checked against MAX_TRANSCRIPTS before anything is stored."""
+        try:
+            if total is not None:
+                _check_count(total, source)
+            run_id = new_run_id()
+            await self.create_run(run_id=run_id, kind="import", target={"source": source}, options={},
+                                  model="n/a", offline=False, test_cases=[], sessions_total=total or 0)
+            stored = 0
+            try:
+                while batch := await anyio.to_thread.run_sync(_take_batch, sessions):
+                    if stored + len(batch) > MAX_TRANSCRIPTS:
+                        _check_count(stored + len(batch), source, more=True)
+                    await self._run(self._insert_batch, run_id, batch, stored)
+                    stored += len(batch)
+                _check_count(stored, source)
+                await self._run(lambda: self._db.execute(
+                    "UPDATE runs SET status = ?, finished_at = ?, sessions_total = ? WHERE id = ?",
+                    (RunStatus.COMPLETED.value, time.time(), stored, run_id)))
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._run(self._delete_run, run_id)
+                raise
+            return run_id
+        finally:
+            close = getattr(sessions, "close", None)
+            if close:
+                close()
+
+    def _insert_batch(self, run_id: str, batch: list[Session], start: int) -> None:
+        """Insert sessions with their cases and messages in one transaction (ids already taken are renamed)."""
+        for s in batch:
+            s.id = _clean(s.id)  # ids are text from the file too
+        ids = [s.id for s in batch]
+        taken: set[str] = set()
+        for chunk in _chunks(ids):
+            taken.update(r[0] for r in self._db.execute(f"SELECT id FROM sessions WHERE id IN ({_marks(chunk)})", chunk))
+        seen: set[str] = set()
+        for s in batch:
+            if s.id in taken or s.id in seen:  # already in this database or earlier in the file: keep both
                 s.metadata["original_session_id"] = s.id
                 s.id = new_session_id()
-            taken.add(s.id)
-        run_id = new_run_id()
-        cases = [s.test_case or TestCase(goal="(imported conversation)") for s in sessions]
-        await self.create_run(
-            run_id=run_id, kind="import", target={"source": source}, options={}, model="n/a", offline=False,
-            test_cases=cases, sessions_total=len(sessions),
-        )
+            seen.add(s.id)
+        now = time.time()
+        cases, rows, messages = [], [], []
+        for i, s in enumerate(batch, start):
+            s.run_id, s.case_index = run_id, i
+            case = s.test_case or TestCase(goal="(imported conversation)")
+            cases.append((run_id, i, _clean(case.model_dump_json())))
+            rows.append((s.id, run_id, i, s.repeat, s.stop_reason.value if s.stop_reason else None,
+                         _clean(s.stop_detail) if s.stop_detail else None, s.turns, s.started_at, s.finished_at,
+                         _clean(json.dumps({k: u.model_dump() for k, u in s.usage.items()})),
+                         _clean(json.dumps(s.metadata))))
+            messages += [(s.id, seq, _clean(m.model_dump_json(exclude_defaults=True)), now)
+                         for seq, m in enumerate(s.messages)]
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT INTO test_cases (run_id, idx, data) VALUES (?, ?, ?)", cases)
+            self._db.executemany(
+                "INSERT INTO sessions (id, run_id, case_index, repeat, stop_reason, stop_detail, turns, started_at,"
+                " finished_at, usage, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.executemany("INSERT INTO messages (session_id, seq, data, created_at) VALUES (?, ?, ?, ?)",
+                                 messages)
+
+    def _delete_run(self, run_id: str) -> None:
         try:
-            for i, s in enumerate(sessions):
-                s.run_id, s.case_index = run_id, i
-                await self.create_session(s)
-                for seq, m in enumerate(s.messages):
-                    await self.add_message(s.id, seq, m, s.turns)
-                await self.finish_session(s)
-        except BaseException as e:
-            with anyio.CancelScope(shield=True):
-                await self.finish_run(run_id, RunStatus.FAILED, f"import stopped: {type(e).__name__}: {e}")
-            raise
-        await self.finish_run(run_id, RunStatus.COMPLETED)
-        return run_id
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.execute("DELETE FROM runs WHERE id = ?", (run_id,))  # cascades to its sessions
+        except sqlite3.Error as e:
+            log.warning("could not remove the partial import %s: %s", run_id, e)
+
+
+INTERRUPTED_ERROR = "the process running it exited before it finished"
 
 
 def session_to_record(s: Session) -> dict[str, Any]:
@@ -453,39 +734,160 @@ def session_to_record(s: Session) -> dict[str, Any]:
 
 
 def record_to_session(record: Any, line_no: int, *, what: str = "line") -> Session:
-    """Parse one record: our export object, {session_id?, messages, goal?, expectations?}, or a bare message list."""
+    """Parse one record: our export object, {session_id?, messages, goal?, expectations?}, or a bare message list.
+
+    Bounded (MAX_JSON_DEPTH, MAX_MESSAGES, MAX_MESSAGE_CHARS); errors name the record and the field,
+    never the values in it (a transcript may hold secrets, and a value may be megabytes long).
+    """
+    where = f"{what} {line_no}"
+    if json_depth(record, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise InvalidOption(f"{where}: nested more than {MAX_JSON_DEPTH} levels deep (limit MAX_JSON_DEPTH)")
     if isinstance(record, list):
         record = {"messages": record}
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-        raise InvalidOption(f"{what} {line_no}: expected an object with 'messages' (a list) or a list of messages")
-    if not record["messages"]:
-        raise InvalidOption(f"{what} {line_no}: 'messages' is empty")
+        raise InvalidOption(f"{where}: expected an object with 'messages' (a list) or a list of messages")
+    messages = record["messages"]
+    if not messages:
+        raise InvalidOption(f"{where}: 'messages' is empty")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidOption(f"{where}: 'messages' has {len(messages)} entries; at most {MAX_MESSAGES} per "
+                            "transcript (MAX_MESSAGES)")
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str) and len(content) > MAX_MESSAGE_CHARS:
+            raise InvalidOption(f"{where}: messages[{i}].content is {len(content)} characters long; at most "
+                                f"{MAX_MESSAGE_CHARS} (MAX_MESSAGE_CHARS)")
+    for key in ("session_id", "run_id"):
+        value = record.get(key)
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_SESSION_ID_CHARS):
+            raise InvalidOption(f"{where}: {key} must be a string of at most {MAX_SESSION_ID_CHARS} characters")
+    metadata = record.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise InvalidOption(f"{where}: metadata must be an object")
+    if record.get("test_case"):
+        case_data, prefix = record["test_case"], "test_case"
+    elif record.get("goal"):
+        case_data, prefix = {"goal": record["goal"], "expectations": record.get("expectations") or {}}, ""
+    else:
+        case_data, prefix = None, ""
+    now = time.time()
     try:
-        messages = [Message.model_validate(m) for m in record["messages"]]
-        if record.get("test_case"):
-            case = TestCase.model_validate(record["test_case"])
-        elif record.get("goal"):
-            case = TestCase(goal=record["goal"], expectations=record.get("expectations") or {})
+        case = TestCase.model_validate(case_data) if case_data is not None else None
+    except ValidationError as e:
+        raise InvalidOption(f"{where}: {_validation_detail(e, prefix)}") from None
+    try:
+        session = Session.model_validate({
+            "id": record.get("session_id") or new_session_id(),
+            "test_case": case,
+            "messages": messages,
+            "stop_reason": record.get("stop_reason") or None,
+            "stop_detail": record.get("stop_detail"),
+            "turns": record.get("turns") or 0,
+            "repeat": record.get("repeat") or 0,
+            "usage": record.get("usage") or {},
+            "metadata": {**metadata, "imported_from_run": record.get("run_id")},
+            "started_at": now,
+            "finished_at": now,
+        })
+    except ValidationError as e:
+        raise InvalidOption(f"{where}: {_validation_detail(e)}") from None
+    if not session.turns:
+        session.turns = sum(1 for m in session.messages if m.role == "user")
+    return session
+
+
+def _validation_detail(e: ValidationError, prefix: str = "", shown: int = 3) -> str:
+    """Where and what from pydantic's errors, without the input values (str(e) would quote them)."""
+    errors = e.errors(include_url=False, include_context=False, include_input=False)
+    parts = []
+    for err in errors[:shown]:
+        loc = _location(prefix, err["loc"])
+        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    more = f" (and {len(errors) - shown} more)" if len(errors) > shown else ""
+    return "; ".join(parts) + more
+
+
+def _location(prefix: str, loc: tuple[Any, ...]) -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
         else:
-            case = None
-        stop = StopReason(record["stop_reason"]) if record.get("stop_reason") else None
-    except Exception as e:
-        detail = str(e).splitlines()
-        raise InvalidOption(f"{what} {line_no}: {' '.join(detail[:3])}") from None
-    turns = record.get("turns") or sum(1 for m in messages if m.role == "user")
-    return Session(
-        id=record.get("session_id") or new_session_id(),
-        test_case=case,
-        messages=messages,
-        stop_reason=stop,
-        stop_detail=record.get("stop_detail"),
-        turns=turns,
-        repeat=record.get("repeat") or 0,
-        usage={k: Usage.model_validate(v) for k, v in (record.get("usage") or {}).items()},
-        metadata={**(record.get("metadata") or {}), "imported_from_run": record.get("run_id")},
-        started_at=time.time(),
-        finished_at=time.time(),
-    )
+            out += ("." if out else "") + str(part)[:60]
+    return out
+
+
+def _check_count(n: int, source: str, *, more: bool = False) -> None:
+    if n > MAX_TRANSCRIPTS:
+        count = f"more than {MAX_TRANSCRIPTS}" if more else str(n)
+        raise InvalidOption(f"{source}: {count} transcripts; one import takes at most {MAX_TRANSCRIPTS} "
+                            "(MAX_TRANSCRIPTS): split them into several files. Nothing was stored")
+    if n == 0:
+        raise InvalidOption(f"{source}: no sessions found (expected one JSON object or message list per line)")
+
+
+def _read_lines(f: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """Non-blank lines of a binary file with their 1-based numbers; a line over MAX_LINE_BYTES is refused
+    after reading at most that much of it."""
+    n = 0
+    while raw := f.readline(MAX_LINE_BYTES + 2):
+        n += 1
+        line = raw.rstrip(b"\r\n")
+        if len(line) > MAX_LINE_BYTES:
+            raise InvalidOption(f"line {n} is longer than {MAX_LINE_BYTES} bytes (MAX_LINE_BYTES)")
+        if n == 1 and line.startswith(codecs.BOM_UTF8):
+            line = line[len(codecs.BOM_UTF8):]
+        if line.strip():
+            yield n, line
+
+
+def _count_file(path: Path, source: str) -> int:
+    """Transcripts (non-blank lines) in a JSONL file, read in constant memory; stops past MAX_TRANSCRIPTS."""
+    count = 0
+    try:
+        with path.open("rb") as f:
+            for _ in _read_lines(f):
+                count += 1
+                if count > MAX_TRANSCRIPTS:
+                    _check_count(count, source, more=True)
+    except OSError as e:
+        raise InvalidOption(f"cannot read {source}: {e.strerror or e}") from None
+    _check_count(count, source)
+    return count
+
+
+def _parse_file(path: Path, source: str) -> Iterator[Session]:
+    try:
+        with path.open("rb") as f:
+            for n, line in _read_lines(f):
+                yield _parse_line(line, n)
+    except OSError as e:
+        raise InvalidOption(f"cannot read {source}: {e.strerror or e}") from None
+
+
+def _parse_line(line: str | bytes, line_no: int) -> Session:
+    if isinstance(line, bytes):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidOption(f"line {line_no} is not valid UTF-8 (byte {e.start + 1})") from None
+    else:
+        text = line
+        if len(text) > MAX_LINE_BYTES // 4 and len(text.encode("utf-8", "surrogatepass")) > MAX_LINE_BYTES:
+            raise InvalidOption(f"line {line_no} is longer than {MAX_LINE_BYTES} bytes (MAX_LINE_BYTES)")
+    return record_to_session(_json_line(text, line_no), line_no)
+
+
+def _take_batch(sessions: Iterator[Session]) -> list[Session]:
+    """The next IMPORT_BATCH_SESSIONS sessions, or fewer holding IMPORT_BATCH_CHARS characters."""
+    batch: list[Session] = []
+    chars = 0
+    for s in sessions:
+        batch.append(s)
+        chars += sum(len(m.content or "") + 100 for m in s.messages)
+        if len(batch) >= IMPORT_BATCH_SESSIONS or chars >= IMPORT_BATCH_CHARS:
+            break
+    return batch
 
 
 def _json_line(line: str, line_no: int) -> Any:
@@ -493,29 +895,97 @@ def _json_line(line: str, line_no: int) -> Any:
         return json.loads(line)
     except json.JSONDecodeError as e:
         raise InvalidOption(f"line {line_no} is not valid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise InvalidOption(f"line {line_no}: nested more than {MAX_JSON_DEPTH} levels deep (limit MAX_JSON_DEPTH)") \
+            from None
 
 
-def _numbered(lines: Iterable[str]) -> Iterable[tuple[int, str]]:
+def _numbered(lines: Iterable[str | bytes]) -> Iterable[tuple[int, str | bytes]]:
     for n, line in enumerate(lines, 1):
         if line.strip():
             yield n, line
 
 
-def _run_row(row: sqlite3.Row) -> dict[str, Any]:
+def _chunks(items: Sequence[T], size: int = MAX_SQL_PARAMS) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _marks(items: Sequence[Any]) -> str:
+    return ",".join("?" * len(items))
+
+
+def _session(row: sqlite3.Row, case: TestCase | None, messages: list[Message]) -> Session:
+    return Session(
+        id=row["id"],
+        run_id=row["run_id"],
+        case_index=row["case_index"],
+        repeat=row["repeat"],
+        test_case=case,
+        messages=messages,
+        stop_reason=StopReason(row["stop_reason"]) if row["stop_reason"] else None,
+        stop_detail=row["stop_detail"],
+        turns=row["turns"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        usage={k: Usage.model_validate(v) for k, v in json.loads(row["usage"]).items()},
+        metadata=json.loads(row["metadata"]),
+    )
+
+
+def _run_row(row: sqlite3.Row, dead: Collection[str] = ()) -> dict[str, Any]:
     d = dict(row)
+    d.pop("pid_start", None)
     d["target"] = json.loads(d["target"])
     d["options"] = json.loads(d["options"])
     d["offline"] = bool(d["offline"])
+    if d["id"] in dead and d["status"] == RunStatus.RUNNING.value:  # seen dead, but not recorded (read-only)
+        d["status"], d["error"] = RunStatus.INTERRUPTED.value, INTERRUPTED_ERROR
     return d
 
 
-def _pid_alive(pid: int | None) -> bool:
+# --- is the process that runs a run still alive? -------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, 'boot id:start time') of a process from Linux /proc; None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            boot = f.read().strip().decode()
+        fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) ": state is field 3, starttime 22
+        return fields[0].decode(), f"{boot}:{int(fields[19])}"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_stamps: dict[int, str | None] = {}
+
+
+def _own_stamp() -> str | None:
+    """This process's start stamp (per pid, so a forked child gets its own)."""
+    pid = os.getpid()
+    if pid not in _stamps:
+        stat = _proc_stat(pid)
+        _stamps[pid] = stat[1] if stat else None
+    return _stamps[pid]
+
+
+def _process_alive(pid: int | None, stamp: str | None) -> bool:
+    """Is the process that created a run still running? A recycled pid (other start stamp) is not."""
     if not pid:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
     except PermissionError:
-        return True
-    return True
+        return True  # another user's process: it exists; its start time is not ours to read
+    except (OSError, OverflowError):
+        return False
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True  # no /proc (macOS): the signal says it exists
+    state, current = stat
+    if state in ("Z", "X"):  # exited, not yet reaped by its parent
+        return False
+    return stamp is None or stamp == current

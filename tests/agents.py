@@ -83,3 +83,9 @@ def needs_user_id(messages, user_id):
 
 def no_history_param(prompt):
     return prompt
+
+
+def blocks(messages):
+    """A sync agent that never answers in time: run it with a short `timeout_s`."""
+    time.sleep(600)
+    return "never"

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 from ..errors import InvalidOption
-from ..models import Assessment, Session, StopReason, UntestedSession
+from ..models import Assessment, UntestedSession
 from ..text import one_line
 
 MAX_TURNS_LIMIT = 100
@@ -41,19 +41,35 @@ def check_range(name: str, value: int, low: int, high: int) -> None:
         raise InvalidOption(f"{name} must be an integer from {low} to {high}, got {value!r}")
 
 
-def untested_sessions(sessions: list[Session], assessments: list[Assessment],
-                      limit: int = 20) -> tuple[int, list[UntestedSession]]:
-    """How many sessions could not test the agent, and the first `limit` of them with the reason.
+class UntestedTally:
+    """The sessions that could not test the agent, counted over streams of sessions and verdicts.
 
     A session could not be tested when the simulated user failed (`simulator_error`) or a judge's
     model could not give a verdict (`error_kind == "model"`). Neither is a pass or an agent issue.
+    Keeps the ids (to count each session once) and the first `limit` reasons.
     """
-    reasons: dict[str, str] = {}
-    for s in sessions:
-        if s.stop_reason == StopReason.SIMULATOR_ERROR:
-            reasons[s.id] = f"the simulated user failed: {one_line(s.stop_detail or 'no detail', 200)}"
-    for a in assessments:
-        if a.error_kind == "model" and a.session_id not in reasons:
-            reasons[a.session_id] = f"judge {a.scorer} could not give a verdict: {one_line(a.error, 200)}"
-    listed = [UntestedSession(session_id=sid, reason=why) for sid, why in list(reasons.items())[:limit]]
-    return len(reasons), listed
+
+    def __init__(self, limit: int = 20):
+        self.limit = limit
+        self._ids: set[str] = set()
+        self.listed: list[UntestedSession] = []
+
+    @property
+    def count(self) -> int:
+        return len(self._ids)
+
+    def _note(self, session_id: str, reason: str) -> None:
+        if session_id not in self._ids:
+            self._ids.add(session_id)
+            if len(self.listed) < self.limit:
+                self.listed.append(UntestedSession(session_id=session_id, reason=reason))
+
+    def add_simulator_errors(self, rows: Iterable[tuple[str, str | None]]) -> None:
+        """(session id, stop detail) of sessions that ended simulator_error."""
+        for session_id, detail in rows:
+            self._note(session_id, f"the simulated user failed: {one_line(detail or 'no detail', 200)}")
+
+    def add_verdicts(self, assessments: Iterable[Assessment]) -> None:
+        for a in assessments:
+            if a.error_kind == "model":
+                self._note(a.session_id, f"judge {a.scorer} could not give a verdict: {one_line(a.error, 200)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,6 @@ from ..models import (
     StopReason,
     TargetSpec,
     TestCase,
-    Usage,
-    add_usage,
 )
 from ..scorers import Scorer, parse_scorers
 from ..simulator import (
@@ -55,12 +54,12 @@ from ._shared import (
     MAX_TURNS_LIMIT,
     Progress,
     ProgressFn,
+    UntestedTally,
     check_range,
     run_uri,
     session_uri,
-    untested_sessions,
 )
-from .scoring import judge_usage, score_one, summarize_scores
+from .scoring import ScoreTally, judge_usage, score_one
 
 log = logging.getLogger("convsim.pipeline")
 
@@ -222,22 +221,24 @@ async def simulate(store: Store, target: Any, test_cases: Any, *, progress: Prog
 
 
 async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> RunSummary:
-    """Status, progress and per-session summaries of a run (transcripts stay in resources)."""
+    """Status, progress and per-session summaries of a run (transcripts stay in resources).
+
+    Built from aggregates, verdicts read a page at a time, and the last messages of the listed
+    sessions: no transcript is loaded, so a run of any size summarises in flat memory.
+    """
     run = await store.get_run(run_id)
-    sessions = await store.get_sessions(run_id)
-    usage: dict[str, Usage] = {}
-    reasons: dict[str, int] = {}
-    for s in sessions:
-        for role, u in s.usage.items():
-            usage = add_usage(usage, role, u)
-        if s.stop_reason:
-            reasons[s.stop_reason.value] = reasons.get(s.stop_reason.value, 0) + 1
-    assessments = await store.get_assessments([s.id for s in sessions])
-    usage = judge_usage(assessments, into=usage)
-    untested, untested_list = untested_sessions(sessions, assessments)
-    status = RunStatus(run["status"])
     max_turns = run["options"].get("max_turns") or 1
-    steps = sum(max_turns if s.stop_reason else min(s.turns, max_turns) for s in sessions)
+    totals = await store.session_totals(run_id, max_turns)
+    tally = ScoreTally()
+    untested = UntestedTally()
+    untested.add_simulator_errors(await store.stopped_sessions(StopReason.SIMULATOR_ERROR, run_id=run_id))
+    usage = dict(totals.usage)
+    async with aclosing(store.iter_assessments(await store.session_ids(run_id))) as pages:
+        async for page in pages:
+            usage = judge_usage(page, into=usage)
+            tally.add(page)
+            untested.add_verdicts(page)
+    status = RunStatus(run["status"])
     notes = []
     if run["offline"]:
         notes.append("The offline backend played the user: a deterministic heuristic, not an LLM. "
@@ -246,8 +247,8 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
         notes.append(f"Still running: call get_run with run_id '{run_id}' again, or cancel_run to stop it.")
     if run["kind"] == "test_agent" and status == RunStatus.COMPLETED:
         notes.append(f"The report: get_report with run_id '{run_id}', or convsim://runs/{run_id}/report.md.")
-    if len(sessions) > max_sessions:
-        notes.append(f"Showing {max_sessions} of {len(sessions)} sessions; read {run_uri(run_id)} for all.")
+    if totals.sessions > max_sessions:
+        notes.append(f"Showing {max_sessions} of {totals.sessions} sessions; read {run_uri(run_id)} for all.")
     return RunSummary(
         run_id=run_id,
         kind=run["kind"],
@@ -258,16 +259,17 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
         model=run["model"],
         offline=run["offline"],
         sessions_total=run["sessions_total"],
-        sessions_done=sum(1 for s in sessions if s.stop_reason),
-        turns_done=sum(s.turns for s in sessions),
-        progress=round(steps / max(run["sessions_total"] * max_turns, 1), 4) if status == RunStatus.RUNNING else 1.0,
-        stop_reasons=reasons,
-        untested=untested,
-        untested_sessions=untested_list,
+        sessions_done=totals.done,
+        turns_done=totals.turns,
+        progress=round(totals.steps / max(run["sessions_total"] * max_turns, 1), 4)
+        if status == RunStatus.RUNNING else 1.0,
+        stop_reasons=totals.stop_reasons,
+        untested=untested.count,
+        untested_sessions=untested.listed,
         usage=usage,
         error=run["error"],
-        sessions=[summarize_session(s) for s in sessions[:max_sessions]],
-        scores=summarize_scores(assessments, order=run["options"].get("scorers")),
+        sessions=[summarize_session(s) for s in await store.get_session_previews(run_id, max_sessions)],
+        scores=tally.summaries(order=run["options"].get("scorers")),
         resource=run_uri(run_id),
         note=" ".join(notes) or None,
     )
