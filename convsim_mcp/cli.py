@@ -14,6 +14,14 @@
 Results go to stdout, progress and logs to stderr (with `serve --transport
 stdio`, stdout is the protocol wire and nothing else may write there).
 Errors exit non-zero with `Type: message`, never a traceback.
+
+Exit codes of simulate, test-agent, score and rerun:
+    0  done
+    1  an issue at or above --fail-on (rerun: an issue still reproduces)
+    2  bad input (nothing ran)
+    3  could not test: a session ended simulator_error, or a judge's model could not give a verdict
+       (beyond --allow-untested), or a model failure stopped the job
+A found failure (1) is reported before an incomplete run (3).
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ import anyio
 
 from engine import (
     ConvsimError,
+    CouldNotTest,
+    LLMError,
     JobRegistry,
     Progress,
     RunSummary,
@@ -46,6 +56,7 @@ from engine.pipeline.generation import build_test_set, export_test_set
 from engine.text import one_line
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNTESTED = 0, 1, 2, 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,7 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args) or 0
     except UserInputError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except (CouldNotTest, LLMError) as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_UNTESTED
     except ConvsimError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -119,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     ta.add_argument("--json", dest="json_path", help="write the full report as JSON here")
     ta.add_argument("--fail-on", choices=["high", "medium", "low"],
                     help="exit 1 when an agent issue of this severity or worse is found")
+    _add_allow_untested(ta)
     ta.add_argument("--db")
     _add_root(ta)
     ta.set_defaults(func=_test_agent)
@@ -129,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("--target", help="the agent, if different from the run's")
     rr.add_argument("--max-turns", type=int)
     rr.add_argument("--model")
+    _add_allow_untested(rr)
     rr.add_argument("--db")
     _add_root(rr)
     rr.set_defaults(func=_rerun)
@@ -162,6 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--model", help="judges' model ('provider/model' or 'offline')")
     score.add_argument("--concurrency", type=int, default=8)
     score.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_allow_untested(score)
     score.add_argument("--db")
     _add_root(score)
     score.set_defaults(func=_score)
@@ -197,6 +214,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {text!r}")
+    return value
+
+
+def _add_allow_untested(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-untested", type=_fraction, default=0.0, metavar="FRACTION",
+                   help="exit 0 (not 3) while at most this share of sessions could not be tested because a model "
+                        "failed, e.g. 0.1 for a flaky provider (default 0: any untested session exits 3)")
+
+
+def _untested_exit(untested: int, total: int, allowed: float) -> int:
+    """EXIT_UNTESTED when more than `allowed` of `total` sessions could not be tested, saying so on stderr."""
+    if untested and untested > allowed * total:
+        print(f"{untested} of {total} session(s) could not be tested (the simulated user's or a judge's model "
+              f"failed; see the report): exit {EXIT_UNTESTED}. --allow-untested FRACTION tolerates a share.",
+              file=sys.stderr)
+        return EXIT_UNTESTED
+    return EXIT_OK
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-turns", type=int, default=10)
     p.add_argument("--model", help="simulated user's model ('provider/model', 'provider:/model' or 'offline')")
@@ -207,6 +250,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="score sessions as they finish: built-in name, 'pkg.mod:fn' or JSON object (repeatable)")
     p.add_argument("--judge-model", help="judges' model (default: the user's model)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON instead of a table")
+    _add_allow_untested(p)
     p.add_argument("--db", help="SQLite file (default $CONVSIM_HOME/convsim.sqlite)")
     _add_root(p)
 
@@ -260,7 +304,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     summary = _run_simulation(args.db, args.target, args.cases_file, args)
     print(summary.model_dump_json(indent=2) if args.json else render_summary(summary))
-    return 0
+    return _untested_exit(summary.untested, summary.sessions_total, args.allow_untested)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -278,7 +322,7 @@ def _demo(args: argparse.Namespace) -> int:
                             adversarial=0.0, max_turns=args.max_turns, model=model, user_model=None,
                             judge_model=None, generator_model=None, scorers=None, repeats=1, concurrency=8,
                             no_ask_agent=False, report=args.report, json_path=None, fail_on=None, db=args.db,
-                            root=[*args.root, str(EXAMPLES)])
+                            root=[*args.root, str(EXAMPLES)], allow_untested=0.0)
     return _test_agent(ns)
 
 
@@ -305,8 +349,8 @@ def _test_agent(args: argparse.Namespace) -> int:
         worst = [i for i in report.issues if SEVERITY_ORDER[i.severity] <= SEVERITY_ORDER[args.fail_on]]
         if worst:
             print(f"{len(worst)} issue(s) at or above '{args.fail_on}': failing (--fail-on)", file=sys.stderr)
-            return 1
-    return 0
+            return EXIT_FAILED
+    return _untested_exit(report.untested, len(report.sessions), args.allow_untested)
 
 
 def _rerun(args: argparse.Namespace) -> int:
@@ -320,7 +364,10 @@ def _rerun(args: argparse.Namespace) -> int:
              one_line(c.detail, 60)] for c in checks]
     print(f"re-ran {args.run_id} as {new_run}")
     print(_table(["issue", "severity", "result", "title", "detail"], rows) if rows else "no issues to check")
-    return 1 if any(c.reproduces for c in checks) else 0
+    if any(c.reproduces for c in checks):
+        return EXIT_FAILED
+    summary = anyio.run(lambda: run_summary(store, new_run))
+    return _untested_exit(summary.untested, summary.sessions_total, args.allow_untested)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -361,7 +408,7 @@ def _score(args: argparse.Namespace) -> int:
     ))
     bar.close()
     print(result.model_dump_json(indent=2) if args.json else render_scores(result.scorers, result.note))
-    return 0
+    return _untested_exit(result.untested, result.sessions, args.allow_untested)
 
 
 def _runs_list(args: argparse.Namespace) -> int:
@@ -429,11 +476,18 @@ def render_summary(s: RunSummary) -> str:
     """A run summary as a plain-text table for terminals and CI logs."""
     head = f"run {s.run_id}  {s.status.value}  target {s.target}  user model {s.model}"
     counts = ", ".join(f"{k} {v}" for k, v in sorted(s.stop_reasons.items())) or "none"
-    lines = [head, f"sessions {s.sessions_done}/{s.sessions_total} ({s.progress:.0%}), turns {s.turns_done}; "
-                   f"stop reasons: {counts}"]
+    lines = [head]
+    if s.untested:
+        lines.append(f"COULD NOT TEST {s.untested} of {s.sessions_total} session(s): the simulated user's or a "
+                     "judge's model failed (not passes, not agent issues)")
+        lines += [f"  {u.session_id}: {one_line(u.reason, 110)}" for u in s.untested_sessions[:5]]
+    lines.append(f"sessions {s.sessions_done}/{s.sessions_total} ({s.progress:.0%}), turns {s.turns_done}; "
+                 f"stop reasons: {counts}")
     for role, u in s.usage.items():
         cost = f", ${u.cost_usd:.4f}" if u.cost_usd else ""
-        lines.append(f"usage {role}: {u.calls} calls, {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens{cost}")
+        failed = f", {u.failed_calls} failed ({_kinds(u.failures)})" if u.failed_calls else ""
+        lines.append(f"usage {role}: {u.calls} calls{failed}, {u.prompt_tokens} prompt + {u.completion_tokens} "
+                     f"completion tokens{cost}")
     rows = []
     for x in s.sessions:
         last = x.error or x.last_agent_reply or ""
@@ -448,6 +502,10 @@ def render_summary(s: RunSummary) -> str:
         lines.append(f"note: {s.note}")
     lines.append(f"transcripts: convsim-mcp runs export {s.run_id}")
     return "\n".join(lines)
+
+
+def _kinds(failures: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {n}" for kind, n in sorted(failures.items())) or "unclassified"
 
 
 def render_scores(scores: list[ScorerSummary], note: str | None = None) -> str:

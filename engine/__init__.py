@@ -7,6 +7,7 @@ implementation detail. No MCP imports live in this package.
 from .errors import (
     AgentError,
     ConvsimError,
+    CouldNotTest,
     InvalidOption,
     InvalidTarget,
     InvalidTestCase,
@@ -73,6 +74,7 @@ __all__ = [
     "BuiltinJudge",
     "CodeScorer",
     "ConvsimError",
+    "CouldNotTest",
     "CustomJudge",
     "Evidence",
     "InvalidOption",

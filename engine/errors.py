@@ -10,6 +10,7 @@ Two branches, so that callers can tell "you asked for something wrong" from
     │   ├── InvalidOption         any other argument (max_turns, model, ...)
     │   └── NotFound              an unknown run or session id
     └── RunError                  something failed during a run
+        ├── CouldNotTest          a model failure (a refused key, ...) stopped the job: nothing was tested
         ├── AgentError            the agent under test raised, timed out or replied badly
         └── LLMError              a model call failed (simulated user, judge, generator, analyst)
             ├── LLMOutputError    the model replied, but not with the schema asked for
@@ -71,6 +72,13 @@ class NotFound(UserInputError):
 
 class RunError(ConvsimError):
     """Raised when something fails while a job runs."""
+
+
+class CouldNotTest(RunError):
+    """Raised when a model failure (the simulated user's, a judge's or the generator's) stopped a job.
+
+    Not a verdict on the agent: the CLI exits 3 ("could not test"), never 0 and never 1.
+    """
 
 
 class AgentError(RunError):

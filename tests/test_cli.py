@@ -244,9 +244,15 @@ def test_score_a_jsonl_file_with_a_custom_judge_offline_is_unscored(db, convsim_
     path.write_text(json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]) + "\n")
     judge = json.dumps({"name": "polite", "instructions": "Polite? {{ conversation }}"})
     proc = convsim("score", "--file", str(path), "--scorer", judge, "--json", "--db", db, home=convsim_home)
-    assert proc.returncode == 0, proc.stderr
-    (s,) = json.loads(proc.stdout)["scorers"]
+    assert proc.returncode == 3, proc.stderr  # a verdict that needs a model could not be given: not green
+    assert "1 of 1 session(s) could not be tested" in proc.stderr
+    result = json.loads(proc.stdout)
+    (s,) = result["scorers"]
     assert s["unscored"] == 1 and "needs a model" in s["errors"][0]["rationale"]
+    assert result["untested"] == 1 and "judge polite could not give a verdict" in result["untested_sessions"][0]["reason"]
+    relaxed = convsim("score", "--file", str(path), "--scorer", judge, "--allow-untested", "1", "--db", db,
+                      home=convsim_home)
+    assert relaxed.returncode == 0, relaxed.stderr
 
 
 def test_score_with_a_bad_scorer_exits_2(db, convsim_home):

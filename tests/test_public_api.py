@@ -17,6 +17,7 @@ PUBLIC = {
     "BuiltinJudge",
     "CodeScorer",
     "ConvsimError",
+    "CouldNotTest",
     "CustomJudge",
     "Evidence",
     "InvalidOption",

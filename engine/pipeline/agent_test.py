@@ -17,7 +17,7 @@ from typing import Any, Awaitable, TypeVar
 import anyio
 from pydantic import BaseModel, Field
 
-from ..errors import InvalidOption, InvalidTarget, LLMAuthError, LLMError, RunError
+from ..errors import CouldNotTest, InvalidOption, InvalidTarget, LLMAuthError, LLMError, RunError
 from ..generator import describe_agent, generate_cases
 from ..issues import collect_failures, discover_issues
 from ..llm import LLM, resolve_llm, resolve_model
@@ -158,7 +158,8 @@ class AgentTestJob:
             else:
                 log.exception("test_agent run %s failed", self.run_id)
             await self.store.finish_run(self.run_id, RunStatus.FAILED, error)
-            raise RunError(f"test_agent run {self.run_id} failed: {error}") from e
+            failure = CouldNotTest if isinstance(e, (LLMError, _Stopped)) else RunError
+            raise failure(f"test_agent run {self.run_id} failed: {error}") from e
         finally:
             await self.target.aclose()
 
@@ -321,7 +322,7 @@ async def rerun_issues(
                         options.get("concurrency") or 8, repeats, scorers, judge_llm)
     rerun = await job.run(progress)
     if rerun.status == RunStatus.FAILED:  # e.g. a refused key: nothing was tested, so nothing counts as fixed
-        raise RunError(f"re-run {new_run} of run {run_id} failed: {rerun.error}")
+        raise CouldNotTest(f"re-run {new_run} of run {run_id} failed: {rerun.error}")
     sessions = await store.get_sessions(new_run)
     failures = collect_failures(sessions, await store.get_assessments([s.id for s in sessions]))
     checks = []
