@@ -69,6 +69,12 @@ DEFAULT_MODELS_BY_KEY = (
     ("GROQ_API_KEY", "groq/llama-3.1-8b-instant"),
 )
 
+# provider/model as litellm spells it; no URL, no whitespace (a tool argument must not choose an endpoint)
+MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.:@/+-]{1,200}")
+NOT_A_MODEL_NAME = ("model {model!r} is not a 'provider/model' name: a model argument names a model only. Where "
+                    "calls go and with which key is operator configuration (CONVSIM_API_BASE, CONVSIM_API_KEY, "
+                    "provider keys)")
+
 REPAIR_PROMPT = """\
 Your previous reply could not be used: {error}
 Reply again with only a JSON object that matches the required schema. No prose, no code fences."""
@@ -325,6 +331,8 @@ def _strict_type(tp: Any) -> Any:
 def normalise_model(model: str) -> str:
     """Accept MLflow's `provider:/model` as well as litellm's `provider/model`."""
     model = model.strip()
+    if "://" in model or any(c.isspace() for c in model):
+        raise InvalidOption(NOT_A_MODEL_NAME.format(model=model[:80]))
     if ":/" in model:
         provider, _, name = model.partition(":/")
         return f"{provider}/{name}"
@@ -370,6 +378,8 @@ def resolve_llm(
         raise InvalidOption(
             f"model '{name}' needs a provider prefix, e.g. 'openai/{name}' or 'openai:/{name}' (or 'offline')"
         )
+    if not MODEL_NAME.fullmatch(name):
+        raise InvalidOption(NOT_A_MODEL_NAME.format(model=name[:80]))
     settings = LLMSettings(
         model=name,
         api_base=api_base or env_url("CONVSIM_API_BASE"),

@@ -283,3 +283,11 @@ async def test_a_run_at_the_bounds_stays_readable_everywhere(store):
         whole = await client.read_resource(run["resource"])
         assert json.loads(whole.contents[0].text)["sessions"][0]["test_case"]["context"]
     assert (await store.export_jsonl(run["run_id"]))
+
+
+@pytest.mark.parametrize("model", ["openai/http://evil.example/v1", "openai://evil.example/v1",
+                                   "openai/gpt 4o", "hosted_vllm/https://attacker.example"])
+async def test_a_model_argument_cannot_choose_an_endpoint(store, fake_llm, model):
+    failed, text = await call(build_server(store), "simulate_conversations",
+                              {"target": "tests.agents:echo", "test_cases": [CASE], "model": model})
+    assert failed and "is not a 'provider/model' name" in text and "CONVSIM_API_BASE" in text, text
