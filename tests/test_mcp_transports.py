@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ import pytest
 from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.client.stdio import StdioServerParameters
+
+from tests.servers import free_port, listening
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,10 +47,6 @@ def _child_env(home: Path) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -59,7 +56,7 @@ def _serve(transport: str, workdir: Path, *extra: str) -> Iterator[int]:
     These tests run Python agents over network transports, so the server is started with --allow-code
     unless `extra` says otherwise (the refusal itself is tested in test_security.py)."""
     extra = extra or ("--allow-code",)
-    port = _free_port()
+    port = free_port()
     log_path = workdir / f"{transport}-server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -67,27 +64,8 @@ def _serve(transport: str, workdir: Path, *extra: str) -> Iterator[int]:
              "--port", str(port), "--db", str(workdir / f"{transport}.sqlite"), *extra],
             cwd=ROOT, env=_child_env(workdir / "home"), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"{transport} server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{transport} server did not listen on {port} within 15 s:\n"
-                                f"{log_path.read_text()[-3000:]}")
-                time.sleep(0.05)
+    with listening(proc, port, log_path):
         yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,8 @@ from mcp.shared.message import SessionMessage
 from convsim_mcp.transport import MAX_MESSAGE_DEPTH, guarded_streams
 from engine.limits import MAX_ARGUMENT_BYTES, MAX_JSON_DEPTH
 
+from tests.servers import free_port, listening
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "convsim-test-token-0123456789abcdef"
 REPLY_TIMEOUT = 15
@@ -49,10 +50,6 @@ def _child_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve_args(transport: str, host: str, port: int, workdir: Path, *extra: str) -> list[str]:
@@ -235,24 +232,10 @@ class Served:
         return f"http://127.0.0.1:{self.port}/{'sse' if self.transport == 'sse' else 'mcp'}"
 
 
-def _wait_listening(proc: subprocess.Popen, port: int, log: Path) -> None:
-    deadline = time.monotonic() + 15
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not listen on {port} within 15 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.05)
-
-
 def _start(workdir: Path, transport: str, host: str, *extra: str, env: dict[str, str] | None = None,
            verbose: bool = False) -> Iterator[Served]:
     """`convsim-mcp serve` on a free port (reached through 127.0.0.1); yields once it accepts connections."""
-    port = _free_port()
+    port = free_port()
     log = workdir / f"{transport}-{host}.log"
     args = _serve_args(transport, host, port, workdir, *extra)
     if verbose:
@@ -260,16 +243,8 @@ def _start(workdir: Path, transport: str, host: str, *extra: str, env: dict[str,
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, cwd=ROOT, env=_child_env(workdir / "home", **(env or {})),
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_listening(proc, port, log)
+    with listening(proc, port, log):
         yield Served(transport, port, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 @pytest.fixture(scope="module", params=["http", "sse"])
@@ -359,7 +334,7 @@ def _run_serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None) ->
 
 @pytest.mark.parametrize("transport", ["http", "sse"])
 def test_a_non_loopback_bind_without_a_token_refuses_to_start(tmp_path, transport):
-    done = _run_serve(tmp_path, "--transport", transport, "--host", "0.0.0.0", "--port", str(_free_port()))
+    done = _run_serve(tmp_path, "--transport", transport, "--host", "0.0.0.0", "--port", str(free_port()))
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -369,7 +344,7 @@ def test_a_non_loopback_bind_without_a_token_refuses_to_start(tmp_path, transpor
 
 
 def test_a_short_token_is_refused(tmp_path):
-    done = _run_serve(tmp_path, "--transport", "http", "--port", str(_free_port()),
+    done = _run_serve(tmp_path, "--transport", "http", "--port", str(free_port()),
                       env={"CONVSIM_AUTH_TOKEN": "short-secret"})
     assert done.returncode == 2
     [line] = done.stderr.strip().splitlines()
