@@ -1,0 +1,56 @@
+"""Regressions for the bugs tests/test_fuzz_tools.py found: each input once crashed behind the server's
+guard ("internal error in <tool>: ...", a convsim bug by its own words), failed a background run, or left
+the store unable to list its runs. Now each is refused before anything runs, with a reason."""
+
+from __future__ import annotations
+
+import pytest
+from mcp import Client
+
+from convsim_mcp.server import build_server
+from engine import Workspace
+
+pytestmark = pytest.mark.anyio
+
+AGENT = "def echo(messages):\n    return 'You said: ' + str(messages[-1]['content'])\n"
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "agent.py").write_text(AGENT)
+    (root / "scorer.py").write_text("def always(session):\n    return True\n")
+    return Workspace.default(base=root)
+
+
+async def call(server, tool: str, arguments: dict) -> tuple[bool, str]:
+    async with Client(server) as client:
+        result = await client.call_tool(tool, arguments)
+        listed = await client.call_tool("list_runs", {})
+    assert not listed.is_error, listed.content  # the server still lists its runs afterwards
+    return result.is_error, result.content[0].text
+
+
+def assert_refused(failed: bool, text: str, reason: str) -> None:
+    assert failed and reason in text, text
+    assert "internal error" not in text, text
+
+
+# --- lone surrogates (the server's guard) --------------------------------------------------------
+
+@pytest.mark.parametrize("tool, arguments", [
+    pytest.param("get_report", {"run_id": "run-\ud800"}, id="id-to-sqlite"),  # was UnicodeEncodeError from sqlite
+    pytest.param("simulate_conversations", {"target": "agent.py:echo", "test_cases": [{"goal": "Say \udc80 hi"}],
+                                            "max_turns": 1}, id="echoed-in-the-result"),  # was the masked error
+    pytest.param("simulate_conversations", {"target": "http://127.0.0.1:9/\udc80", "test_cases": [{"goal": "hi"}],
+                                            "wait": False}, id="stored-target"),  # was: list_runs failed ever after
+    pytest.param("score_sessions", {"transcripts": [{"messages": [{"role": "user", "content": "hi"}],
+                                                     "metadata": {"note": ["\udfff"]}}]}, id="nested"),
+])
+async def test_a_lone_surrogate_anywhere_in_the_arguments_is_refused_before_anything_runs(store, workspace, tool,
+                                                                                           arguments):
+    server = build_server(store, workspace=workspace)
+    failed, text = await call(server, tool, arguments)
+    assert_refused(failed, text, "holds a lone UTF-16 surrogate")
+    assert await store.list_runs() == []
