@@ -8,7 +8,7 @@ import pytest
 from mcp import Client
 
 from convsim_mcp.server import build_server
-from engine import Workspace
+from engine import InvalidOption, InvalidTarget, Workspace
 
 pytestmark = pytest.mark.anyio
 
@@ -54,3 +54,30 @@ async def test_a_lone_surrogate_anywhere_in_the_arguments_is_refused_before_anyt
     failed, text = await call(server, tool, arguments)
     assert_refused(failed, text, "holds a lone UTF-16 surrogate")
     assert await store.list_runs() == []
+
+
+# --- paths (the workspace) -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, reason", [
+    pytest.param("cases\x00.yaml", "contains a NUL character", id="nul"),  # was ValueError: embedded null byte
+    pytest.param("~nosuchuser-convsim/cases.yaml", "is not a usable path", id="unknown-user"),  # was RuntimeError
+    pytest.param("x" * 300 + ".yaml", "cannot be looked up: File name too long", id="name-too-long"),  # was OSError
+])
+def test_a_file_argument_that_cannot_be_a_path_is_refused(workspace, path, reason):
+    with pytest.raises(InvalidOption, match=reason):
+        workspace.resolve_file(path, what="test case file")
+    with pytest.raises(InvalidTarget, match=reason):
+        workspace.code_file(path.replace(".yaml", ".py") + ":fn", what="agent")
+
+
+async def test_an_overlong_test_set_id_is_an_unknown_test_set(store, workspace):
+    server = build_server(store, workspace=workspace)
+    failed, text = await call(server, "simulate_conversations", {"target": "agent.py:echo",
+                                                                 "test_cases": "set-" + "x" * 300})
+    assert_refused(failed, text, "no test set with id")  # was OSError: File name too long
+
+
+async def test_transcript_file_paths_are_checked_too(store, workspace):
+    server = build_server(store, workspace=workspace)
+    failed, text = await call(server, "score_sessions", {"file": "~nosuchuser-convsim/t.jsonl"})
+    assert_refused(failed, text, "is not a usable path")
