@@ -9,6 +9,7 @@ from mcp import Client
 
 from convsim_mcp.server import build_server
 from engine import InvalidOption, InvalidTarget, Workspace
+from engine.targets import parse_target_spec, resolve_target
 
 pytestmark = pytest.mark.anyio
 
@@ -81,3 +82,36 @@ async def test_transcript_file_paths_are_checked_too(store, workspace):
     server = build_server(store, workspace=workspace)
     failed, text = await call(server, "score_sessions", {"file": "~nosuchuser-convsim/t.jsonl"})
     assert_refused(failed, text, "is not a usable path")
+
+
+# --- targets -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url, reason", [
+    pytest.param("http://127.0.0.1:99999/", "port 99999 is not a TCP port", id="port"),  # was a failed run
+    pytest.param("http://[::1/", "is not a valid URL", id="ipv6"),
+    pytest.param("http://127.0.0.1:9/\x00", "is not a valid URL", id="nul"),  # was httpx.InvalidURL
+    pytest.param("http://", "names no host", id="no-host"),
+])
+def test_a_url_that_httpx_cannot_send_to_is_refused_with_the_target(url, reason):
+    with pytest.raises(InvalidTarget, match=reason):
+        parse_target_spec(url)
+    with pytest.raises(InvalidTarget, match=reason):
+        parse_target_spec({"url": url, "kind": "json"})
+
+
+def test_a_target_given_as_deeply_nested_json_is_refused():
+    with pytest.raises(InvalidTarget, match="nested more than 32 levels"):  # was RecursionError
+        parse_target_spec('{"a":' * 5000)
+
+
+@pytest.mark.parametrize("headers", [{"Authorization": "Bearer café"}, {"Clé": "x"}])
+def test_non_ascii_headers_are_refused_before_a_request_is_made(headers):
+    with pytest.raises(InvalidTarget, match="must be ASCII") as e:  # was UnicodeEncodeError from httpx
+        resolve_target({"url": "http://127.0.0.1:9/v1", "headers": headers})
+    assert "café" not in str(e.value)  # a header value may be a secret: only the name is shown
+
+
+async def test_generate_test_cases_with_a_malformed_agent_url_says_why(store, workspace):
+    server = build_server(store, workspace=workspace)
+    failed, text = await call(server, "generate_test_cases", {"target": "http://127.0.0.1:9/\x00"})
+    assert_refused(failed, text, "is not a valid URL")
