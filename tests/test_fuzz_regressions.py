@@ -9,6 +9,7 @@ from mcp import Client
 
 from convsim_mcp.server import build_server
 from engine import InvalidOption, InvalidTarget, Workspace
+from engine.scorers import parse_scorers
 from engine.targets import parse_target_spec, resolve_target
 
 pytestmark = pytest.mark.anyio
@@ -115,3 +116,29 @@ async def test_generate_test_cases_with_a_malformed_agent_url_says_why(store, wo
     server = build_server(store, workspace=workspace)
     failed, text = await call(server, "generate_test_cases", {"target": "http://127.0.0.1:9/\x00"})
     assert_refused(failed, text, "is not a valid URL")
+
+
+# --- scorers -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, reason", [
+    pytest.param({"name": "j", "instructions": "{{ conversation }}", "output": {"labels": ["a", "b"], "pass": None}},
+                 "must be lists of labels", id="pass-null"),  # was TypeError
+    pytest.param({"name": "j", "instructions": "{{ conversation }}", "output": {"labels": 3}},
+                 "must be lists of labels", id="labels-number"),
+    pytest.param({"name": "guidelines", "guidelines": -7}, "needs 'guidelines'", id="guidelines-number"),  # TypeError
+    pytest.param({"path": None}, "'path' must be a string", id="path-null"),  # was AttributeError
+    pytest.param({"path": "scorer.py:always", "name": 5.5}, "'name', if given, a string", id="name-number"),
+    pytest.param({"name": ["goal_achievement"]}, "is not a built-in", id="name-list"),  # was TypeError: unhashable
+    pytest.param('{"a":' * 5000, "nested too deeply", id="deep-json"),  # was RecursionError
+])
+def test_malformed_scorer_specs_are_refused(workspace, spec, reason):
+    with pytest.raises(InvalidOption, match=reason):
+        parse_scorers([spec], workspace=workspace)
+
+
+async def test_a_code_scorer_with_a_numeric_name_no_longer_fails_the_run(store, workspace):
+    server = build_server(store, workspace=workspace)
+    failed, text = await call(server, "simulate_conversations", {
+        "target": "agent.py:echo", "test_cases": [{"goal": "hi"}], "max_turns": 1,
+        "scorers": [{"path": "scorer.py:always", "name": 5.5}]})
+    assert_refused(failed, text, "'name', if given, a string")  # was: the run ended 'failed' (Assessment.scorer)
