@@ -469,23 +469,23 @@ def record_to_session(record: Any, line_no: int, *, what: str = "line") -> Sessi
         else:
             case = None
         stop = StopReason(record["stop_reason"]) if record.get("stop_reason") else None
+        turns = record.get("turns") or sum(1 for m in messages if m.role == "user")
+        return Session(  # inside the try: session_id, turns, usage, metadata... are the caller's too
+            id=record.get("session_id") or new_session_id(),
+            test_case=case,
+            messages=messages,
+            stop_reason=stop,
+            stop_detail=record.get("stop_detail"),
+            turns=turns,
+            repeat=record.get("repeat") or 0,
+            usage={k: Usage.model_validate(v) for k, v in (record.get("usage") or {}).items()},
+            metadata={**(record.get("metadata") or {}), "imported_from_run": record.get("run_id")},
+            started_at=time.time(),
+            finished_at=time.time(),
+        )
     except Exception as e:
         detail = str(e).splitlines()
         raise InvalidOption(f"{what} {line_no}: {' '.join(detail[:3])}") from None
-    turns = record.get("turns") or sum(1 for m in messages if m.role == "user")
-    return Session(
-        id=record.get("session_id") or new_session_id(),
-        test_case=case,
-        messages=messages,
-        stop_reason=stop,
-        stop_detail=record.get("stop_detail"),
-        turns=turns,
-        repeat=record.get("repeat") or 0,
-        usage={k: Usage.model_validate(v) for k, v in (record.get("usage") or {}).items()},
-        metadata={**(record.get("metadata") or {}), "imported_from_run": record.get("run_id")},
-        started_at=time.time(),
-        finished_at=time.time(),
-    )
 
 
 def _json_line(line: str, line_no: int) -> Any:
@@ -493,6 +493,8 @@ def _json_line(line: str, line_no: int) -> Any:
         return json.loads(line)
     except json.JSONDecodeError as e:
         raise InvalidOption(f"line {line_no} is not valid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise InvalidOption(f"line {line_no} is nested too deeply to read") from None
 
 
 def _numbered(lines: Iterable[str]) -> Iterable[tuple[int, str]]:

@@ -4,12 +4,17 @@ the store unable to list its runs. Now each is refused before anything runs, wit
 
 from __future__ import annotations
 
+import io
+import json
+import re
+
 import pytest
 from mcp import Client
 
 from convsim_mcp.server import build_server
 from engine import InvalidOption, InvalidTarget, Workspace
 from engine.scorers import parse_scorers
+from engine.store import record_to_session
 from engine.targets import parse_target_spec, resolve_target
 
 pytestmark = pytest.mark.anyio
@@ -142,3 +147,29 @@ async def test_a_code_scorer_with_a_numeric_name_no_longer_fails_the_run(store, 
         "target": "agent.py:echo", "test_cases": [{"goal": "hi"}], "max_turns": 1,
         "scorers": [{"path": "scorer.py:always", "name": 5.5}]})
     assert_refused(failed, text, "'name', if given, a string")  # was: the run ended 'failed' (Assessment.scorer)
+
+
+# --- transcripts ---------------------------------------------------------------------------------
+
+MESSAGES = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("session_id", 5), ("turns", "x"), ("repeat", "x"), ("usage", [1]), ("usage", {"judge": 3}), ("metadata", [1]),
+    ("stop_detail", {"a": 1}),
+])
+def test_a_transcript_field_of_the_wrong_type_names_the_record(field, value):
+    with pytest.raises(InvalidOption, match="^transcript 3: "):  # was ValidationError, TypeError, AttributeError
+        record_to_session({"messages": MESSAGES, field: value}, 3, what="transcript")
+
+
+async def test_a_jsonl_line_nested_too_deeply_to_parse_is_refused(store):
+    line = "[" * 5000 + "]" * 5000
+    with pytest.raises(InvalidOption, match="line 2 is nested too deeply"):  # was RecursionError
+        await store.import_jsonl(io.StringIO(json.dumps(MESSAGES) + "\n" + line + "\n"))
+
+
+async def test_inline_transcripts_with_a_bad_field_get_a_reason_over_mcp(store, workspace):
+    server = build_server(store, workspace=workspace)
+    failed, text = await call(server, "score_sessions", {"transcripts": [{"messages": MESSAGES, "metadata": 7}]})
+    assert failed and re.search(r"^Error executing tool score_sessions: transcript \d+: .*not a mapping", text), text
