@@ -32,7 +32,7 @@ from engine import (
     TestCase,
     Workspace,
 )
-from engine.limits import MAX_JSON_DEPTH, json_depth
+from engine.limits import MAX_JSON_DEPTH, has_lone_surrogate, json_depth
 from engine.secrets import redact
 from engine.models import AgentProfile, Report, ScoreSummary, Usage
 from engine.pipeline import (
@@ -181,7 +181,8 @@ class RunList(BaseModel):
 def _guarded(error: type[ToolError] | type[ResourceError]) -> Callable[[F], F]:
     """Every failure reaches the caller with its reason, never the SDK's masked "Error executing tool".
 
-    Arguments nested deeper than MAX_JSON_DEPTH are refused before the handler runs; engine
+    Arguments nested deeper than MAX_JSON_DEPTH, or holding a lone UTF-16 surrogate (not text: it
+    could be neither stored nor sent back), are refused before the handler runs; engine
     errors become `error` with their message (which says what to fix); anything else is a bug,
     logged with its traceback and reported as such. Messages are redacted.
     """
@@ -193,6 +194,9 @@ def _guarded(error: type[ToolError] | type[ResourceError]) -> Callable[[F], F]:
                 if json_depth(value) > MAX_JSON_DEPTH:
                     raise error(f"argument '{name}' is nested more than {MAX_JSON_DEPTH} levels deep "
                                 "(MAX_JSON_DEPTH)")
+                if has_lone_surrogate(value):
+                    raise error(f"argument '{name}' holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is "
+                                "not text: send valid Unicode")
             try:
                 return await fn(*args, **kwargs)
             except (ToolError, ResourceError) as e:

@@ -9,9 +9,12 @@ be stored, read back, exported and reported.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .errors import InvalidOption
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 MAX_JSON_DEPTH = 32  # nesting of any JSON value a caller passes (arguments, context, files, records)
 MAX_TEXT_CHARS = 50_000  # one text field of a test case: goal, persona, a guideline, a scripted turn
@@ -24,6 +27,7 @@ MAX_MESSAGE_CHARS = 200_000  # one message's content (transcripts, agent replies
 MAX_LINE_BYTES = 8_000_000  # one line of a JSONL file
 MAX_FILE_BYTES = 50_000_000  # a test-case file (read whole; JSONL transcript files are streamed)
 MAX_ARGUMENT_BYTES = 20_000_000  # all arguments of one tool call, as JSON
+MAX_COUNT = 1_000_000  # any count a record carries (turns, repeat): stored as a SQLite INTEGER
 
 
 def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
@@ -53,3 +57,23 @@ def check_depth(value: Any, what: str, limit: int = MAX_JSON_DEPTH) -> None:
     """Raise InvalidOption when `value` is nested deeper than `limit`."""
     if json_depth(value, limit) > limit:
         raise InvalidOption(f"{what} is nested more than {limit} levels deep (limit MAX_JSON_DEPTH={limit})")
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """True if a string in `value` (a key or a value, at any depth) holds a lone UTF-16 surrogate.
+
+    Such a string is not text: it cannot be encoded as UTF-8, so SQLite, JSON output and every
+    transport refuse it. No JSON parser delivers one, but an in-process caller can. Iterative.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False

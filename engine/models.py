@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .limits import MAX_DATA_CHARS, MAX_JSON_DEPTH, MAX_LIST_ITEMS, MAX_TEXT_CHARS, json_depth
+from .limits import MAX_COUNT, MAX_DATA_CHARS, MAX_JSON_DEPTH, MAX_LIST_ITEMS, MAX_TEXT_CHARS, json_depth
 
 # Keyword arguments convsim itself passes to a Python agent: a test case's context may not supply them.
 RESERVED_CONTEXT_KEYS = ("messages", "input", "session_id", "mlflow_session_id")
@@ -258,12 +258,12 @@ class Session(BaseModel):
     id: str
     run_id: str | None = None
     case_index: int | None = None
-    repeat: int = 0
+    repeat: int = Field(0, ge=0, le=MAX_COUNT)  # bounded: an imported record's numbers go into SQLite INTEGERs
     test_case: TestCase | None = None
     messages: list[Message] = Field(default_factory=list)
     stop_reason: StopReason | None = None
     stop_detail: str | None = Field(None, description="Why, in a sentence: the simulator's reason or the error.")
-    turns: int = 0
+    turns: int = Field(0, ge=0, le=MAX_COUNT)
     started_at: float | None = None
     finished_at: float | None = None
     usage: dict[str, Usage] = Field(default_factory=dict, description="Model usage by role.")
@@ -337,7 +337,7 @@ class Assessment(BaseModel):
 
     session_id: str
     scorer: str
-    value: bool | float | str | None = Field(None, description="The verdict: bool, a number, or a label.")
+    value: bool | int | float | str | None = Field(None, description="The verdict: bool, a number, or a label.")
     passed: bool | None = Field(None, description="None when unscored (see error) or when the scorer has no pass rule.")
     rationale: str = ""
     evidence: list[Evidence] = Field(default_factory=list)
@@ -353,7 +353,7 @@ class Assessment(BaseModel):
 
 class FailingSession(BaseModel):
     session_id: str
-    value: bool | float | str | None = None
+    value: bool | int | float | str | None = None
     rationale: str = Field("", description="One line.")
     turn: int | None = Field(None, description="First turn the evidence points to.")
     quote: str | None = None

@@ -192,6 +192,8 @@ def parse_output(spec: Any, name: str) -> Output:
     if isinstance(spec, list):
         spec = {"labels": spec}
     if isinstance(spec, dict) and "labels" in spec:
+        if not isinstance(spec["labels"], (list, tuple)) or not isinstance(spec.get("pass", []), (list, tuple)):
+            raise InvalidOption(f"judge '{name}': output.labels and output.pass must be lists of labels")
         labels = tuple(str(x) for x in spec["labels"])
         passing = tuple(str(x) for x in spec.get("pass", labels[:1]))
         if len(labels) < 2 or len(set(labels)) != len(labels):
@@ -337,7 +339,7 @@ class BuiltinJudge(_ModelJudge):
             rules = self.params.get("guidelines")
             if isinstance(rules, str):
                 rules = [rules]
-            if not rules or not all(isinstance(r, str) and r.strip() for r in rules):
+            if not isinstance(rules, (list, tuple)) or not rules or not all(isinstance(r, str) and r.strip() for r in rules):
                 raise InvalidOption("judge 'guidelines' needs 'guidelines': a non-empty list of rules")
             self.params["guidelines"] = list(rules)
 
@@ -545,6 +547,8 @@ def parse_scorer(spec: Any, *, workspace: WorkspaceArg = None) -> Scorer:
                 return parse_scorer(json.loads(text), workspace=workspace)
             except json.JSONDecodeError as e:
                 raise InvalidOption(f"scorer looks like JSON but does not parse: {e}") from None
+            except RecursionError:
+                raise InvalidOption("scorer JSON is nested too deeply to read") from None
         if text in JUDGE_CRITERIA:
             return BuiltinJudge(text)
         if ":" in text:
@@ -560,8 +564,11 @@ def parse_scorer(spec: Any, *, workspace: WorkspaceArg = None) -> Scorer:
                 raise InvalidOption(f"custom judge: unknown field(s) {sorted(extra)} (allowed: name, instructions, output)")
             return CustomJudge(spec.get("name", ""), spec["instructions"], spec.get("output"))
         if "path" in spec:
+            if not isinstance(spec["path"], str) or not isinstance(spec.get("name") or "", str):
+                raise InvalidOption("code scorer: 'path' must be a string ('pkg.mod:fn' or 'file.py:fn') and "
+                                    "'name', if given, a string")
             return CodeScorer(spec["path"], name=spec.get("name"), workspace=workspace)
-        if spec.get("name") in JUDGE_CRITERIA:
+        if isinstance(spec.get("name"), str) and spec["name"] in JUDGE_CRITERIA:
             return BuiltinJudge(spec["name"], {k: v for k, v in spec.items() if k != "name"})
         raise InvalidOption(
             f"scorer object {json.dumps(spec)[:80]} is not a built-in (name), custom judge (instructions) "

@@ -621,8 +621,8 @@ class Store:
 
     async def import_records(self, records: Sequence[Any], *, source: str = "inline transcripts",
                              what: str = "transcript") -> str:
-        """Store decoded records (see `record_to_session`; numbered from 0 in errors) as a new run."""
-        return await self._import((record_to_session(r, i, what=what) for i, r in enumerate(records)),
+        """Store decoded records (see `record_to_session`; numbered from 1 in errors) as a new run."""
+        return await self._import((record_to_session(r, i, what=what) for i, r in enumerate(records, 1)),
                                   source=source, total=len(records))
 
     async def import_sessions(self, sessions: Iterable[Session], *, source: str = "import") -> str:

@@ -119,6 +119,9 @@ def parse_target_spec(spec: str | dict[str, Any] | TargetSpec) -> TargetSpec:
                 return parse_target_spec(json.loads(text))
             except json.JSONDecodeError as e:
                 raise InvalidTarget(f"target looks like JSON but does not parse: {e}") from e
+            except RecursionError:
+                raise InvalidTarget(f"target JSON is nested more than {MAX_JSON_DEPTH} levels deep "
+                                    "(MAX_JSON_DEPTH)") from None
         parsed = TargetSpec(url=text) if re.match(r"^https?://", text) else TargetSpec(path=text)
     elif isinstance(spec, dict):
         if "protocol" in spec and "kind" not in spec:  # the design guide's name for the same field
@@ -137,9 +140,24 @@ def parse_target_spec(spec: str | dict[str, Any] | TargetSpec) -> TargetSpec:
     if kind in ("openai", "json"):
         if not parsed.url or not re.match(r"^https?://", parsed.url):
             raise InvalidTarget(f"a {kind} target needs 'url' starting with http:// or https://")
+        _check_url(parsed.url)
     if kind != "json" and (parsed.request is not None or parsed.response_path):
         raise InvalidTarget("'request' and 'response_path' apply only to kind 'json' targets")
     return parsed.model_copy(update={"kind": kind})
+
+
+def _check_url(url: str) -> None:
+    """Raise InvalidTarget unless httpx can send to `url`: it parses, names a host, and its port is 0-65535."""
+    shown = url if len(url) <= 200 else url[:200] + "..."
+    try:
+        parsed = httpx.URL(url)
+        port = parsed.port
+    except (httpx.InvalidURL, UnicodeError, ValueError) as e:
+        raise InvalidTarget(f"target url {shown!r} is not a valid URL: {e}") from None
+    if not parsed.host:
+        raise InvalidTarget(f"target url {shown!r} names no host")
+    if port is not None and not 0 <= port <= 65535:
+        raise InvalidTarget(f"target url {shown!r}: port {port} is not a TCP port (0-65535)")
 
 
 def redacted_spec(spec: TargetSpec) -> dict[str, Any]:
@@ -243,6 +261,9 @@ class _HTTPTarget(Target):
                 f"target headers reference environment variable(s) {', '.join(missing)}, which are not set; "
                 "export them (for a stdio MCP server, pass them in the server's 'env' config)"
             )
+        for name, value in spec.headers.items():  # HTTP sends headers as ASCII bytes; the value may be a secret
+            if not (name.isascii() and ENV_REF.sub(lambda m: os.environ.get(m.group(1), ""), value).isascii()):
+                raise InvalidTarget(f"target header {name[:60]!r}: header names and values must be ASCII text")
         self._client: httpx.AsyncClient | None = None
 
     def _headers(self) -> dict[str, str]:
@@ -263,7 +284,7 @@ class _HTTPTarget(Target):
             resp = await self._client.post(url, json=body, headers=self._headers())
         except httpx.TimeoutException as e:
             raise AgentError(f"agent did not reply within {self.spec.timeout_s:g}s", kind="timeout") from e
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise AgentError(f"could not reach the agent at {url}: {type(e).__name__}: {e}", kind="http") from e
         if resp.status_code >= 400:
             raise AgentError(f"agent returned HTTP {resp.status_code}: {_excerpt(resp.text)}", kind="http")

@@ -96,14 +96,24 @@ class Workspace:
         if not self.allow_files:
             raise InvalidOption(f"{what} {str(path)!r} is refused: file arguments are not accepted over the "
                                 f"{self.transport} transport unless the server is started with --allow-code")
-        raw = Path(path).expanduser()
-        file = (raw if raw.is_absolute() else self.base / raw).resolve()
+        file = self._absolute(path, what, InvalidOption)
         if not self._under_roots(file):
             raise InvalidOption(f"{what} {str(path)!r} is outside the workspace roots ({self._roots_text()}): files "
                                 f"are read only under the roots; {HOW_TO_ADD_ROOT.format(sep=os.pathsep)}")
-        if not file.is_file():
+        if not _is_file(file, what, InvalidOption):
             raise InvalidOption(f"{what} not found: {file}")
         return file
+
+    def _absolute(self, path: str | Path, what: str, error: type[InvalidOption] | type[InvalidTarget]) -> Path:
+        """`path` with '~' expanded, from the base when relative, symlinks resolved; `error` if no path can be that."""
+        text = str(path)
+        if "\0" in text:
+            raise error(f"{what} {_clipped(text)} contains a NUL character, which no file name can")
+        try:
+            raw = Path(text).expanduser()
+            return (raw if raw.is_absolute() else self.base / raw).resolve()
+        except (OSError, RuntimeError, ValueError) as e:  # '~nosuchuser', a symlink loop, ...
+            raise error(f"{what} {_clipped(text)} is not a usable path: {e}") from None
 
     # --- code -----------------------------------------------------------------------------------
 
@@ -121,9 +131,8 @@ class Workspace:
                                 f"scorers) are not accepted over the {self.transport} transport unless the server "
                                 "is started with --allow-code; use an HTTP agent URL instead")
         if module_part.endswith(".py") or "/" in module_part or os.sep in module_part:
-            raw = Path(module_part).expanduser()
-            file = (raw if raw.is_absolute() else self.base / raw).resolve()
-            if not file.is_file():
+            file = self._absolute(module_part, what, InvalidTarget)
+            if not _is_file(file, what, InvalidTarget):
                 raise InvalidTarget(f"{what} file not found: {file}")
             self._check_code_file(file, path, what)
             return file, None, attr
@@ -249,6 +258,18 @@ def _protected_dirs() -> tuple[Path, ...]:
     package_root = Path(__file__).resolve().parent.parent
     dirs.update(str(package_root / name) for name in ("engine", "convsim_mcp"))
     return tuple(sorted({Path(d).resolve() for d in dirs if d}, key=str))
+
+
+def _is_file(path: Path, what: str, error: type[InvalidOption] | type[InvalidTarget]) -> bool:
+    try:
+        return path.is_file()
+    except OSError as e:  # a name longer than the system allows, ...
+        raise error(f"{what} {_clipped(str(path))} cannot be looked up: {e.strerror or e}") from None
+
+
+def _clipped(text: str, limit: int = 200) -> str:
+    """`text` quoted, cut to `limit` characters: a caller's path may be megabytes long."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 def _describe_protected(file: Path, protected: Path) -> str:

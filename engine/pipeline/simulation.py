@@ -209,9 +209,16 @@ async def prepare_simulation(
 
 async def resolve_cases(store: Store, test_cases: Any, *, workspace: WorkspaceArg = None) -> list[TestCase]:
     """Cases given inline, as a file path, or as the id of a stored test set ('set-...')."""
-    if isinstance(test_cases, str) and test_cases.startswith("set-") and not Path(test_cases).exists():
+    if isinstance(test_cases, str) and test_cases.startswith("set-") and not _is_path(test_cases):
         return (await store.get_test_set(test_cases)).cases
     return load_test_cases(test_cases, workspace=workspace)
+
+
+def _is_path(text: str) -> bool:
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):  # longer than a file name can be, ...
+        return False
 
 
 async def simulate(store: Store, target: Any, test_cases: Any, *, progress: ProgressFn | None = None, **options: Any) -> RunSummary:
