@@ -28,6 +28,7 @@ import importlib.util
 import inspect
 import ipaddress
 import os
+import re
 import site
 import sys
 import sysconfig
@@ -86,8 +87,31 @@ class Workspace:
     def _under_roots(self, path: Path) -> bool:
         return any(path.is_relative_to(r) for r in self.roots)
 
-    def _protected_by(self, path: Path) -> Path | None:
-        return next((p for p in self._protected if path.is_relative_to(p)), None)
+    def _protection(self, file: Path) -> str | None:
+        """What keeps `file` from being a code target, even under a root; None for the project's own code.
+
+        The running interpreter's standard library and site-packages, convsim's own packages, and any
+        other Python installation tree: a `site-packages`, a virtualenv or conda environment, a
+        `lib/pythonX.Y` standard library, or a directory that pip installed into (`*.dist-info` inside).
+        """
+        protected = next((p for p in self._protected if file.is_relative_to(p)), None)
+        if protected is not None:
+            return "convsim's own packages" if protected.name in ("engine", "convsim_mcp") else \
+                "site-packages (installed libraries)" if {"site-packages", "dist-packages"} & set(file.parts) else \
+                "the Python standard library"
+        if {"site-packages", "dist-packages"} & set(file.parts):
+            return "site-packages (installed libraries)"
+        root = next((r for r in self.roots if file.is_relative_to(r)), None)
+        for folder in file.parents:
+            if (folder / "pyvenv.cfg").is_file() or (folder / "conda-meta").is_dir():
+                return f"a Python environment ({folder})"
+            if re.fullmatch(r"python3\.\d+", folder.name) and (folder / "os.py").is_file():
+                return f"a Python standard library ({folder})"
+            if folder != file.parent and any(folder.glob("*.dist-info")):
+                return f"a directory packages were installed into ({folder})"
+            if root is None or folder == root:
+                break
+        return None
 
     # --- files ----------------------------------------------------------------------------------
 
@@ -132,9 +156,9 @@ class Workspace:
                                 "is started with --allow-code; use an HTTP agent URL instead")
         if module_part.endswith(".py") or "/" in module_part or os.sep in module_part:
             file = self._absolute(module_part, what, InvalidTarget)
+            self._check_code_file(file, path, what)  # before looking: a refusal says nothing of what exists
             if not _is_file(file, what, InvalidTarget):
                 raise InvalidTarget(f"{what} file not found: {file}")
-            self._check_code_file(file, path, what)
             return file, None, attr
         return self._module_file(module_part, path, what), module_part, attr
 
@@ -165,10 +189,10 @@ class Workspace:
             raise InvalidTarget(f"{what} '{path}' is refused: {file} is outside the workspace roots "
                                 f"({self._roots_text()}); code runs only from files under the roots; "
                                 + HOW_TO_ADD_ROOT.format(sep=os.pathsep))
-        protected = self._protected_by(file)
+        protected = self._protection(file)
         if protected is not None:
-            raise InvalidTarget(f"{what} '{path}' is refused: {file} belongs to {_describe_protected(file, protected)}, "
-                                "which is never a code target; point at a function in your own project")
+            raise InvalidTarget(f"{what} '{path}' is refused: {file} belongs to {protected}, which is never a code "
+                                "target; point at a function in your own project")
 
     def load_callable(self, path: str, *, what: str = "function") -> Callable[..., Any]:
         """Import `pkg.module:attr` or `file.py:attr` from under the roots and return the callable.
@@ -187,7 +211,7 @@ class Workspace:
         if not callable(fn):
             raise InvalidTarget(f"'{path}' is not callable")
         defined_in = _defining_file(fn)
-        if defined_in is None or not self._under_roots(defined_in) or self._protected_by(defined_in):
+        if defined_in is None or not self._under_roots(defined_in) or self._protection(defined_in):
             where = f"in {defined_in}" if defined_in else "in no Python source file"
             raise InvalidTarget(f"{what} '{path}' is refused: '{attr}' is defined {where}, not in a file under the "
                                 f"workspace roots ({self._roots_text()}); code runs only from functions defined "
@@ -195,20 +219,52 @@ class Workspace:
         return fn
 
     def _import_module(self, name: str, file: Path, what: str) -> Any:
+        """Import `name` package by package from the specs found under the roots, never through sys.path.
+
+        A module of the same name elsewhere (the stdlib's `this`, an installed package) is never
+        imported in its place; one already imported from elsewhere is refused. The roots go on
+        sys.path so that the code can import its own siblings.
+        """
         for root in reversed(self.roots):
             if str(root) not in sys.path:
                 sys.path.insert(0, str(root))
+        parts = name.split(".")
+        search: list[str] = [str(r) for r in self.roots]
+        module: Any = None
+        for i in range(len(parts)):
+            full = ".".join(parts[: i + 1])
+            module = sys.modules.get(full)
+            if module is None:
+                module = self._exec_spec(full, search, what)
+            locations = list(getattr(module, "__path__", None) or [])
+            origin = getattr(module, "__file__", None)
+            places = [Path(p).resolve() for p in ([origin] if origin else locations)]
+            if not places or not all(self._under_roots(p) for p in places):
+                raise InvalidTarget(f"{what}: module '{full}' is already imported from "
+                                    f"{origin or locations or 'nowhere'}, not from under the workspace roots "
+                                    "(another module of that name came first); give a file path instead")
+            search = locations
+        if Path(getattr(module, "__file__", "") or "").resolve() != file:
+            raise InvalidTarget(f"{what}: module '{name}' does not come from {file}; give a file path instead")
+        return module
+
+    def _exec_spec(self, full: str, search: list[str], what: str) -> Any:
+        spec = importlib.machinery.PathFinder.find_spec(full, search)
+        if spec is None:
+            raise InvalidTarget(f"cannot import module '{full}' from under the workspace roots")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
         try:
-            module = importlib.import_module(name)
-        except ImportError as e:
-            raise InvalidTarget(f"cannot import module '{name}' ({e}); give a file path like "
-                                f"'path/to/{name.split('.')[-1]}.py:func'") from e
-        except Exception as e:
-            raise InvalidTarget(f"importing '{name}' failed: {type(e).__name__}: {e}") from e
-        loaded = getattr(module, "__file__", None)
-        if not loaded or Path(loaded).resolve() != file:
-            raise InvalidTarget(f"{what}: module '{name}' imported from {loaded or 'no file'}, not from {file} under "
-                                "the workspace roots (another module of that name comes first); use a file path")
+            if spec.loader is not None:
+                spec.loader.exec_module(module)
+        except BaseException as e:
+            sys.modules.pop(full, None)
+            if isinstance(e, Exception):
+                raise InvalidTarget(f"importing '{full}' failed: {type(e).__name__}: {e}") from e
+            raise
+        parent, _, child = full.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, module)
         return module
 
     # --- agents over HTTP -----------------------------------------------------------------------
@@ -272,14 +328,6 @@ def _clipped(text: str, limit: int = 200) -> str:
     return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
-def _describe_protected(file: Path, protected: Path) -> str:
-    if protected.name in ("engine", "convsim_mcp"):
-        return "convsim's own packages"
-    if "site-packages" in file.parts or "dist-packages" in file.parts:
-        return "site-packages (installed libraries)"
-    return "the Python standard library"
-
-
 def _import_file(file: Path, what: str) -> Any:
     mod_name = f"_convsim_user_{abs(hash(str(file)))}"
     module = sys.modules.get(mod_name)
@@ -310,7 +358,10 @@ def _defining_file(obj: Any) -> Path | None:
         file = inspect.getsourcefile(target) or inspect.getfile(target)
     except (TypeError, OSError):
         return None
-    return Path(file).resolve() if file else None
+    # "<frozen os>", "<string>": not a file, and never to be mistaken for one under the working directory
+    if not file or not os.path.isabs(file) or not os.path.isfile(file):
+        return None
+    return Path(file).resolve()
 
 
 WorkspaceArg = Workspace | str | Path | None  # what engine functions accept: a Workspace, a root directory, or the default

@@ -291,3 +291,55 @@ async def test_a_model_argument_cannot_choose_an_endpoint(store, fake_llm, model
     failed, text = await call(build_server(store), "simulate_conversations",
                               {"target": "tests.agents:echo", "test_cases": [CASE], "model": model})
     assert failed and "is not a 'provider/model' name" in text and "CONVSIM_API_BASE" in text, text
+
+
+@pytest.mark.parametrize("layout, file, why", [
+    pytest.param({"vendor/lib-1.0.dist-info/METADATA": "", "vendor/lib/__init__.py": "",
+                  "vendor/lib/main.py": "def run(messages):\n    return 'x'\n"},
+                 "vendor/lib/main.py", "a directory packages were installed into", id="pip-install-target"),
+    pytest.param({"env2/pyvenv.cfg": "home = /usr/bin\n", "env2/lib/tool.py": "def run(messages):\n    return 'x'\n"},
+                 "env2/lib/tool.py", "a Python environment", id="second-virtualenv"),
+    pytest.param({"conda/conda-meta/history": "", "conda/bin/tool.py": "def run(messages):\n    return 'x'\n"},
+                 "conda/bin/tool.py", "a Python environment", id="conda-env"),
+    pytest.param({"py/lib/python3.12/os.py": "", "py/lib/python3.12/runpy.py": "def run(messages):\n    return 1\n"},
+                 "py/lib/python3.12/runpy.py", "a Python standard library", id="other-stdlib"),
+])
+def test_python_installations_under_a_root_are_never_code_targets(tmp_path, layout, file, why):
+    for name, text in layout.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    with pytest.raises(InvalidTarget, match=why):
+        resolve_target(f"{file}:run", workspace=Workspace.default(base=tmp_path))
+
+
+def test_functions_of_frozen_stdlib_modules_are_not_taken_for_project_code(tmp_path):
+    (tmp_path / "frozen_mod.py").write_text("from os import makedirs\nfrom runpy import run_path\n")
+    ws = Workspace.default(base=tmp_path)
+    for name in ("makedirs", "run_path"):
+        with pytest.raises(InvalidTarget, match="defined in no Python source file|not in a file under the workspace"):
+            ws.load_callable(f"frozen_mod:{name}")
+
+
+def test_a_module_path_never_imports_a_same_named_module_from_elsewhere(tmp_path, capsys):
+    (tmp_path / "this").mkdir()  # a namespace package named like the stdlib's `this`
+    (tmp_path / "this" / "agent.py").write_text("def respond(messages):\n    return 'ok'\n")
+    import sys
+
+    sys.modules.pop("this", None)
+    try:
+        fn = Workspace.default(base=tmp_path).load_callable("this.agent:respond")
+        assert fn([]) == "ok"
+        assert "Zen of Python" not in capsys.readouterr().out  # the stdlib module never ran
+    finally:
+        sys.modules.pop("this.agent", None)
+        sys.modules.pop("this", None)
+
+
+def test_a_refused_path_does_not_say_whether_a_file_exists_outside_the_roots(tmp_path):
+    ws = Workspace.default(base=tmp_path)
+    messages = []
+    for spec in ("/etc/hostname:x", "/etc/no-such-file-here:x"):
+        with pytest.raises(InvalidTarget) as info:
+            ws.load_callable(spec)
+        messages.append(str(info.value).replace(spec.split(":")[0], "PATH"))
+    assert messages[0] == messages[1] and "outside the workspace roots" in messages[0]
