@@ -16,8 +16,8 @@ The variables, in one place:
     CONVSIM_LLM_RETRIES      retries on rate limits, server errors and timeouts (default 4)
     CONVSIM_LLM_CONCURRENCY  most model calls in flight (default: the run's concurrency)
     CONVSIM_AUTH_TOKEN       bearer token for network transports
-    CONVSIM_AGENT_ENV        variables an HTTP target's headers may reference although their names look like
-                             model credentials (comma-separated)
+    CONVSIM_AGENT_ENV        the variables an HTTP target's headers may reference as ${NAME} (comma-separated);
+                             any other reference is refused
 """
 
 from __future__ import annotations

@@ -44,9 +44,6 @@ PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.]*)\s*\}\}")
 HISTORY_PARAMS = ("messages", "input")
 SESSION_PARAMS = ("session_id", "mlflow_session_id")
 DEFAULT_JSON_REQUEST = {"message": "{{message}}", "session_id": "{{session_id}}"}
-# Variables that hold model-provider credentials. A caller could otherwise send the server's own key to
-# any URL by naming it in an agent header; the operator allows one with CONVSIM_AGENT_ENV=NAME.
-MODEL_CREDENTIAL_ENV = re.compile(r"(?i)^CONVSIM_|_API_KEY$|^AWS_|^AZURE_|^GOOGLE_|^VERTEX|^HF_TOKEN$|^HUGGING")
 
 
 @dataclass
@@ -248,12 +245,12 @@ class _HTTPTarget(Target):
         self.spec = spec
         refs = sorted({m for v in spec.headers.values() for m in ENV_REF.findall(v)})
         allowed = set(env_list("CONVSIM_AGENT_ENV"))
-        credential = [r for r in refs if MODEL_CREDENTIAL_ENV.search(r) and r not in allowed]
-        if credential:
+        unlisted = [r for r in refs if r not in allowed]
+        if unlisted:
             raise InvalidTarget(
-                f"target headers reference ${{{credential[0]}}}, which holds a model provider's or convsim's own "
-                f"credential; those are never sent to an agent. If this agent really needs it, the operator allows "
-                f"it with CONVSIM_AGENT_ENV={credential[0]}"
+                f"target headers reference ${{{unlisted[0]}}}, which the operator has not listed for agents: header "
+                f"variables are expanded only when named in CONVSIM_AGENT_ENV (e.g. CONVSIM_AGENT_ENV="
+                f"{','.join(unlisted)}), so that no caller can send the server's keys or other secrets to a URL"
             )
         missing = [r for r in refs if r not in os.environ]
         if missing:

@@ -28,6 +28,7 @@ def by_case(summary) -> dict[str, str]:
 @pytest.fixture
 def http_agent(monkeypatch):
     monkeypatch.setenv("AGENT_TOKEN", "tok-3f9a-secret")
+    monkeypatch.setenv("CONVSIM_AGENT_ENV", "AGENT_TOKEN")
     server, url = start_server(0, token="tok-3f9a-secret")
     yield url
     stop_server(server)

@@ -55,7 +55,7 @@ def test_no_planted_secret_survives_a_test_agent_run(tmp_path, fake_llm):
                if not k.endswith("_API_KEY") and not k.startswith("CONVSIM_") and k != "PYTHONPATH"}
         env.update(PYTHONPATH=str(ROOT), CONVSIM_HOME=str(tmp_path / "home"), CONVSIM_ROOTS=str(tmp_path),
                    CONVSIM_API_BASE=fake_llm.url, CONVSIM_API_KEY=PROVIDER_KEY, CONVSIM_LLM_RETRIES="1",
-                   AGENT_TOKEN=AGENT_TOKEN, CONVSIM_AUTH_TOKEN=AUTH_TOKEN)
+                   AGENT_TOKEN=AGENT_TOKEN, CONVSIM_AGENT_ENV="AGENT_TOKEN", CONVSIM_AUTH_TOKEN=AUTH_TOKEN)
         db = tmp_path / "run.sqlite"
         outputs: list[str] = []
 

@@ -166,15 +166,16 @@ async def test_http_agents_over_network_transports_are_loopback_only_unless_allo
         agent.close()
 
 
-async def test_agent_headers_cannot_carry_the_servers_model_keys(store, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-the-servers-own-key-0123456789")
+@pytest.mark.parametrize("variable", ["OPENAI_API_KEY", "REPLICATE_API_TOKEN", "DATABASE_PASSWORD", "MY_COPY_OF_KEY"])
+async def test_agent_headers_expand_only_variables_the_operator_listed(store, monkeypatch, variable):
+    monkeypatch.setenv(variable, "sk-the-servers-own-key-0123456789")
     agent = _AgentServer(lambda path, body, headers: (200, {"content": headers.get("Authorization", "")}))
     try:
-        target = {"kind": "json", "url": agent.url, "headers": {"Authorization": "Bearer ${OPENAI_API_KEY}"}}
+        target = {"kind": "json", "url": agent.url, "headers": {"Authorization": f"Bearer ${{{variable}}}"}}
         failed, text = await call(build_server(store), "simulate_conversations",
                                   {"target": target, "test_cases": [CASE], "model": "offline"})
-        assert failed and "CONVSIM_AGENT_ENV=OPENAI_API_KEY" in text and agent.requests == []
-        monkeypatch.setenv("CONVSIM_AGENT_ENV", "OPENAI_API_KEY")  # the operator's explicit choice
+        assert failed and f"CONVSIM_AGENT_ENV={variable}" in text and agent.requests == []
+        monkeypatch.setenv("CONVSIM_AGENT_ENV", variable)  # the operator's explicit choice
         failed, text = await call(build_server(store), "simulate_conversations",
                                   {"target": target, "test_cases": [CASE], "model": "offline", "max_turns": 1})
         assert not failed and agent.requests, text

@@ -177,6 +177,7 @@ def http_agent():
 
 async def test_openai_target_sends_full_history_model_and_expanded_headers(http_agent, monkeypatch):
     monkeypatch.setenv("AGENT_TOKEN", "s3cret")
+    monkeypatch.setenv("CONVSIM_AGENT_ENV", "AGENT_TOKEN")
     srv = http_agent(lambda path, body, headers: (200, {"choices": [{"message": {"role": "assistant", "content": "ok"}}]}))
     history = [Message(role="user", content="a"), Message(role="assistant", content="b"), Message(role="user", content="c")]
     spec = {"url": srv.url + "/v1", "model": "my-agent", "headers": {"Authorization": "Bearer ${AGENT_TOKEN}"}}
@@ -199,7 +200,8 @@ def test_secrets_are_redacted_from_the_stored_spec():
 
 def test_unset_header_variable_is_reported_before_the_run(monkeypatch):
     monkeypatch.delenv("AGENT_TOKEN", raising=False)
-    with pytest.raises(InvalidTarget, match="AGENT_TOKEN"):
+    monkeypatch.setenv("CONVSIM_AGENT_ENV", "AGENT_TOKEN")
+    with pytest.raises(InvalidTarget, match="AGENT_TOKEN, which are not set"):
         resolve_target({"url": "http://127.0.0.1:1/v1", "headers": {"Authorization": "Bearer ${AGENT_TOKEN}"}})
 
 
