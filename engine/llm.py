@@ -52,7 +52,7 @@ from pydantic_core import PydanticUndefined
 from . import secrets
 from .errors import InvalidOption, LLMAuthError, LLMError, LLMOutputError
 from .models import Role, Usage
-from .settings import env_float, env_int, env_str, env_url
+from .settings import env_float, env_int, env_list, env_str, env_url
 
 log = logging.getLogger("convsim.llm")
 
@@ -78,6 +78,11 @@ NOT_A_MODEL_NAME = ("model {model!r} is not a 'provider/model' name: a model arg
 REPAIR_PROMPT = """\
 Your previous reply could not be used: {error}
 Reply again with only a JSON object that matches the required schema. No prose, no code fences."""
+
+UNCONFIGURED_PROVIDER = (
+    "model '{model}': provider '{provider}' is not one the operator configured, and model calls go only to "
+    "those (a model argument cannot choose where the server's keys are sent). Configure it with {variable}, "
+    "CONVSIM_MODEL, or CONVSIM_PROVIDERS={provider}")
 
 AUTH_ERROR = ("model {model}: the provider refused the credentials ({detail}). Set {variable} to a valid API key, "
               "then run again.")
@@ -283,6 +288,30 @@ class LiteLLMBackend(LLM):
         return LLMAuthError(str(self.auth_error), status_code=self.auth_error.status_code, usage=usage)
 
 
+def configured_providers() -> set[str]:
+    """The providers the operator set up, which are the only ones a model argument may name.
+
+    litellm finds a key for nearly every provider, falling back to OPENAI_API_KEY for dozens of
+    OpenAI-compatible hosts, so a caller naming `deepinfra/...` would otherwise send the operator's
+    OpenAI key there. Configured: CONVSIM_MODEL's provider and CONVSIM_PROVIDERS; with
+    CONVSIM_API_BASE, 'openai' (the OpenAI-compatible route to it); without it, each provider whose
+    own key variable is set.
+    """
+    providers = {p.lower() for p in env_list("CONVSIM_PROVIDERS")}
+    default = env_str("CONVSIM_MODEL")
+    if default and default != OFFLINE:
+        providers.add(normalise_model(default).partition("/")[0].lower())
+    if env_str("CONVSIM_API_BASE"):
+        providers.add("openai")
+        return providers
+    for provider, variable in PROVIDER_KEY_VARIABLES.items():
+        if all(os.environ.get(v.strip()) for v in variable.split("/")):
+            providers.add(provider)
+    providers.update(name[: -len("_API_KEY")].lower() for name in os.environ
+                     if name.endswith("_API_KEY") and os.environ[name].strip() and name != "CONVSIM_API_KEY")
+    return providers
+
+
 def key_variable(settings: LLMSettings) -> str:
     """The environment variable that holds the key `settings` sends: CONVSIM_API_KEY with an api_base or an
     explicit key, else the provider's own (OPENAI_API_KEY for openai/*, ...)."""
@@ -380,6 +409,11 @@ def resolve_llm(
         )
     if not MODEL_NAME.fullmatch(name):
         raise InvalidOption(NOT_A_MODEL_NAME.format(model=name[:80]))
+    provider = name.partition("/")[0].lower()
+    if not (api_base or api_key) and provider not in configured_providers():
+        raise InvalidOption(UNCONFIGURED_PROVIDER.format(model=name, provider=provider,
+                                                         variable=PROVIDER_KEY_VARIABLES.get(provider) or
+                                                         f"{provider.upper()}_API_KEY"))
     settings = LLMSettings(
         model=name,
         api_base=api_base or env_url("CONVSIM_API_BASE"),

@@ -15,6 +15,7 @@ The variables, in one place:
     CONVSIM_LLM_TIMEOUT      seconds per model call (default 60)
     CONVSIM_LLM_RETRIES      retries on rate limits, server errors and timeouts (default 4)
     CONVSIM_LLM_CONCURRENCY  most model calls in flight (default: the run's concurrency)
+    CONVSIM_PROVIDERS        more model providers a model argument may name (comma-separated)
     CONVSIM_AUTH_TOKEN       bearer token for network transports
     CONVSIM_AGENT_ENV        the variables an HTTP target's headers may reference as ${NAME} (comma-separated);
                              any other reference is refused

@@ -344,3 +344,30 @@ def test_a_refused_path_does_not_say_whether_a_file_exists_outside_the_roots(tmp
             ws.load_callable(spec)
         messages.append(str(info.value).replace(spec.split(":")[0], "PATH"))
     assert messages[0] == messages[1] and "outside the workspace roots" in messages[0]
+
+
+@pytest.mark.parametrize("model", ["deepinfra/meta-llama/Llama-3.3-70B-Instruct", "replicate/meta/llama", "nvidia_nim/x"])
+async def test_a_model_argument_names_only_providers_the_operator_configured(store, fake_llm, monkeypatch, model):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-the-servers-own-key-0123456789")  # litellm would fall back to it
+    failed, text = await call(build_server(store), "score_sessions",
+                              {"transcripts": [{"messages": [{"role": "user", "content": "hi"},
+                                                             {"role": "assistant", "content": "hello"}]}],
+                               "model": model})
+    provider = model.partition("/")[0]
+    assert failed and f"provider '{provider}' is not one the operator configured" in text, text
+    assert f"CONVSIM_PROVIDERS={provider}" in text
+    assert await store.list_runs() == []
+
+
+def test_configured_providers_follow_the_operators_environment(monkeypatch):
+    from engine.llm import configured_providers
+
+    for var in ("OPENAI_API_KEY", "CONVSIM_MODEL", "CONVSIM_API_BASE", "CONVSIM_PROVIDERS"):
+        monkeypatch.delenv(var, raising=False)
+    assert configured_providers() == set()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x-0123456789")
+    monkeypatch.setenv("CONVSIM_PROVIDERS", "groq")
+    assert configured_providers() >= {"openai", "groq"} and "deepinfra" not in configured_providers()
+    monkeypatch.setenv("CONVSIM_API_BASE", "http://127.0.0.1:11434/v1")  # a local server: the OpenAI route to it
+    monkeypatch.setenv("CONVSIM_MODEL", "hosted_vllm/llama")
+    assert configured_providers() == {"openai", "groq", "hosted_vllm"}

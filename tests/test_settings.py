@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
     pytest.param("CONVSIM_MODEL", "gpt-4o", "CONVSIM_MODEL='gpt-4o': expected 'provider/model'", id="model"),
 ])
 def test_bad_environment_values_are_named_with_what_is_expected(monkeypatch, name, value, expected):
+    monkeypatch.setenv("CONVSIM_PROVIDERS", "openai")
     monkeypatch.setenv(name, value)
     with pytest.raises(InvalidOption) as info:
         resolve_llm("openai/x" if name != "CONVSIM_MODEL" else None)
@@ -35,7 +36,8 @@ def test_bad_environment_values_are_named_with_what_is_expected(monkeypatch, nam
 @pytest.mark.slow
 def test_the_cli_reports_a_bad_environment_variable_in_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSIM_") and k != "PYTHONPATH"}
-    env.update(PYTHONPATH=str(ROOT), CONVSIM_HOME=str(tmp_path), CONVSIM_LLM_CONCURRENCY="abc")
+    env.update(PYTHONPATH=str(ROOT), CONVSIM_HOME=str(tmp_path), CONVSIM_LLM_CONCURRENCY="abc",
+               CONVSIM_PROVIDERS="openai")
     proc = subprocess.run([sys.executable, "-m", "convsim_mcp", "simulate", "tests.agents:echo",
                            "examples/support_cases.yaml", "--model", "openai/x", "--db", str(tmp_path / "db.sqlite")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
