@@ -27,6 +27,9 @@ MAX_MESSAGE_CHARS = 200_000  # one message's content (transcripts, agent replies
 MAX_LINE_BYTES = 8_000_000  # one line of a JSONL file
 MAX_FILE_BYTES = 50_000_000  # a test-case file (read whole; JSONL transcript files are streamed)
 MAX_ARGUMENT_BYTES = 20_000_000  # all arguments of one tool call, as JSON
+MAX_REPLY_BYTES = 10_000_000  # one HTTP agent reply body, read until this many bytes and no further
+MAX_REPLY_MESSAGES = 100  # messages in one agent reply ({"messages": [...]}: tool calls and results)
+MAX_TOOL_CALLS = 100  # tool calls in one agent message
 MAX_COUNT = 1_000_000  # any count a record carries (turns, repeat): stored as a SQLite INTEGER
 
 

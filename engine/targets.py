@@ -26,13 +26,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import anyio
 import httpx
 
 from . import secrets
 from .errors import AgentError, InvalidTarget
-from .limits import MAX_JSON_DEPTH, MAX_MESSAGE_CHARS, json_depth
+from .limits import (
+    MAX_JSON_DEPTH,
+    MAX_MESSAGE_CHARS,
+    MAX_REPLY_BYTES,
+    MAX_REPLY_MESSAGES,
+    MAX_TOOL_CALLS,
+    json_depth,
+)
 from .models import RESERVED_CONTEXT_KEYS, Message, TargetSpec, TestCase, ToolCall
 from .settings import env_list
 from .threads import run_sync
@@ -137,6 +145,7 @@ def parse_target_spec(spec: str | dict[str, Any] | TargetSpec) -> TargetSpec:
     if kind in ("openai", "json"):
         if not parsed.url or not re.match(r"^https?://", parsed.url):
             raise InvalidTarget(f"a {kind} target needs 'url' starting with http:// or https://")
+        _register_url_secrets(parsed.url)
         _check_url(parsed.url)
     if kind != "json" and (parsed.request is not None or parsed.response_path):
         raise InvalidTarget("'request' and 'response_path' apply only to kind 'json' targets")
@@ -158,12 +167,37 @@ def _check_url(url: str) -> None:
 
 
 def redacted_spec(spec: TargetSpec) -> dict[str, Any]:
-    """The spec as stored and shown: header values that are not ${VAR} references become '***'."""
+    """The spec as stored and shown: header values that are not ${VAR} references, and a URL's password
+    and query values, become '***'."""
     data = spec.model_dump(exclude_none=True, exclude_defaults=True)
     data["kind"] = spec.kind
     if spec.headers:
         data["headers"] = {k: v if _only_references(v) else "***" for k, v in spec.headers.items()}
+    if spec.url:
+        data["url"] = redacted_url(spec.url)
     return data
+
+
+def redacted_url(url: str) -> str:
+    """`url` with the password of its userinfo and every query value masked (they are often keys)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = "&".join(f"{k}=***" if v else k for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, netloc, parts.path, query if parts.query else "", parts.fragment))
+
+
+def _register_url_secrets(url: str) -> None:
+    """A URL's password and query values are secrets: masked wherever the URL is echoed (errors, logs)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL at all: _check_url says so
+        return
+    secrets.register(password)
+    for _, value in parse_qsl(parts.query):
+        secrets.register(value)
 
 
 def _only_references(value: str) -> bool:
@@ -278,21 +312,23 @@ class _HTTPTarget(Target):
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.spec.timeout_s))
         try:
-            resp = await self._client.post(url, json=body, headers=self._headers())
+            async with self._client.stream("POST", url, json=body, headers=self._headers()) as resp:
+                raw = await _read_bounded(resp)
         except httpx.TimeoutException as e:
             raise AgentError(f"agent did not reply within {self.spec.timeout_s:g}s", kind="timeout") from e
         except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise AgentError(f"could not reach the agent at {url}: {type(e).__name__}: {e}", kind="http") from e
+        text = raw.decode(resp.encoding or "utf-8", errors="replace")
         if resp.status_code >= 400:
-            raise AgentError(f"agent returned HTTP {resp.status_code}: {_excerpt(resp.text)}", kind="http")
+            raise AgentError(f"agent returned HTTP {resp.status_code}: {_excerpt(text)}", kind="http")
         content_type = resp.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type and "json" not in content_type:
             raise AgentError(f"agent replied {content_type}, expected JSON (application/json): "
-                             f"{_excerpt(resp.text, 120)}", kind="unparseable")
+                             f"{_excerpt(text, 120)}", kind="unparseable")
         try:
-            return resp.json()
+            return json.loads(raw)
         except (ValueError, RecursionError):
-            raise AgentError(f"agent reply is not JSON: {_excerpt(resp.text, 120)}", kind="unparseable") from None
+            raise AgentError(f"agent reply is not JSON: {_excerpt(text, 120)}", kind="unparseable") from None
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -439,6 +475,9 @@ def normalise_reply(raw: Any, history: list[Message]) -> list[Message]:
             last_user = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=-1)
             new = msgs[last_user + 1:]
         new = [m for m in new if m.get("role") in ("assistant", "tool")]
+        if len(new) > MAX_REPLY_MESSAGES:  # before building them: a reply of 300,000 messages costs nothing here
+            raise AgentError(f"agent reply has {len(new)} messages; at most {MAX_REPLY_MESSAGES} "
+                             "(MAX_REPLY_MESSAGES)", kind="unparseable")
         if not new:
             raise AgentError("agent's 'messages' reply contains no assistant message", kind="unparseable")
         return [_message(m) for m in new]
@@ -479,6 +518,9 @@ def _message(d: dict[str, Any]) -> Message:
     elif content is not None and not isinstance(content, str):
         raise AgentError(f"agent message content must be text, got {type(content).__name__}", kind="unparseable")
     tool_calls = None
+    if isinstance(d.get("tool_calls"), list) and len(d["tool_calls"]) > MAX_TOOL_CALLS:
+        raise AgentError(f"agent message has {len(d['tool_calls'])} tool calls; at most {MAX_TOOL_CALLS} "
+                         "(MAX_TOOL_CALLS)", kind="unparseable")
     if d.get("tool_calls"):
         try:
             tool_calls = [ToolCall.model_validate(_tool_call_dict(tc)) for tc in d["tool_calls"]]
@@ -494,12 +536,32 @@ def _tool_call_dict(tc: dict[str, Any]) -> dict[str, Any]:
     return {"id": tc.get("id"), "type": tc.get("type") or "function", "function": fn}
 
 
+async def _read_bounded(resp: httpx.Response) -> bytes:
+    """The response body, refused once it passes MAX_REPLY_BYTES (nothing more is read)."""
+    chunks, size = [], 0
+    async for chunk in resp.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            raise AgentError(f"agent reply is larger than {MAX_REPLY_BYTES} bytes (MAX_REPLY_BYTES)", kind="unparseable")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _bounded(messages: list[Message]) -> list[Message]:
-    """Agent messages with secrets masked (an agent may echo its own header) and within the size bound."""
+    """Agent messages with secrets masked (an agent may echo its own header) and within the size bounds."""
+    if len(messages) > MAX_REPLY_MESSAGES:
+        raise AgentError(f"agent reply has {len(messages)} messages; at most {MAX_REPLY_MESSAGES} "
+                         "(MAX_REPLY_MESSAGES)", kind="unparseable")
     for m in messages:
-        if m.content and len(m.content) > MAX_MESSAGE_CHARS:
-            raise AgentError(f"agent reply is {len(m.content)} characters long; at most {MAX_MESSAGE_CHARS} "
-                             "(MAX_MESSAGE_CHARS)", kind="unparseable")
+        calls = m.tool_calls or []
+        texts = [m.content or "", m.name or "", m.tool_call_id or "", *(json.dumps(c.function) for c in calls)]
+        longest = max(len(t) for t in texts)
+        if longest > MAX_MESSAGE_CHARS:
+            raise AgentError(f"agent reply has a text of {longest} characters (content, name or tool call "
+                             f"arguments); at most {MAX_MESSAGE_CHARS} (MAX_MESSAGE_CHARS)", kind="unparseable")
+        if len(calls) > MAX_TOOL_CALLS:
+            raise AgentError(f"agent message has {len(calls)} tool calls; at most {MAX_TOOL_CALLS} (MAX_TOOL_CALLS)",
+                             kind="unparseable")
         if m.content:
             m.content = secrets.redact(m.content)
         for call in m.tool_calls or []:

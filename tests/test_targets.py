@@ -260,3 +260,33 @@ async def test_an_html_page_labelled_json_is_an_agent_error(http_agent):
 async def test_unreachable_agent_is_an_agent_error():
     with pytest.raises(AgentError, match="could not reach"):
         await reply_of("http://127.0.0.1:1/v1/chat/completions")
+
+
+@pytest.mark.parametrize("reply, limit", [
+    pytest.param({"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "x" * 200_001}}]},
+        "MAX_MESSAGE_CHARS", id="huge-tool-arguments"),
+    pytest.param({"role": "assistant", "content": None, "tool_calls": [
+        {"id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": "{}"}} for i in range(101)]},
+        "MAX_TOOL_CALLS", id="many-tool-calls"),
+    pytest.param({"messages": [{"role": "assistant", "content": "hi"}] * 101}, "MAX_REPLY_MESSAGES",
+                 id="many-messages"),
+])
+async def test_agent_replies_beyond_the_bounds_are_agent_errors(http_agent, reply, limit):
+    srv = http_agent(lambda path, body, headers: (200, reply))
+    with pytest.raises(AgentError, match=limit):
+        await reply_of({"kind": "json", "url": srv.url})
+
+
+async def test_an_agent_reply_body_is_read_only_up_to_max_reply_bytes(http_agent):
+    srv = http_agent(lambda path, body, headers: (200, {"content": "x" * 10_000_001}))
+    with pytest.raises(AgentError, match="larger than 10000000 bytes"):
+        await reply_of({"kind": "json", "url": srv.url})
+
+
+def test_a_url_password_and_query_values_are_masked_when_stored_and_echoed():
+    from engine import secrets
+
+    spec = parse_target_spec("http://alice:Sup3rSecretPassw0rd@127.0.0.1:1/v1?api_key=QUERYSECRET12345&v=2")
+    assert redacted_spec(spec)["url"] == "http://alice:***@127.0.0.1:1/v1?api_key=***&v=***"
+    assert secrets.redact(f"could not reach {spec.url}") == "could not reach http://alice:***@127.0.0.1:1/v1?api_key=***&v=2"

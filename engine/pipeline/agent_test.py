@@ -293,8 +293,9 @@ async def rerun_issues(
             known = ", ".join(i.id for i in report.issues) or "none"
             raise InvalidOption(f"run '{run_id}' has no issue '{issue_id}' (its issues: {known})")
     spec = target if target is not None else TargetSpec.model_validate(run["target"])
-    if target is None and "***" in str(run["target"].get("headers", {})):
-        raise InvalidTarget("the original target's header values were redacted when stored; pass target again")
+    if target is None and "***" in str(run["target"].get("headers", {})) + str(run["target"].get("url", "")):
+        raise InvalidTarget("the original target's secrets (header values, URL password or query) were redacted "
+                            "when stored; pass target again")
     options = run["options"]
     if issue_id:
         cases = [i.reproduction for i in issues if i.reproduction]
