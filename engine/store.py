@@ -711,7 +711,7 @@ def session_to_record(s: Session) -> dict[str, Any]:
     messages = []
     for m in s.messages:
         d = {**m.to_openai(), "content": m.content}  # null stays null (tool-call and failed turns)
-        for key in ("turn", "latency_ms", "error"):
+        for key in ("turn", "latency_ms", "error", "history_omitted"):
             if getattr(m, key) is not None:
                 d[key] = getattr(m, key)
         if m.scripted:

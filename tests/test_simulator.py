@@ -308,6 +308,8 @@ async def test_a_too_long_conversation_leaves_out_old_turns_and_says_so(store, f
     assert sum(len(m["content"]) for m in trimmed[1:]) <= limit
     # one failed call when it first overflowed; later turns are shortened up front
     assert fake_llm.calls == 6 + 1 and summary.usage["simulated_user"].failures == {"context_length": 1}
+    exported = [json.loads(line) for line in await store.export_jsonl(summary.run_id)][0]["messages"]
+    assert any(m.get("history_omitted") for m in exported)  # the trim is visible in the export too
     assert [t for t, _ in omitted] == [4, 5, 6]
 
 
