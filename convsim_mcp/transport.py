@@ -54,7 +54,7 @@ from pydantic_core import PydanticSerializationError
 
 from engine import secrets
 from engine.errors import InvalidOption
-from engine.limits import MAX_ARGUMENT_BYTES, MAX_JSON_DEPTH, json_depth
+from engine.limits import MAX_ARGUMENT_BYTES, MAX_JSON_DEPTH, has_lone_surrogate, json_depth
 
 log = logging.getLogger("convsim.transport")
 
@@ -173,7 +173,7 @@ def _classify_unparsed(exc: Exception) -> tuple[int, str, types.RequestId | None
             return types.PARSE_ERROR, f"Parse error: not JSON ({reason})", None
         if "recursion limit" in reason:
             return types.INVALID_REQUEST, _too_deep(), _readable_id(parsed)
-        if _has_surrogate(parsed):
+        if has_lone_surrogate(parsed):
             return types.PARSE_ERROR, LONE_SURROGATE, _readable_id(parsed)
         return types.PARSE_ERROR, f"Parse error: {reason}", _readable_id(parsed)
     # Valid JSON, wrong shape. Errors report the value they failed on; a missing field reports the whole object.
@@ -187,21 +187,6 @@ def _classify_unparsed(exc: Exception) -> tuple[int, str, types.RequestId | None
     where = ".".join(str(p) for p in first["loc"][1:]) or "message"
     return (types.INVALID_REQUEST, f"Invalid Request: not a JSON-RPC 2.0 message ({where}: {first['msg']})",
             _readable_id(obj))
-
-
-def _has_surrogate(value: Any) -> bool:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if _SURROGATE.search(item):
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
 
 
 def _readable_id(obj: Any) -> types.RequestId | None:
