@@ -34,6 +34,7 @@ from engine import (
 )
 from engine.limits import MAX_JSON_DEPTH, has_lone_surrogate, json_depth
 from engine.secrets import redact
+from engine.text import clip
 from engine.models import AgentProfile, Report, ScoreSummary, Usage
 from engine.pipeline import (
     describe_target,
@@ -58,6 +59,7 @@ from engine.store import session_to_record
 log = logging.getLogger("convsim.server")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+MAX_ERROR_CHARS = 2000  # an error echoes at most this much (a 1 MB id must not come back as a 1 MB message)
 
 INSTRUCTIONS = """\
 convsim tests a conversational agent by playing simulated users against it.
@@ -200,13 +202,13 @@ def _guarded(error: type[ToolError] | type[ResourceError]) -> Callable[[F], F]:
             try:
                 return await fn(*args, **kwargs)
             except (ToolError, ResourceError) as e:
-                raise error(redact(str(e))) from e
+                raise error(clip(redact(str(e)), MAX_ERROR_CHARS)) from e
             except ConvsimError as e:
-                raise error(str(e)) from e
+                raise error(clip(str(e), MAX_ERROR_CHARS)) from e
             except Exception as e:
                 log.exception("%s failed", fn.__name__)
-                raise error(redact(f"internal error in {fn.__name__}: {type(e).__name__}: {e}. This is a convsim "
-                                   "bug (please report it); the server is still running.")) from e
+                raise error(clip(redact(f"internal error in {fn.__name__}: {type(e).__name__}: {e}"), MAX_ERROR_CHARS)
+                            + ". This is a convsim bug (please report it); the server is still running.") from e
 
         return wrapper  # type: ignore[return-value]
 

@@ -371,3 +371,8 @@ def test_configured_providers_follow_the_operators_environment(monkeypatch):
     monkeypatch.setenv("CONVSIM_API_BASE", "http://127.0.0.1:11434/v1")  # a local server: the OpenAI route to it
     monkeypatch.setenv("CONVSIM_MODEL", "hosted_vllm/llama")
     assert configured_providers() == {"openai", "groq", "hosted_vllm"}
+
+
+async def test_errors_are_bounded_whatever_the_argument_size(store):
+    failed, text = await call(build_server(store), "get_run", {"run_id": "run-" + "x" * 1_000_000})
+    assert failed and "no run with id" in text and len(text) < 2200
