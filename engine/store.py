@@ -397,14 +397,10 @@ class Store:
             i += used
             yield sessions
 
-    async def stopped_sessions(self, reason: StopReason, *, run_id: str | None = None,
-                               session_ids: Sequence[str] | None = None) -> list[tuple[str, str | None]]:
-        """(id, stop detail) of the sessions of a run (or of these ids) that ended with `reason`."""
+    async def stopped_sessions(self, reason: StopReason, *, session_ids: Sequence[str]) -> list[tuple[str, str | None]]:
+        """(id, stop detail) of those of these sessions that ended with `reason`."""
 
         def read() -> list[tuple[str, str | None]]:
-            if session_ids is None:
-                return [(r[0], r[1]) for r in self._db.execute(
-                    "SELECT id, stop_detail FROM sessions WHERE run_id = ? AND stop_reason = ?", (run_id, reason.value))]
             return [(r[0], r[1]) for chunk in _chunks(session_ids, MAX_SQL_PARAMS - 1) for r in self._db.execute(
                 f"SELECT id, stop_detail FROM sessions WHERE stop_reason = ? AND id IN ({_marks(chunk)})",
                 (reason.value, *chunk))]

@@ -208,16 +208,7 @@ async def score_summary(store: Store, session_ids: Sequence[str], scorer_names: 
     """Per scorer over these sessions, tallied from their stored verdicts a page at a time (no transcripts)."""
     if run_ids is None:
         run_ids = sorted(set((await store.session_runs(session_ids)).values()))
-    tally = ScoreTally()
-    untested = UntestedTally()
-    untested.add_simulator_errors(await store.stopped_sessions(StopReason.SIMULATOR_ERROR, session_ids=session_ids))
-    usage: dict[str, Usage] = {}
-    async with aclosing(store.iter_assessments(session_ids)) as pages:
-        async for page in pages:
-            page = [a for a in page if a.scorer in scorer_names]
-            usage = judge_usage(page, into=usage)
-            tally.add(page)
-            untested.add_verdicts(page)
+    usage, tally, untested = await tally_verdicts(store, session_ids, scorer_names=scorer_names)
     note = None
     if offline:
         note = ("Scored by the offline heuristics (no model): rough, deterministic checks. "
@@ -225,6 +216,22 @@ async def score_summary(store: Store, session_ids: Sequence[str], scorer_names: 
     return ScoreSummary(run_ids=run_ids, sessions=len(session_ids), untested=untested.count,
                         untested_sessions=untested.listed, scorers=tally.summaries(order=scorer_names),
                         usage=usage, offline=offline, resources=[scores_uri(r) for r in run_ids], note=note)
+
+
+async def tally_verdicts(store: Store, session_ids: Sequence[str], *, scorer_names: list[str] | None = None,
+                         usage: dict[str, Usage] | None = None) -> tuple[dict[str, Usage], ScoreTally, UntestedTally]:
+    """The stored verdicts on these sessions (only `scorer_names`' when given), read a page at a time:
+    the judges' usage added to `usage`, the per-scorer tally, and the sessions that could not be tested."""
+    tally, untested, usage = ScoreTally(), UntestedTally(), dict(usage or {})
+    untested.add_simulator_errors(await store.stopped_sessions(StopReason.SIMULATOR_ERROR, session_ids=session_ids))
+    async with aclosing(store.iter_assessments(session_ids)) as pages:
+        async for page in pages:
+            if scorer_names is not None:
+                page = [a for a in page if a.scorer in scorer_names]
+            usage = judge_usage(page, into=usage)
+            tally.add(page)
+            untested.add_verdicts(page)
+    return usage, tally, untested
 
 
 def judge_usage(assessments: list[Assessment], into: dict[str, Usage] | None = None) -> dict[str, Usage]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,12 +53,11 @@ from ._shared import (
     MAX_TURNS_LIMIT,
     Progress,
     ProgressFn,
-    UntestedTally,
     check_range,
     run_uri,
     session_uri,
 )
-from .scoring import ScoreTally, judge_usage, score_one
+from .scoring import score_one, tally_verdicts
 
 log = logging.getLogger("convsim.pipeline")
 
@@ -236,15 +234,7 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
     run = await store.get_run(run_id)
     max_turns = run["options"].get("max_turns") or 1
     totals = await store.session_totals(run_id, max_turns)
-    tally = ScoreTally()
-    untested = UntestedTally()
-    untested.add_simulator_errors(await store.stopped_sessions(StopReason.SIMULATOR_ERROR, run_id=run_id))
-    usage = dict(totals.usage)
-    async with aclosing(store.iter_assessments(await store.session_ids(run_id))) as pages:
-        async for page in pages:
-            usage = judge_usage(page, into=usage)
-            tally.add(page)
-            untested.add_verdicts(page)
+    usage, tally, untested = await tally_verdicts(store, await store.session_ids(run_id), usage=totals.usage)
     status = RunStatus(run["status"])
     notes = []
     if run["offline"]:
