@@ -34,7 +34,7 @@ from .errors import AgentError, InvalidOption, InvalidTarget, LLMError, LLMOutpu
 from .introspect import SourceFacts, introspect_source
 from .llm import LLM
 from .models import AgentProfile, Message, Role, Session, TestCase, Usage
-from .scorers import render_conversation
+from .transcript import render_conversation
 from .targets import Target
 from .workspace import WorkspaceArg, as_workspace
 from .text import clip, one_line, unique

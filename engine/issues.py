@@ -75,7 +75,7 @@ from .models import (
     TestCase,
     Usage,
 )
-from .scorers import neutralise, turn_numbers
+from .transcript import neutralise, turn_numbers
 
 log = logging.getLogger("convsim.issues")
 

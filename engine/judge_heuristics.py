@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .models import Evidence, Message, Session, StopReason, TestCase, ToolCall
-from .simulator import RETRY_PREFIX
+from .models import Evidence, Session, StopReason, TestCase, ToolCall
+from .transcript import RETRY_PREFIX, turn_of
 
 QUOTE_LIMIT = 200
 
@@ -262,19 +262,6 @@ class Exchange:
 
 
 # --- shared helpers -----------------------------------------------------------------------------
-
-
-def turn_of(messages: list[Message]) -> list[int]:
-    """The 1-based turn of each message: its recorded turn, else counted from user messages.
-
-    Messages before the first user message belong to turn 1. Same rule as the judges' transcript.
-    """
-    turns, current = [], 0
-    for m in messages:
-        if m.role == "user":
-            current += 1
-        turns.append(m.turn if m.turn is not None else max(current, 1))
-    return turns
 
 
 def exchanges(session: Session) -> list[Exchange]:

@@ -28,7 +28,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, create_model
 
 from .errors import InvalidOption, LLMError
-from .judge_heuristics import HEURISTICS, turn_of
+from .judge_heuristics import HEURISTICS
+from .transcript import n_turns, neutralise, render_conversation, turn_numbers
 from .llm import LLM
 from .models import Assessment, Evidence, Role, Session
 from .threads import run_sync
@@ -37,7 +38,6 @@ from .workspace import WorkspaceArg, as_workspace
 DEFAULT_SCORERS = ("goal_achievement", "conversation_completeness", "user_frustration", "knowledge_retention",
                    "tool_call_efficiency")
 QUOTE_LIMIT = 200
-TOOL_RESULT_LIMIT = 500
 
 JUDGE_SYSTEM_PROMPT = """\
 You are an impartial evaluator of a conversation between a user and an AI assistant (the agent under test).
@@ -218,40 +218,6 @@ def parse_output(spec: Any, name: str) -> Output:
 
 # --- rendering ----------------------------------------------------------------------------------
 
-_TAGS = re.compile(r"<(/?)(conversation|criterion|goal|expectations|agent_description)\b", re.I)
-
-
-def neutralise(text: str) -> str:
-    """Defuse our delimiter tags inside transcript text so a message cannot close the data block."""
-    return _TAGS.sub(lambda m: f"‹{m.group(1)}{m.group(2)}", text)
-
-
-def turn_numbers(session: Session) -> list[int]:
-    """The turn of each message: its recorded turn, else counted from user messages (imported transcripts)."""
-    return turn_of(session.messages)
-
-
-def render_conversation(session: Session) -> str:
-    """Each message once, one line each, tagged with its turn; tool traffic shown compactly."""
-    lines = []
-    for m, turn in zip(session.messages, turn_numbers(session)):
-        if m.role == "system":
-            continue
-        if m.error:
-            lines.append(f"[turn {turn}] ASSISTANT FAILED: {neutralise(m.error)}")
-            continue
-        if m.role == "tool":
-            text = (m.content or "")[:TOOL_RESULT_LIMIT]
-            lines.append(f"[turn {turn}] TOOL RESULT{f' ({m.name})' if m.name else ''}: {neutralise(text)}")
-            continue
-        for call in m.tool_calls or []:
-            args = str(call.function.get("arguments", ""))[:TOOL_RESULT_LIMIT]
-            lines.append(f"[turn {turn}] ASSISTANT CALLED {call.function.get('name')}({neutralise(args)})")
-        if m.content:
-            lines.append(f"[turn {turn}] {m.role.upper()}: {neutralise(m.content)}")
-    return "\n".join(lines)
-
-
 def context_sections(session: Session, *, role: str | None = None) -> str:
     case = session.test_case
     parts = []
@@ -262,10 +228,6 @@ def context_sections(session: Session, *, role: str | None = None) -> str:
     if role:
         parts.append(f"<agent_description>\n{neutralise(role)}\n</agent_description>\n")
     return "".join(parts)
-
-
-def n_turns(session: Session) -> int:
-    return max(turn_numbers(session), default=0)
 
 
 # --- scorers ------------------------------------------------------------------------------------

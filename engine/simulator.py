@@ -35,6 +35,7 @@ from .errors import AgentError, InvalidOption, LLMError
 from .llm import LLM
 from .models import Message, Role, Session, StopReason, TestCase, Usage, add_usage
 from .targets import Target
+from .transcript import RETRY_PREFIX
 from .workspace import WorkspaceArg, as_workspace
 
 DEFAULT_PERSONA = (
@@ -277,7 +278,6 @@ _PRONOUNS = [
     (r"\byourself\b", "myself"), (r"\byour\b", "my"), (r"\byours\b", "mine"), (r"\byou\b", "I"),
     (r"\bthe assistant\b", "you"), (r"\bthe agent\b", "you"),
 ]
-RETRY_PREFIX = "That doesn't really help."
 
 
 def goal_steps(goal: str) -> list[str]:

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from engine.judge_heuristics import HEURISTICS, QUOTE_LIMIT, Verdict, clip_quote, exchanges, is_refusal, turn_of
+from engine.judge_heuristics import HEURISTICS, QUOTE_LIMIT, Verdict, clip_quote, exchanges, is_refusal
+from engine.transcript import turn_of
 from engine.models import Message, Session, StopReason, TestCase, ToolCall
-from engine.simulator import RETRY_PREFIX
+from engine.transcript import RETRY_PREFIX
 from examples.support_agent import support_agent
 
 JUDGES = ("goal_achievement", "conversation_completeness", "user_frustration", "knowledge_retention",

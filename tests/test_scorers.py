@@ -10,7 +10,8 @@ import pytest
 from engine import InvalidOption, LiteLLMBackend, Message, Session, TestCase, ToolCall
 from engine.llm import LLMSettings
 from engine.pipeline import score_sessions
-from engine.scorers import BUILTIN_JUDGES, CodeScorer, CustomJudge, parse_scorers, render_conversation
+from engine.scorers import BUILTIN_JUDGES, CodeScorer, CustomJudge, parse_scorers
+from engine.transcript import render_conversation
 from tests.conftest import ROOT
 from tests.fake_llm import FakeReply
 
