@@ -37,17 +37,7 @@ from typing import Any, Sequence
 
 import anyio
 
-from engine import (
-    ConvsimError,
-    CouldNotTest,
-    LLMError,
-    JobRegistry,
-    Progress,
-    RunSummary,
-    Store,
-    UserInputError,
-    Workspace,
-)
+from engine import ConvsimError, CouldNotTest, LLMError, JobRegistry, Progress, RunSummary, Store, UserInputError, Workspace
 from engine import secrets
 from engine.models import SEVERITY_ORDER, ScorerSummary
 from engine.pipeline import describe_target, run_summary, score_sessions, simulate

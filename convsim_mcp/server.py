@@ -20,41 +20,17 @@ from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field, WithJsonSchema
 
-from engine import (
-    ConvsimError,
-    JobRegistry,
-    NotFound,
-    Progress,
-    RunStatus,
-    RunSummary,
-    Store,
-    TargetSpec,
-    TestCase,
-    Workspace,
-)
+from engine import ConvsimError, JobRegistry, NotFound, Progress, RunStatus, RunSummary, Store, TargetSpec, TestCase, Workspace
 from engine.limits import MAX_JSON_DEPTH, has_lone_surrogate, json_depth
 from engine.secrets import redact
 from engine.text import clip
 from engine.models import AgentProfile, Report, ScoreSummary, Usage
-from engine.pipeline import (
-    describe_target,
-    prepare_scoring,
-    prepare_simulation,
-    run_summary,
-    run_uri,
-    scores_uri,
-    summarize_scores,
-)
-from engine.pipeline.agent_test import (
-    IssueCheck,
-    prepare_agent_test,
-    report_uri,
-    rerun_issues,
-)
+from engine.pipeline import describe_target, prepare_scoring, prepare_simulation, run_summary, run_uri, scores_uri, summarize_scores
+from engine.pipeline.agent_test import IssueCheck, prepare_agent_test, report_uri, rerun_issues
 from engine.pipeline.generation import build_test_set
-from engine.report import ReportDigest, compact_result
-from engine.scorers import list_builtin_scorers
-from engine.store import session_to_record
+from engine.reports import ReportDigest, compact_result
+from engine.judging import list_builtin_scorers
+from engine.records import session_to_record
 
 log = logging.getLogger("convsim.server")
 

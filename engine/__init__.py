@@ -4,67 +4,18 @@ The supported public API is listed in `__all__`; everything else is an
 implementation detail. No MCP imports live in this package.
 """
 
-from .errors import (
-    AgentError,
-    ConvsimError,
-    CouldNotTest,
-    InvalidOption,
-    InvalidTarget,
-    InvalidTestCase,
-    LLMAuthError,
-    LLMError,
-    LLMOutputError,
-    NotFound,
-    RunError,
-    UserInputError,
-)
+from .errors import AgentError, ConvsimError, CouldNotTest, InvalidOption, InvalidTarget, InvalidTestCase, LLMAuthError, LLMError, LLMOutputError, NotFound, RunError, UserInputError
 from .jobs import JobRegistry
-from .llm import (
-    LLM,
-    LiteLLMBackend,
-    LLMResult,
-    OfflineBackend,
-    resolve_llm,
-    resolve_model,
-)
-from .models import (
-    AgentProfile,
-    Assessment,
-    Evidence,
-    Issue,
-    Message,
-    Report,
-    Role,
-    RunStatus,
-    RunSummary,
-    ScorerSummary,
-    ScoreSummary,
-    Session,
-    SessionSummary,
-    StopReason,
-    TargetSpec,
-    TestCase,
-    TestSet,
-    ToolCall,
-    Usage,
-)
-from .pipeline import (
-    Progress,
-    ScoringJob,
-    SimulationJob,
-    prepare_scoring,
-    prepare_simulation,
-    run_summary,
-    score_sessions,
-    simulate,
-)
+from .llm import LLM, LiteLLMBackend, LLMResult, OfflineBackend, resolve_llm, resolve_model
+from .models import AgentProfile, Assessment, Evidence, Issue, Message, Report, Role, RunStatus, RunSummary, ScorerSummary, ScoreSummary, Session, SessionSummary, StopReason, TargetSpec, TestCase, TestSet, ToolCall, Usage
+from .pipeline import Progress, ScoringJob, SimulationJob, prepare_scoring, prepare_simulation, run_summary, score_sessions, simulate
 from .pipeline.agent_test import prepare_agent_test, rerun_issues, test_agent
 from .pipeline.generation import build_test_set, export_test_set
-from .scorers import BuiltinJudge, CodeScorer, CustomJudge, Scorer, parse_scorers
-from .simulator import LLMSimulatedUser, SimulatedUser, SimulatorContext, UserTurn
+from .judging import BuiltinJudge, CodeScorer, CustomJudge, Scorer, parse_scorers
+from .simulation import LLMSimulatedUser, SimulatedUser, SimulatorContext, UserTurn
 from .store import Store
-from .targets import Target, resolve_target
-from .testcases import load_test_cases
+from .simulation import Target, resolve_target
+from .cases import load_test_cases
 from .workspace import Workspace
 
 __all__ = [

@@ -387,7 +387,6 @@ class ScoreSummary(BaseModel):
     note: str | None = None
 
 
-
 class AgentProfile(BaseModel):
     """What the agent under test is for, gathered from a description, the agent itself, or its source."""
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from engine import RunError
-from engine.llm import LiteLLMBackend, LLMSettings
+from engine.llm.litellm_backend import LiteLLMBackend
+from engine.llm.base import LLMSettings
 from engine.pipeline.agent_test import prepare_agent_test, rerun_issues, test_agent
 from engine.pipeline.generation import build_test_set, export_test_set
-from engine.testcases import load_test_cases
+from engine.cases.loading import load_test_cases
 from tests.conftest import ROOT
 from tests.fake_llm import FakeReply, example_for_schema
 

@@ -13,9 +13,9 @@ from mcp import Client
 
 from convsim_mcp.server import build_server
 from engine import InvalidOption, InvalidTarget, Workspace
-from engine.scorers import parse_scorers
-from engine.store import record_to_session
-from engine.targets import parse_target_spec, resolve_target
+from engine.judging.registry import parse_scorers
+from engine.records import record_to_session
+from engine.simulation.targets import parse_target_spec, resolve_target
 
 pytestmark = pytest.mark.anyio
 

@@ -509,7 +509,7 @@ ODD: dict[str, st.SearchStrategy[Any]] = {  # valid JSON of about the right shap
     "scorers": st.one_of(with_one(scorer_good, scorer_odd), st.just(["guidelines", "guidelines"]), st.just([]),
                          st.just(["goal_achievement", "goal_achievement"])),
     "file": FILES_ODD,
-    "user_agent": st.one_of(st.sampled_from(["echo_agent.py:echo", "engine.simulator:LLMSimulatedUser", "os:system",
+    "user_agent": st.one_of(st.sampled_from(["echo_agent.py:echo", "engine.simulation:LLMSimulatedUser", "os:system",
                                              "scorer.py:always", *TRAVERSAL]), text),
     "description": st.one_of(text, huge), "guidance": st.one_of(text, huge), "name": st.one_of(text, huge),
     "adversarial": st.one_of(st.floats(), st.sampled_from([-0.1, 1.1, 2])),

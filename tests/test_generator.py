@@ -9,29 +9,11 @@ import re
 
 import pytest
 
-from engine import (
-    InvalidOption,
-    InvalidTarget,
-    LiteLLMBackend,
-    LLMOutputError,
-    Message,
-    OfflineBackend,
-    Session,
-    TestCase,
-    resolve_target,
-    simulate,
-)
-from engine.generator import (
-    SELF_DESCRIPTION_QUESTION,
-    dedupe_cases,
-    describe_agent,
-    distill_cases,
-    generate_cases,
-    introspect_source,
-)
-from engine.llm import LLMSettings
+from engine import InvalidOption, InvalidTarget, LiteLLMBackend, LLMOutputError, Message, OfflineBackend, Session, TestCase, resolve_target, simulate
+from engine.cases.generation import SELF_DESCRIPTION_QUESTION, dedupe_cases, describe_agent, distill_cases, generate_cases, introspect_source
+from engine.llm.base import LLMSettings
 from engine.models import AgentProfile
-from engine.simulator import as_user_speech, goal_steps
+from engine.simulation.offline_user import as_user_speech, goal_steps
 from examples.support_agent import HELP_MENU, SYSTEM_PROMPT
 from tests.conftest import ROOT
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.judge_heuristics import HEURISTICS, QUOTE_LIMIT, Verdict, clip_quote, exchanges, is_refusal
+from engine.judging.offline import HEURISTICS, QUOTE_LIMIT, Verdict, clip_quote, exchanges, is_refusal
 from engine.transcript import turn_of
 from engine.models import Message, Session, StopReason, TestCase, ToolCall
 from engine.transcript import RETRY_PREFIX

@@ -9,9 +9,10 @@ import anyio
 import pytest
 from pydantic import ValidationError
 
-from engine import InvalidOption, LLMAuthError, LLMError, LLMOutputError, OfflineBackend, Role, Usage, UserTurn, \
-    parse_scorers, resolve_llm, resolve_model
-from engine.llm import LiteLLMBackend, LLMSettings, key_variable, strict_schema
+from engine import InvalidOption, LLMAuthError, LLMError, LLMOutputError, OfflineBackend, Role, Usage, UserTurn, parse_scorers, resolve_llm, resolve_model
+from engine.llm.litellm_backend import LiteLLMBackend
+from engine.llm.base import LLMSettings, strict_schema
+from engine.llm.providers import key_variable
 from tests.conftest import ROOT
 from tests.fake_llm import FakeReply
 

@@ -6,7 +6,7 @@ import pytest
 
 from engine import ScorerSummary, SessionSummary, StopReason, TestCase, Usage
 from engine.models import AgentProfile, Issue, IssueEvidence
-from engine.report import OFFLINE_NOTE, ReportDigest, build_report, compact_result, render_markdown, verdict
+from engine.reports.markdown import OFFLINE_NOTE, ReportDigest, build_report, compact_result, render_markdown, verdict
 
 CASES = [TestCase(id="remember-name", goal="Tell it your name, then ask whether it remembers it."),
          TestCase(id="gift-card-refund", goal="Get a refund of order A1234 to a gift card.")]

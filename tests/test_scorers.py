@@ -8,9 +8,11 @@ import re
 import pytest
 
 from engine import InvalidOption, LiteLLMBackend, Message, Session, TestCase, ToolCall
-from engine.llm import LLMSettings
+from engine.llm.base import LLMSettings
 from engine.pipeline import score_sessions
-from engine.scorers import BUILTIN_JUDGES, CodeScorer, CustomJudge, parse_scorers
+from engine.judging.judges import BUILTIN_JUDGES, CustomJudge
+from engine.judging.code import CodeScorer
+from engine.judging.registry import parse_scorers
 from engine.transcript import render_conversation
 from tests.conftest import ROOT
 from tests.fake_llm import FakeReply

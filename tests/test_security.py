@@ -15,8 +15,8 @@ from mcp import Client
 
 from convsim_mcp.server import build_server
 from engine import InvalidOption, InvalidTarget, InvalidTestCase, Workspace, load_test_cases, resolve_target
-from engine.scorers import CodeScorer
-from engine.simulator import load_user_class
+from engine.judging.code import CodeScorer
+from engine.simulation.user import load_user_class
 from tests.test_targets import _AgentServer
 
 pytestmark = pytest.mark.anyio
@@ -360,7 +360,7 @@ async def test_a_model_argument_names_only_providers_the_operator_configured(sto
 
 
 def test_configured_providers_follow_the_operators_environment(monkeypatch):
-    from engine.llm import configured_providers
+    from engine.llm.providers import configured_providers
 
     for var in ("OPENAI_API_KEY", "CONVSIM_MODEL", "CONVSIM_API_BASE", "CONVSIM_PROVIDERS"):
         monkeypatch.delenv(var, raising=False)

@@ -8,8 +8,9 @@ import anyio
 import pytest
 
 from engine import LiteLLMBackend, LLMSimulatedUser, StopReason, UserTurn, prepare_simulation, simulate
-from engine.llm import LLMSettings
-from engine.simulator import KICKOFF, SIMULATED_USER_PROMPT, as_user_speech, goal_steps
+from engine.llm.base import LLMSettings
+from engine.simulation.user import KICKOFF, SIMULATED_USER_PROMPT
+from engine.simulation.offline_user import as_user_speech, goal_steps
 from tests.conftest import ROOT, agent
 from tests.fake_llm import FakeReply
 

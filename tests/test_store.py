@@ -89,7 +89,7 @@ async def test_runs_left_running_by_a_dead_process_become_interrupted(store):
 
 from engine.limits import MAX_JSON_DEPTH, MAX_LINE_BYTES, MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TRANSCRIPTS  # noqa: E402
 from engine.pipeline import run_summary, score_sessions  # noqa: E402
-from engine.store import MAX_SQL_PARAMS  # noqa: E402
+from engine.store.sqlite import MAX_SQL_PARAMS  # noqa: E402
 
 SECRET = "SECRET-VALUE-do-not-echo-4711"
 
@@ -224,12 +224,12 @@ async def test_no_statement_binds_more_than_max_sql_params(store, tmp_path):
 async def test_pages_of_sessions_stop_at_page_bytes_as_well_as_at_page_sessions(store, monkeypatch):
     run_id = await store.import_jsonl([json.dumps([{"role": "user", "content": f"{i} " + "x" * 1000}])
                                        for i in range(10)])
-    monkeypatch.setattr("engine.store.PAGE_BYTES", 2500)  # each session's message is ~1 KB of JSON
+    monkeypatch.setattr("engine.store.sqlite.PAGE_BYTES", 2500)  # each session's message is ~1 KB of JSON
     pages = [page async for page in store.iter_sessions(run_id, page=4)]
     assert [len(p) for p in pages] == [3, 3, 3, 1]
     assert [s.id for p in pages for s in p] == await store.session_ids(run_id)
     assert all(s.messages[0].content.startswith(f"{i} ") for i, s in enumerate(x for p in pages for x in p))
-    monkeypatch.setattr("engine.store.PAGE_BYTES", 10**9)
+    monkeypatch.setattr("engine.store.sqlite.PAGE_BYTES", 10**9)
     assert [len(p) async for p in store.iter_sessions(run_id, page=4)] == [4, 4, 2]
 
 
@@ -252,7 +252,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-from engine.store import _proc_stat  # noqa: E402
+from engine.store.sqlite import _proc_stat  # noqa: E402
 
 linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process start times come from /proc")
 

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from engine import AgentError, InvalidTarget, Message, TestCase
-from engine.targets import normalise_reply, parse_target_spec, redacted_spec, resolve_target
+from engine.simulation.targets import normalise_reply, parse_target_spec, redacted_spec, resolve_target
 from tests.conftest import ROOT, agent
 
 pytestmark = pytest.mark.anyio
@@ -120,7 +120,7 @@ async def test_slow_agent_times_out():
 
 def test_empty_reply_is_detected():
     assert normalise_reply("   ", HISTORY)[0].content == "   "
-    from engine.targets import AgentReply
+    from engine.simulation.targets import AgentReply
 
     assert AgentReply(normalise_reply("   ", HISTORY), 1.0).empty
 

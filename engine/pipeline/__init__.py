@@ -5,22 +5,8 @@
 """
 
 from ._shared import Progress, ProgressFn, run_uri, scores_uri, session_uri
-from .scoring import (
-    ScoringJob,
-    prepare_scoring,
-    score_one,
-    score_sessions,
-    score_summary,
-    summarize_scores,
-)
-from .simulation import (
-    SimulationJob,
-    describe_target,
-    prepare_simulation,
-    run_summary,
-    simulate,
-    summarize_session,
-)
+from .scoring import ScoringJob, prepare_scoring, score_one, score_sessions, score_summary, summarize_scores
+from .simulation import SimulationJob, describe_target, prepare_simulation, run_summary, simulate, summarize_session
 
 __all__ = [
     "Progress",

@@ -18,34 +18,17 @@ import anyio
 from pydantic import BaseModel, Field
 
 from ..errors import CouldNotTest, InvalidOption, InvalidTarget, LLMAuthError, LLMError, RunError
-from ..generator import describe_agent, generate_cases
+from ..cases import describe_agent, generate_cases
 from ..issues import collect_failures, discover_issues
 from ..llm import LLM, resolve_llm, resolve_model
-from ..models import (
-    AgentProfile,
-    Report,
-    Role,
-    RunStatus,
-    TargetSpec,
-    TestCase,
-    TestSet,
-    Usage,
-    add_usage,
-)
-from ..report import build_report, render_markdown
-from ..scorers import DEFAULT_SCORERS, Scorer, parse_scorers
-from ..simulator import SimulatedUser, load_user_class
+from ..models import AgentProfile, Report, Role, RunStatus, TargetSpec, TestCase, TestSet, Usage, add_usage
+from ..reports import build_report, render_markdown
+from ..judging import DEFAULT_SCORERS, Scorer, parse_scorers
+from ..simulation import SimulatedUser, load_user_class
 from ..store import Store, new_run_id, new_test_set_id
-from ..targets import Target, redacted_spec, resolve_target
+from ..simulation import Target, redacted_spec, resolve_target
 from ..workspace import WorkspaceArg, as_workspace
-from ._shared import (
-    MAX_CONCURRENCY,
-    MAX_REPEATS,
-    MAX_TURNS_LIMIT,
-    Progress,
-    ProgressFn,
-    check_range,
-)
+from ._shared import MAX_CONCURRENCY, MAX_REPEATS, MAX_TURNS_LIMIT, Progress, ProgressFn, check_range
 from .generation import MAX_TEST_CASES
 from .simulation import SimulationJob, resolve_cases
 

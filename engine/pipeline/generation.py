@@ -14,20 +14,12 @@ from typing import Any
 import yaml
 
 from ..errors import InvalidOption, LLMError
-from ..generator import dedupe_cases, describe_agent, distill_cases, generate_cases
+from ..cases import dedupe_cases, describe_agent, distill_cases, generate_cases
 from ..llm import LLM, resolve_llm
-from ..models import (
-    AgentProfile,
-    Role,
-    TargetSpec,
-    TestCase,
-    TestSet,
-    Usage,
-    add_usage,
-)
+from ..models import AgentProfile, Role, TargetSpec, TestCase, TestSet, Usage, add_usage
 from ..secrets import redact
 from ..store import Store, new_test_set_id
-from ..targets import Target, resolve_target
+from ..simulation import Target, resolve_target
 from ..workspace import WorkspaceArg, as_workspace
 from ._shared import check_range
 from .scoring import collect_sessions

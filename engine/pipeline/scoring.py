@@ -21,18 +21,8 @@ import anyio.lowlevel
 from ..errors import InvalidOption, NotFound
 from ..limits import MAX_TRANSCRIPTS
 from ..llm import LLM, resolve_llm
-from ..models import (
-    Assessment,
-    FailingSession,
-    Role,
-    ScorerSummary,
-    ScoreSummary,
-    Session,
-    StopReason,
-    Usage,
-    add_usage,
-)
-from ..scorers import Scorer, parse_scorers
+from ..models import Assessment, FailingSession, Role, ScorerSummary, ScoreSummary, Session, StopReason, Usage, add_usage
+from ..judging import Scorer, parse_scorers
 from ..store import PAGE_SESSIONS, Store
 from ..workspace import WorkspaceArg, as_workspace
 from ..text import one_line

@@ -24,39 +24,15 @@ import anyio
 
 from ..errors import LLMAuthError
 from ..llm import LLM, resolve_llm, resolve_model
-from ..models import (
-    Message,
-    RunStatus,
-    RunSummary,
-    Session,
-    SessionSummary,
-    StopReason,
-    TargetSpec,
-    TestCase,
-)
-from ..scorers import Scorer, parse_scorers
-from ..simulator import (
-    ConversationRunner,
-    SessionRecorder,
-    SimulatedUser,
-    TurnEvent,
-    load_user_class,
-)
+from ..models import Message, RunStatus, RunSummary, Session, SessionSummary, StopReason, TargetSpec, TestCase
+from ..judging import Scorer, parse_scorers
+from ..simulation import ConversationRunner, SessionRecorder, SimulatedUser, TurnEvent, load_user_class
 from ..store import Store, new_run_id, new_session_id
-from ..targets import Target, redacted_spec, resolve_target
-from ..testcases import load_test_cases
+from ..simulation import Target, redacted_spec, resolve_target
+from ..cases import load_test_cases
 from ..workspace import WorkspaceArg, as_workspace
 from ..text import one_line
-from ._shared import (
-    MAX_CONCURRENCY,
-    MAX_REPEATS,
-    MAX_TURNS_LIMIT,
-    Progress,
-    ProgressFn,
-    check_range,
-    run_uri,
-    session_uri,
-)
+from ._shared import MAX_CONCURRENCY, MAX_REPEATS, MAX_TURNS_LIMIT, Progress, ProgressFn, check_range, run_uri, session_uri
 from .scoring import score_one, tally_verdicts
 
 log = logging.getLogger("convsim.pipeline")

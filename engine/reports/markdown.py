@@ -21,8 +21,8 @@ from collections import Counter
 import yaml
 from pydantic import BaseModel, Field
 
-from .issues import sort_issues
-from .models import (
+from ..issues import sort_issues
+from ..models import (
     SEVERITY_ORDER,
     AgentProfile,
     Issue,

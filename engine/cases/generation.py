@@ -15,7 +15,7 @@ Everything the agent says about itself, its source text and transcripts goes
 into prompts between tags the model is told to treat as data. With the offline
 backend each step has a deterministic heuristic; offline goals are written one
 imperative step per sentence so that the offline simulated user
-(`simulator.goal_steps` / `as_user_speech`) can play them.
+(`simulation.offline_user.goal_steps` / `as_user_speech`) can play them.
 """
 
 from __future__ import annotations
@@ -25,19 +25,18 @@ import math
 import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 from pydantic import BaseModel, Field, ValidationError
 
-from .errors import AgentError, InvalidOption, InvalidTarget, LLMError, LLMOutputError
+from ..errors import AgentError, InvalidOption, InvalidTarget, LLMError, LLMOutputError
+from ..llm import LLM
+from ..models import AgentProfile, Message, Role, Session, TargetSpec, TestCase, Usage
+from ..text import clip, one_line, unique
+from ..transcript import render_conversation
+from ..workspace import WorkspaceArg, as_workspace
 from .introspect import SourceFacts, introspect_source
-from .llm import LLM
-from .models import AgentProfile, Message, Role, Session, TestCase, Usage
-from .transcript import render_conversation
-from .targets import Target
-from .workspace import WorkspaceArg, as_workspace
-from .text import clip, one_line, unique
 
 log = logging.getLogger("convsim.generator")
 
@@ -192,11 +191,22 @@ class DistilledCase(BaseModel):
 # --- describe_agent ------------------------------------------------------------------------------
 
 
+class AgentUnderTest(Protocol):
+    """What generation needs of the agent: ask it one question, and know where its source is.
+
+    `simulation.Target` is one; cases come before simulation, so this stage names only the shape.
+    """
+
+    spec: TargetSpec
+
+    async def respond(self, history: list[Message], *, session_id: str, context: dict[str, Any]) -> Any: ...
+
+
 async def describe_agent(
     llm: LLM,
     *,
     description: str | None = None,
-    target: Target | None = None,
+    target: AgentUnderTest | None = None,
     ask_agent: bool = True,
     introspect: bool = True,
     workspace: WorkspaceArg = None,

@@ -1,7 +1,7 @@
 """What an agent's Python source says about it: system prompts, tool definitions, docstrings.
 
 Read with `ast`, never executed: a module whose import has side effects (or
-fails) can still be inspected. Used by `generator.describe_agent` so that test
+fails) can still be inspected. Used by `cases.generation.describe_agent` so that test
 cases target what the agent is really built to do.
 """
 
@@ -15,9 +15,9 @@ import tokenize
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidTarget
-from .workspace import WorkspaceArg, as_workspace
-from .text import clip, one_line, unique
+from ..errors import InvalidTarget
+from ..text import clip, one_line, unique
+from ..workspace import WorkspaceArg, as_workspace
 
 DOCSTRING_LIMIT = 600
 

@@ -1,43 +1,21 @@
-"""Scorers: judge whole conversations.
-
-Three kinds, one interface (`Scorer.score(session, llm) -> [Assessment]`):
-
-- built-in judges (`BUILTIN_JUDGES`): one model call per session, with the
-  conversation rendered once, compactly, between delimiters the judge is told
-  to treat as data. With the offline backend each uses its deterministic
-  heuristic from `judge_heuristics` and says so.
-- custom judges: `{name, instructions, output}`, instructions using
-  `{{ conversation }}` and optionally `{{ goal }}` / `{{ expectations }}`.
-- code scorers: a Python function by import path. A `session` parameter makes
-  it session-level (it may also take `expectations`); `inputs` / `outputs` /
-  `turn` make it per-turn, called once per agent turn.
-
-A judge reply that cannot be parsed, or a scorer that raises, is recorded as
-an unscored assessment with the reason (`passed=None`), never as a pass.
-"""
+"""Judges: built-in and custom, one model call per session; offline, each built-in uses its heuristic."""
 
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, Field, create_model
 
-from .errors import InvalidOption, LLMError
-from .judge_heuristics import HEURISTICS
-from .transcript import n_turns, neutralise, render_conversation, turn_numbers
-from .llm import LLM
-from .models import Assessment, Evidence, Role, Session
-from .threads import run_sync
-from .workspace import WorkspaceArg, as_workspace
-
-DEFAULT_SCORERS = ("goal_achievement", "conversation_completeness", "user_frustration", "knowledge_retention",
-                   "tool_call_efficiency")
-QUOTE_LIMIT = 200
+from ..errors import InvalidOption, LLMError
+from ..llm import LLM
+from ..models import Assessment, Evidence, Role, Session
+from ..transcript import n_turns, neutralise, render_conversation
+from .base import Scorer, clean_evidence
+from .offline import HEURISTICS
 
 JUDGE_SYSTEM_PROMPT = """\
 You are an impartial evaluator of a conversation between a user and an AI assistant (the agent under test).
@@ -55,10 +33,12 @@ Reply with a JSON object:
 Evidence: the turns and quotes (under 200 characters) that decided the verdict; for a failure, start with the
 first turn where it went wrong."""
 
+
 CONTEXT_TEMPLATE = """\
 {sections}<conversation>
 {conversation}
 </conversation>"""
+
 
 JUDGE_CRITERIA: dict[str, str] = {
     "goal_achievement": (
@@ -111,7 +91,9 @@ JUDGE_CRITERIA: dict[str, str] = {
     ),
 }
 
+
 BUILTIN_JUDGES = tuple(JUDGE_CRITERIA)
+
 
 JUDGE_DESCRIPTIONS: dict[str, str] = {
     "goal_achievement": "Did the user get what the test case's goal and expectations asked for.",
@@ -124,9 +106,6 @@ JUDGE_DESCRIPTIONS: dict[str, str] = {
     "tool_call_efficiency": "Only when tool calls are present: redundant or needless calls.",
     "guidelines": "Every agent turn follows the given rules. Parameter: guidelines (list of rules, required).",
 }
-
-
-# --- outputs: what a verdict's value is and when it passes ---------------------------------------
 
 
 @dataclass(frozen=True)
@@ -181,7 +160,11 @@ def _verdict_model(output: Output) -> type[BaseModel]:
 
 
 BOOL = Output("bool")
+
+
 FRUSTRATION = Output("labels", labels=("none", "resolved", "unresolved"), passing=("none", "resolved"))
+
+
 JUDGE_OUTPUTS = {name: FRUSTRATION if name == "user_frustration" else BOOL for name in JUDGE_CRITERIA}
 
 
@@ -216,8 +199,6 @@ def parse_output(spec: Any, name: str) -> Output:
     )
 
 
-# --- rendering ----------------------------------------------------------------------------------
-
 def context_sections(session: Session, *, role: str | None = None) -> str:
     case = session.test_case
     parts = []
@@ -228,22 +209,6 @@ def context_sections(session: Session, *, role: str | None = None) -> str:
     if role:
         parts.append(f"<agent_description>\n{neutralise(role)}\n</agent_description>\n")
     return "".join(parts)
-
-
-# --- scorers ------------------------------------------------------------------------------------
-
-
-class Scorer:
-    """Scores one session. Implementations return assessments; they raise only for bugs."""
-
-    name: str
-    kind: str
-
-    async def score(self, session: Session, llm: LLM) -> list[Assessment]:
-        raise NotImplementedError(f"{type(self).__name__} does not implement score")
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind}
 
 
 class _ModelJudge(Scorer):
@@ -278,7 +243,7 @@ class _ModelJudge(Scorer):
         passed = self.output.passed(verdict.value)
         return [Assessment(
             session_id=session.id, scorer=self.name, value=verdict.value, passed=passed,
-            rationale=verdict.rationale.strip(), evidence=_clean_evidence(verdict.evidence, n_turns(session)),
+            rationale=verdict.rationale.strip(), evidence=clean_evidence(verdict.evidence, n_turns(session)),
             usage=result.usage,
             error=None if passed is not None else f"unscored: value {verdict.value} is outside the output range",
             error_kind=None if passed is not None else "model",
@@ -328,7 +293,7 @@ class BuiltinJudge(_ModelJudge):
         if verdict is None:
             return None
         return Assessment(session_id=session.id, scorer=self.name, value=verdict.value, passed=verdict.passed,
-                          rationale=verdict.rationale, evidence=_clean_evidence(verdict.evidence, n_turns(session)),
+                          rationale=verdict.rationale, evidence=clean_evidence(verdict.evidence, n_turns(session)),
                           heuristic=True)
 
     def describe(self) -> dict[str, Any]:
@@ -337,6 +302,8 @@ class BuiltinJudge(_ModelJudge):
 
 
 CUSTOM_VARIABLES = {"conversation", "goal", "expectations"}
+
+
 _VARIABLE = re.compile(r"\{\{\s*([^}]*?)\s*\}\}")
 
 
@@ -380,169 +347,3 @@ class CustomJudge(_ModelJudge):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "output": self.output.describe()}
-
-
-TURN_PARAMS = {"inputs", "outputs", "turn"}
-
-
-class CodeScorer(Scorer):
-    """A Python function. Session-level with a `session` parameter, per-turn with inputs/outputs/turn."""
-
-    kind = "code"
-
-    def __init__(self, path: str, *, name: str | None = None, workspace: WorkspaceArg = None):
-        self.fn = as_workspace(workspace).load_callable(path, what="scorer")
-        self.name = name or getattr(self.fn, "__name__", path.rpartition(":")[2])
-        params = inspect.signature(self.fn).parameters
-        self._var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        names = set(params)
-        if "session" in names and names & TURN_PARAMS:
-            raise InvalidOption(
-                f"scorer '{path}': a 'session' parameter makes it session-level; it cannot also take "
-                f"{sorted(names & TURN_PARAMS)} (per-turn parameters). Split it into two scorers."
-            )
-        if "session" in names:
-            self.level = "session"
-        elif names & TURN_PARAMS:
-            self.level = "turn"
-        else:
-            raise InvalidOption(
-                f"scorer '{path}' must take 'session' (session-level) or any of inputs/outputs/turn (per-turn); "
-                f"it takes: {', '.join(params) or 'nothing'}"
-            )
-        self._accepted = names
-        self._is_async = inspect.iscoroutinefunction(self.fn)
-
-    async def _call(self, **offered: Any) -> Any:
-        kwargs = offered if self._var_kw else {k: v for k, v in offered.items() if k in self._accepted}
-        if self._is_async:
-            return await self.fn(**kwargs)
-        return await run_sync(lambda: self.fn(**kwargs), what="scorer")
-
-    async def score(self, session: Session, llm: LLM) -> list[Assessment]:
-        expectations = session.test_case.expectations if session.test_case else {}
-        if self.level == "session":
-            record = _session_record(session)
-            return [await self._assess(session, None, session=record, expectations=expectations)]
-        results = []
-        history: list[dict[str, Any]] = []
-        for m, turn in zip(session.messages, turn_numbers(session)):
-            if m.role == "assistant" and (m.content or m.error) and not m.tool_calls:
-                inputs = {"messages": list(history),
-                          "last_user_message": next((h["content"] for h in reversed(history) if h["role"] == "user"), "")}
-                results.append(await self._assess(session, turn, inputs=inputs, outputs=m.content or "",
-                                                  turn=turn, expectations=expectations))
-            history.append(m.to_openai())
-        return results
-
-    async def _assess(self, scored: Session, at_turn: int | None, /, **offered: Any) -> Assessment:
-        """Call the scorer with `offered` (its own keywords may include session and turn) and wrap the result."""
-        base = Assessment(session_id=scored.id, scorer=self.name, turn=at_turn)
-        try:
-            raw = await self._call(**offered)
-        except Exception as e:
-            return base.model_copy(update={"error": f"scorer raised {type(e).__name__}: {e}", "error_kind": "scorer"})
-        try:
-            return base.model_copy(update=_from_return(raw))
-        except (TypeError, ValueError, ValidationError) as e:
-            return base.model_copy(update={"error": f"scorer returned an unusable value: {e}", "error_kind": "scorer"})
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "level": self.level}
-
-
-def _session_record(session: Session) -> dict[str, Any]:
-    from .store import (
-        session_to_record,  # the export format is what code scorers receive
-    )
-
-    return session_to_record(session)
-
-
-def _from_return(raw: Any) -> dict[str, Any]:
-    """A code scorer's return value: bool, number, label, or {value, passed, rationale}."""
-    if isinstance(raw, bool):
-        return {"value": raw, "passed": raw}
-    if isinstance(raw, (int, float)):
-        return {"value": float(raw), "passed": None}
-    if isinstance(raw, str):
-        return {"value": raw, "passed": None}
-    if isinstance(raw, dict):
-        unknown = set(raw) - {"value", "passed", "rationale", "evidence"}
-        if unknown:
-            raise ValueError(f"unknown keys {sorted(unknown)} (expected value, passed, rationale, evidence)")
-        value = raw.get("value")
-        passed = raw.get("passed", value if isinstance(value, bool) else None)
-        evidence = [Evidence.model_validate(e) for e in raw.get("evidence") or []]
-        return {"value": value, "passed": None if passed is None else bool(passed),
-                "rationale": str(raw.get("rationale") or ""), "evidence": evidence}
-    raise TypeError(f"got {type(raw).__name__}; return bool, a number, a string label, or a dict")
-
-
-def _clean_evidence(evidence: list[Evidence], turns: int) -> list[Evidence]:
-    """Keep evidence whose turn exists; clip quotes."""
-    return [e.model_copy(update={"quote": e.quote[:QUOTE_LIMIT]}) for e in evidence if 1 <= e.turn <= max(turns, 1)]
-
-
-# --- parsing scorer specs -----------------------------------------------------------------------
-
-
-def parse_scorers(specs: list[Any] | None, *, workspace: WorkspaceArg = None) -> list[Scorer]:
-    """Scorers from names, import paths or objects; the default set when none are given."""
-    if specs is None:
-        specs = list(DEFAULT_SCORERS)
-    if isinstance(specs, (str, dict)):
-        specs = [specs]
-    scorers = [parse_scorer(s, workspace=workspace) for s in specs]
-    names = [s.name for s in scorers]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise InvalidOption(f"scorer names must be unique; repeated: {', '.join(dupes)}")
-    return scorers
-
-
-def parse_scorer(spec: Any, *, workspace: WorkspaceArg = None) -> Scorer:
-    if isinstance(spec, str):
-        text = spec.strip()
-        if text.startswith("{"):
-            try:
-                return parse_scorer(json.loads(text), workspace=workspace)
-            except json.JSONDecodeError as e:
-                raise InvalidOption(f"scorer looks like JSON but does not parse: {e}") from None
-            except RecursionError:
-                raise InvalidOption("scorer JSON is nested too deeply to read") from None
-        if text in JUDGE_CRITERIA:
-            return BuiltinJudge(text)
-        if ":" in text:
-            return CodeScorer(text, workspace=workspace)
-        raise InvalidOption(
-            f"unknown scorer '{text}'; built-ins: {', '.join(JUDGE_CRITERIA)}; or a custom judge object "
-            "{name, instructions, output}, or a code scorer 'pkg.mod:fn'"
-        )
-    if isinstance(spec, dict):
-        if "instructions" in spec:
-            extra = set(spec) - {"name", "instructions", "output"}
-            if extra:
-                raise InvalidOption(f"custom judge: unknown field(s) {sorted(extra)} (allowed: name, instructions, output)")
-            return CustomJudge(spec.get("name", ""), spec["instructions"], spec.get("output"))
-        if "path" in spec:
-            if not isinstance(spec["path"], str) or not isinstance(spec.get("name") or "", str):
-                raise InvalidOption("code scorer: 'path' must be a string ('pkg.mod:fn' or 'file.py:fn') and "
-                                    "'name', if given, a string")
-            return CodeScorer(spec["path"], name=spec.get("name"), workspace=workspace)
-        if isinstance(spec.get("name"), str) and spec["name"] in JUDGE_CRITERIA:
-            return BuiltinJudge(spec["name"], {k: v for k, v in spec.items() if k != "name"})
-        raise InvalidOption(
-            f"scorer object {json.dumps(spec)[:80]} is not a built-in (name), custom judge (instructions) "
-            "or code scorer (path)"
-        )
-    raise InvalidOption(f"a scorer must be a name, an import path or an object, got {type(spec).__name__}")
-
-
-def list_builtin_scorers() -> list[dict[str, Any]]:
-    out = [BuiltinJudge(n, {"guidelines": ["example rule"]} if n == "guidelines" else None).describe()
-           for n in JUDGE_CRITERIA]
-    for d in out:
-        d["default"] = d["name"] in DEFAULT_SCORERS
-    return out
-

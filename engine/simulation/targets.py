@@ -31,9 +31,9 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import anyio
 import httpx
 
-from . import secrets
-from .errors import AgentError, InvalidTarget
-from .limits import (
+from .. import secrets
+from ..errors import AgentError, InvalidTarget
+from ..limits import (
     MAX_JSON_DEPTH,
     MAX_MESSAGE_CHARS,
     MAX_REPLY_BYTES,
@@ -41,10 +41,10 @@ from .limits import (
     MAX_TOOL_CALLS,
     json_depth,
 )
-from .models import RESERVED_CONTEXT_KEYS, Message, TargetSpec, TestCase, ToolCall
-from .settings import env_list
-from .threads import run_sync
-from .workspace import Workspace, as_workspace
+from ..models import RESERVED_CONTEXT_KEYS, Message, TargetSpec, TestCase, ToolCall
+from ..settings import env_list
+from ..threads import run_sync
+from ..workspace import Workspace, as_workspace
 
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SCHEME_ONLY = re.compile(r"\s*(?:Bearer|Basic|Token|Bot|ApiKey)?\s*", re.I)

@@ -60,10 +60,10 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
-from .errors import LLMAuthError, LLMError
-from .judge_heuristics import is_refusal
-from .llm import LLM
-from .models import (
+from ..errors import LLMAuthError, LLMError
+from ..judging import is_refusal
+from ..llm import LLM
+from ..models import (
     SEVERITY_ORDER,
     Assessment,
     Category,
@@ -75,7 +75,7 @@ from .models import (
     TestCase,
     Usage,
 )
-from .transcript import neutralise, turn_numbers
+from ..transcript import neutralise, turn_numbers
 
 log = logging.getLogger("convsim.issues")
 

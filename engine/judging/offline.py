@@ -3,7 +3,7 @@
 Every built-in judge normally asks a model once per session. When no model is
 configured the offline backend runs the heuristic of the same name from
 `HEURISTICS` instead, and the caller marks the result as heuristic. The judge
-prompts live in `engine.scorers`, not here.
+prompts live in `engine.judging.judges`, not here.
 
 Each heuristic reads a `Session` and returns a `Verdict` (or None when the
 judge does not apply). They are deterministic (no model, no randomness;
@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .models import Evidence, Session, StopReason, TestCase, ToolCall
-from .transcript import RETRY_PREFIX, turn_of
+from ..models import Evidence, Session, StopReason, TestCase, ToolCall
+from ..transcript import RETRY_PREFIX, turn_of
 
 QUOTE_LIMIT = 200
 

@@ -24,25 +24,30 @@ so a recycled pid does not keep a dead run 'running'.
 
 from __future__ import annotations
 
-import codecs
 import json
 import logging
 import os
 import sqlite3
 import time
-import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence, TypeVar
+from typing import (
+    Any,
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Sequence,
+    TypeVar,
+)
 
 import anyio
-from pydantic import ValidationError
 
-from .errors import InvalidOption, NotFound
-from .limits import MAX_JSON_DEPTH, MAX_LINE_BYTES, MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TRANSCRIPTS, json_depth
-from .secrets import redact as _clean
-from .models import (
+from ..errors import InvalidOption, NotFound
+from ..limits import MAX_TRANSCRIPTS
+from ..models import (
     Assessment,
     Message,
     Report,
@@ -54,11 +59,26 @@ from .models import (
     Usage,
     add_usage,
 )
+from ..secrets import redact as _clean
+from ..ids import new_run_id, new_session_id
+from .jsonl import (
+    _check_count,
+    _count_file,
+    _numbered,
+    _parse_file,
+    _parse_line,
+    _take_batch,
+)
+from ..records import record_to_session, session_to_record
 
 R = TypeVar("R")
+
+
 T = TypeVar("T")
 
+
 log = logging.getLogger("convsim.store")
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -128,28 +148,17 @@ CREATE TABLE IF NOT EXISTS reports (
 
 
 MAX_SQL_PARAMS = 500  # parameters in one `IN (...)` list; longer lists are chunked
+
+
 PAGE_SESSIONS = 200  # sessions (with messages) read at a time by scoring and export ...
+
+
 PAGE_BYTES = 32_000_000  # ... or fewer, once their messages hold this much JSON
-IMPORT_BATCH_SESSIONS = 500  # sessions inserted per transaction by an import
-IMPORT_BATCH_CHARS = 8_000_000  # ... or fewer, when their messages hold this many characters
-MAX_SESSION_ID_CHARS = 200  # an imported session id
 
 
 def default_db_path() -> Path:
     home = os.environ.get("CONVSIM_HOME") or str(Path.home() / ".convsim")
     return Path(home).expanduser() / "convsim.sqlite"
-
-
-def new_run_id() -> str:
-    return "run-" + uuid.uuid4().hex[:12]
-
-
-def new_session_id() -> str:
-    return "sim-" + uuid.uuid4().hex[:16]
-
-
-def new_test_set_id() -> str:
-    return "set-" + uuid.uuid4().hex[:12]
 
 
 @dataclass
@@ -703,205 +712,6 @@ class Store:
 INTERRUPTED_ERROR = "the process running it exited before it finished"
 
 
-def session_to_record(s: Session) -> dict[str, Any]:
-    messages = []
-    for m in s.messages:
-        d = {**m.to_openai(), "content": m.content}  # null stays null (tool-call and failed turns)
-        for key in ("turn", "latency_ms", "error", "history_omitted"):
-            if getattr(m, key) is not None:
-                d[key] = getattr(m, key)
-        if m.scripted:
-            d["scripted"] = True
-        if m.usage:
-            d["usage"] = m.usage.model_dump()
-        messages.append(d)
-    return {
-        "session_id": s.id,
-        "run_id": s.run_id,
-        "test_case": s.test_case.model_dump(exclude_defaults=True) if s.test_case else None,
-        "stop_reason": s.stop_reason.value if s.stop_reason else None,
-        "stop_detail": s.stop_detail,
-        "turns": s.turns,
-        "repeat": s.repeat,
-        "usage": {k: u.model_dump() for k, u in s.usage.items()},
-        "metadata": s.metadata,
-        "messages": messages,
-    }
-
-
-def record_to_session(record: Any, line_no: int, *, what: str = "line") -> Session:
-    """Parse one record: our export object, {session_id?, messages, goal?, expectations?}, or a bare message list.
-
-    Bounded (MAX_JSON_DEPTH, MAX_MESSAGES, MAX_MESSAGE_CHARS); errors name the record and the field,
-    never the values in it (a transcript may hold secrets, and a value may be megabytes long).
-    """
-    where = f"{what} {line_no}"
-    if json_depth(record, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-        raise InvalidOption(f"{where}: nested more than {MAX_JSON_DEPTH} levels deep (limit MAX_JSON_DEPTH)")
-    if isinstance(record, list):
-        record = {"messages": record}
-    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-        raise InvalidOption(f"{where}: expected an object with 'messages' (a list) or a list of messages")
-    messages = record["messages"]
-    if not messages:
-        raise InvalidOption(f"{where}: 'messages' is empty")
-    if len(messages) > MAX_MESSAGES:
-        raise InvalidOption(f"{where}: 'messages' has {len(messages)} entries; at most {MAX_MESSAGES} per "
-                            "transcript (MAX_MESSAGES)")
-    for i, m in enumerate(messages):
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, str) and len(content) > MAX_MESSAGE_CHARS:
-            raise InvalidOption(f"{where}: messages[{i}].content is {len(content)} characters long; at most "
-                                f"{MAX_MESSAGE_CHARS} (MAX_MESSAGE_CHARS)")
-    for key in ("session_id", "run_id"):
-        value = record.get(key)
-        if value is not None and (not isinstance(value, str) or len(value) > MAX_SESSION_ID_CHARS):
-            raise InvalidOption(f"{where}: {key} must be a string of at most {MAX_SESSION_ID_CHARS} characters")
-    metadata = record.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        raise InvalidOption(f"{where}: metadata must be an object")
-    if record.get("test_case"):
-        case_data, prefix = record["test_case"], "test_case"
-    elif record.get("goal"):
-        case_data, prefix = {"goal": record["goal"], "expectations": record.get("expectations") or {}}, ""
-    else:
-        case_data, prefix = None, ""
-    now = time.time()
-    try:
-        case = TestCase.model_validate(case_data) if case_data is not None else None
-    except ValidationError as e:
-        raise InvalidOption(f"{where}: {_validation_detail(e, prefix)}") from None
-    try:
-        session = Session.model_validate({
-            "id": record.get("session_id") or new_session_id(),
-            "test_case": case,
-            "messages": messages,
-            "stop_reason": record.get("stop_reason") or None,
-            "stop_detail": record.get("stop_detail"),
-            "turns": record.get("turns") or 0,
-            "repeat": record.get("repeat") or 0,
-            "usage": record.get("usage") or {},
-            "metadata": {**metadata, "imported_from_run": record.get("run_id")},
-            "started_at": now,
-            "finished_at": now,
-        })
-    except ValidationError as e:
-        raise InvalidOption(f"{where}: {_validation_detail(e)}") from None
-    if not session.turns:
-        session.turns = sum(1 for m in session.messages if m.role == "user")
-    return session
-
-
-def _validation_detail(e: ValidationError, prefix: str = "", shown: int = 3) -> str:
-    """Where and what from pydantic's errors, without the input values (str(e) would quote them)."""
-    errors = e.errors(include_url=False, include_context=False, include_input=False)
-    parts = []
-    for err in errors[:shown]:
-        loc = _location(prefix, err["loc"])
-        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
-    more = f" (and {len(errors) - shown} more)" if len(errors) > shown else ""
-    return "; ".join(parts) + more
-
-
-def _location(prefix: str, loc: tuple[Any, ...]) -> str:
-    out = prefix
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)[:60]
-    return out
-
-
-def _check_count(n: int, source: str, *, more: bool = False) -> None:
-    if n > MAX_TRANSCRIPTS:
-        count = f"more than {MAX_TRANSCRIPTS}" if more else str(n)
-        raise InvalidOption(f"{source}: {count} transcripts; one import takes at most {MAX_TRANSCRIPTS} "
-                            "(MAX_TRANSCRIPTS): split them into several files. Nothing was stored")
-    if n == 0:
-        raise InvalidOption(f"{source}: no sessions found (expected one JSON object or message list per line)")
-
-
-def _read_lines(f: IO[bytes]) -> Iterator[tuple[int, bytes]]:
-    """Non-blank lines of a binary file with their 1-based numbers; a line over MAX_LINE_BYTES is refused
-    after reading at most that much of it."""
-    n = 0
-    while raw := f.readline(MAX_LINE_BYTES + 2):
-        n += 1
-        line = raw.rstrip(b"\r\n")
-        if len(line) > MAX_LINE_BYTES:
-            raise InvalidOption(f"line {n} is longer than {MAX_LINE_BYTES} bytes (MAX_LINE_BYTES)")
-        if n == 1 and line.startswith(codecs.BOM_UTF8):
-            line = line[len(codecs.BOM_UTF8):]
-        if line.strip():
-            yield n, line
-
-
-def _count_file(path: Path, source: str) -> int:
-    """Transcripts (non-blank lines) in a JSONL file, read in constant memory; stops past MAX_TRANSCRIPTS."""
-    count = 0
-    try:
-        with path.open("rb") as f:
-            for _ in _read_lines(f):
-                count += 1
-                if count > MAX_TRANSCRIPTS:
-                    _check_count(count, source, more=True)
-    except OSError as e:
-        raise InvalidOption(f"cannot read {source}: {e.strerror or e}") from None
-    _check_count(count, source)
-    return count
-
-
-def _parse_file(path: Path, source: str) -> Iterator[Session]:
-    try:
-        with path.open("rb") as f:
-            for n, line in _read_lines(f):
-                yield _parse_line(line, n)
-    except OSError as e:
-        raise InvalidOption(f"cannot read {source}: {e.strerror or e}") from None
-
-
-def _parse_line(line: str | bytes, line_no: int) -> Session:
-    if isinstance(line, bytes):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InvalidOption(f"line {line_no} is not valid UTF-8 (byte {e.start + 1})") from None
-    else:
-        text = line
-        if len(text) > MAX_LINE_BYTES // 4 and len(text.encode("utf-8", "surrogatepass")) > MAX_LINE_BYTES:
-            raise InvalidOption(f"line {line_no} is longer than {MAX_LINE_BYTES} bytes (MAX_LINE_BYTES)")
-    return record_to_session(_json_line(text, line_no), line_no)
-
-
-def _take_batch(sessions: Iterator[Session]) -> list[Session]:
-    """The next IMPORT_BATCH_SESSIONS sessions, or fewer holding IMPORT_BATCH_CHARS characters."""
-    batch: list[Session] = []
-    chars = 0
-    for s in sessions:
-        batch.append(s)
-        chars += sum(len(m.content or "") + 100 for m in s.messages)
-        if len(batch) >= IMPORT_BATCH_SESSIONS or chars >= IMPORT_BATCH_CHARS:
-            break
-    return batch
-
-
-def _json_line(line: str, line_no: int) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise InvalidOption(f"line {line_no} is not valid JSON: {e.msg} (column {e.colno})") from None
-    except RecursionError:
-        raise InvalidOption(f"line {line_no}: nested more than {MAX_JSON_DEPTH} levels deep (limit MAX_JSON_DEPTH)") \
-            from None
-
-
-def _numbered(lines: Iterable[str | bytes]) -> Iterable[tuple[int, str | bytes]]:
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            yield n, line
-
-
 def _chunks(items: Sequence[T], size: int = MAX_SQL_PARAMS) -> Iterator[Sequence[T]]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -938,9 +748,6 @@ def _run_row(row: sqlite3.Row, dead: Collection[str] = ()) -> dict[str, Any]:
     if d["id"] in dead and d["status"] == RunStatus.RUNNING.value:  # seen dead, but not recorded (read-only)
         d["status"], d["error"] = RunStatus.INTERRUPTED.value, INTERRUPTED_ERROR
     return d
-
-
-# --- is the process that runs a run still alive? -------------------------------------------------
 
 
 def _proc_stat(pid: int) -> tuple[str, str] | None:

@@ -14,11 +14,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .errors import InvalidOption, InvalidTestCase
-from .limits import MAX_FILE_BYTES, MAX_JSON_DEPTH, MAX_TEST_CASES, json_depth
-from .models import TestCase
-from .workspace import WorkspaceArg, as_workspace
-
+from ..errors import InvalidOption, InvalidTestCase
+from ..limits import MAX_FILE_BYTES, MAX_JSON_DEPTH, MAX_TEST_CASES, json_depth
+from ..models import TestCase
+from ..workspace import WorkspaceArg, as_workspace
 
 
 def load_test_cases(source: str | Path | list[Any] | dict[str, Any], *,

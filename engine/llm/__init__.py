@@ -1,0 +1,47 @@
+"""Structured model calls: one interface, two backends.
+
+    llm = resolve_llm(model)             # "offline", "openai/gpt-4o-mini", "openai:/gpt-4o-mini", ...
+    result = await llm.complete(messages, UserTurn, role=Role.USER, offline=heuristic)
+    result.output                        # a validated UserTurn
+    result.usage                         # calls, tokens, cost of this call (retries included)
+
+`LiteLLMBackend` talks to any provider litellm knows, including local
+OpenAI-compatible servers (`api_base`). `OfflineBackend` calls no model: the
+caller passes `offline=`, a deterministic heuristic that lives beside the
+prompt it replaces, and the result is marked `heuristic=True`. That keeps the
+demo, CI and tests free of keys and network, and keeps each heuristic next to
+the prompt whose job it does.
+
+Retries (429, 5xx, timeouts, connection errors) are ours, not litellm's, so
+that Retry-After is honoured and every attempt is counted: `Usage.calls` counts
+each request, `failed_calls` / `failures` the ones that gave nothing usable, and
+an `LLMError` carries the usage spent before it was raised (`error.usage`).
+
+Replies are strict: the model is asked for `strict_schema(schema)` (every field
+required, no other keys) and its reply is parsed with the same schema, so
+`{"totally": "wrong"}` is an invalid reply (repair retry, then LLMOutputError)
+rather than a model full of defaults. The Python classes keep their defaults.
+
+A refused key stops the backend: the first authentication error is latched
+(`auth_error`) and every later `complete()` raises `LLMAuthError` at once
+without a request. Until one reply has shown the credentials are not refused,
+requests go one at a time, so a bad key costs one request, not one per
+conversation; after that, calls run concurrently as usual.
+"""
+
+from __future__ import annotations
+
+from .base import LLM, LLMResult
+from .litellm_backend import LiteLLMBackend
+from .offline import OfflineBackend
+from .providers import resolve_model
+from .resolve import resolve_llm
+
+__all__ = [
+    "LLM",
+    "LLMResult",
+    "LiteLLMBackend",
+    "OfflineBackend",
+    "resolve_llm",
+    "resolve_model",
+]

@@ -1,0 +1,111 @@
+"""The interface every backend implements: `LLM.complete(messages, schema)` -> `LLMResult`; strict schemas."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import operator
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+from pydantic_core import PydanticUndefined
+
+from ..errors import LLMAuthError
+from ..models import Role, Usage
+
+log = logging.getLogger("convsim.llm")
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+OFFLINE = "offline"
+
+
+RETRYABLE_KINDS = frozenset({"rate_limit", "server_error", "timeout", "connection"})
+
+
+@dataclass
+class LLMResult(Generic[T]):
+    output: T
+    usage: Usage
+    model: str
+    heuristic: bool = False
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    """Options for the litellm backend. `api_key` is held in memory only, never stored."""
+
+    model: str
+    api_base: str | None = None
+    api_key: str | None = None
+    timeout_s: float = 60.0
+    max_retries: int = 4
+    backoff_s: float = 1.0
+    max_concurrency: int = 64
+    temperature: float | None = None
+
+
+class LLM:
+    """A structured-completion backend.
+
+    `offline` is the caller's deterministic stand-in for the model, used only by
+    `OfflineBackend`. Raises `LLMError` (after retries) or `LLMOutputError`
+    (unparseable reply).
+    """
+
+    model: str = ""
+    offline: bool = False
+    auth_error: LLMAuthError | None = None  # set once the provider refused the credentials: no more calls
+
+    async def complete(
+        self,
+        messages: list[dict[str, Any]],
+        schema: type[T],
+        *,
+        role: Role,
+        offline: Callable[[], T] | None = None,
+    ) -> LLMResult[T]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement complete")
+
+
+@functools.lru_cache(maxsize=512)
+def strict_schema(schema: type[T]) -> type[T]:
+    """A subclass of `schema` in which every field is required and unknown keys are refused (nested models too).
+
+    The model is asked for it and its reply is validated against it; its instances are instances of
+    `schema`, so callers need no conversion. The Python class keeps its defaults for code that builds
+    instances itself (`UserTurn(message=...)`).
+    """
+    annotations: dict[str, Any] = {}
+    namespace: dict[str, Any] = {}
+    for name, info in schema.model_fields.items():
+        required = copy.copy(info)
+        required.default = PydanticUndefined
+        required.default_factory = None
+        annotations[name] = _strict_type(info.annotation)
+        namespace[name] = required
+    namespace.update(__annotations__=annotations, __module__=schema.__module__, __qualname__=schema.__qualname__,
+                     __doc__=schema.__doc__, model_config=ConfigDict(extra="forbid"))
+    return type(schema)(schema.__name__, (schema,), namespace)
+
+
+def _strict_type(tp: Any) -> Any:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return strict_schema(tp)
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if not args or origin is typing.Literal:
+        return tp
+    strict_args = tuple(_strict_type(a) for a in args)
+    if strict_args == args:
+        return tp
+    if origin is typing.Union or origin is types.UnionType:
+        return functools.reduce(operator.or_, strict_args)
+    return origin[strict_args]
+

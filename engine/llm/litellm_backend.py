@@ -1,0 +1,251 @@
+"""The model path: any litellm provider, with our retries, auth latch and strict parsing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import time
+from typing import Any
+
+import anyio
+from pydantic import BaseModel, ValidationError
+
+from .. import secrets
+from ..errors import LLMAuthError, LLMError, LLMOutputError
+from ..models import Usage
+from .base import LLM, RETRYABLE_KINDS, LLMResult, LLMSettings, T, log, strict_schema
+from .providers import key_variable
+
+REPAIR_PROMPT = """\
+Your previous reply could not be used: {error}
+Reply again with only a JSON object that matches the required schema. No prose, no code fences."""
+
+
+AUTH_ERROR = ("model {model}: the provider refused the credentials ({detail}). Set {variable} to a valid API key, "
+              "then run again.")
+
+
+class LiteLLMBackend(LLM):
+    """Any litellm provider; strict schema-validated JSON output with one repair retry."""
+
+    def __init__(self, settings: LLMSettings):
+        self.settings = settings
+        self.model = settings.model
+        secrets.refresh_from_env()
+        secrets.register(settings.api_key)
+        self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
+        self._answered = False  # a request got an answer other than "bad credentials": no more gating
+        self._first_call = anyio.Lock()
+
+    async def complete(self, messages, schema, *, role, offline=None):
+        if self.auth_error is not None:
+            raise self._refusal(Usage())
+        wire = strict_schema(schema)
+        usage = Usage()
+        convo = list(messages)
+        last_error = ""
+        for attempt in range(2):  # the call, then one repair retry on invalid output
+            try:
+                text, call_usage = await self._call_with_retries(convo, wire)
+            except LLMError as e:
+                e.usage = usage.add(e.usage)
+                raise
+            usage = usage.add(call_usage)
+            try:
+                return LLMResult(output=_parse(text, wire), usage=usage, model=self.model)
+            except (ValueError, ValidationError) as e:
+                usage = usage.add(Usage.failed("invalid_output", calls=0))
+                last_error = _short_validation_error(e)
+                log.warning("model %s returned invalid %s (attempt %d): %s", self.model, schema.__name__, attempt + 1, last_error)
+                convo = [*convo, {"role": "assistant", "content": text}, {"role": "user", "content": REPAIR_PROMPT.format(error=last_error)}]
+        raise LLMOutputError(f"model {self.model} did not return a valid {schema.__name__} after a repair attempt: "
+                             f"{last_error}", usage=usage)
+
+    async def _call_with_retries(self, messages: list[dict[str, Any]], schema: type[BaseModel]) -> tuple[str, Usage]:
+        litellm = _import_litellm()
+        s = self.settings
+        kwargs: dict[str, Any] = dict(
+            model=s.model, messages=messages, response_format=schema, timeout=s.timeout_s, num_retries=0
+        )
+        if s.api_base:
+            kwargs["api_base"] = s.api_base
+        if s.api_key:
+            kwargs["api_key"] = s.api_key
+        if s.temperature is not None:
+            kwargs["temperature"] = s.temperature
+        usage = Usage()
+        for attempt in range(s.max_retries + 1):
+            try:
+                resp = await self._attempt(litellm, kwargs)
+            except LLMError as err:  # the provider answered with an error (or never answered)
+                usage = usage.add(Usage.failed(err.kind))
+                if not err.retryable or attempt == s.max_retries:
+                    err.usage = usage
+                    raise
+                delay = _retry_after(err.__cause__)
+                if delay is None:
+                    delay = s.backoff_s * (2**attempt) * (0.5 + random.random() / 2)
+                log.warning("model %s: %s; retry %d/%d in %.1fs", s.model, err, attempt + 1, s.max_retries, delay)
+                await anyio.sleep(min(delay, 60.0))
+                continue
+            if resp is None:  # refused without a request: another call found the credentials bad
+                raise self._refusal(usage)
+            usage = usage.add(_usage_of(resp))
+            try:
+                return _content(resp), usage
+            except LLMError as err:
+                err.usage = usage.add(Usage.failed(err.kind, calls=0))
+                raise
+        raise AssertionError("unreachable")
+
+    async def _attempt(self, litellm: Any, kwargs: dict[str, Any]) -> Any:
+        """One request, or None when the credentials were refused meanwhile. Raises the classified LLMError."""
+        if self._answered:
+            return await self._request(litellm, kwargs)
+        async with self._first_call:  # until a first answer, one request at a time (a bad key costs one)
+            if self.auth_error is not None:
+                return None
+            if not self._answered:
+                return await self._request(litellm, kwargs)
+        return await self._request(litellm, kwargs)  # answered while this call waited: no more gating
+
+    async def _request(self, litellm: Any, kwargs: dict[str, Any]) -> Any:
+        try:
+            async with self._limiter:
+                resp = await litellm.acompletion(**kwargs)
+        except Exception as e:  # classify at the boundary, decide in the caller
+            err = _classify(e)
+            if err.kind == "auth":
+                raise self._latch(err) from e
+            self._answered = True
+            raise err from e
+        self._answered = True
+        return resp
+
+    def _latch(self, err: LLMError) -> LLMAuthError:
+        """Remember the first refusal of the credentials; every later call raises it without a request."""
+        if self.auth_error is None:
+            self.auth_error = LLMAuthError(
+                AUTH_ERROR.format(model=self.model, detail=err, variable=key_variable(self.settings)),
+                status_code=err.status_code,
+            )
+            log.error("%s", self.auth_error)
+        return self._refusal(Usage())
+
+    def _refusal(self, usage: Usage) -> LLMAuthError:
+        assert self.auth_error is not None
+        return LLMAuthError(str(self.auth_error), status_code=self.auth_error.status_code, usage=usage)
+
+
+_litellm = None  # imported on first use: importing litellm costs about a second
+
+
+def _import_litellm():
+    """Import litellm on first use, hardened: no network fetch at import, no .env loading, no stdout logs."""
+    global _litellm
+    if _litellm is None:
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        os.environ.setdefault("LITELLM_MODE", "PRODUCTION")
+        os.environ.setdefault("LITELLM_LOG", "WARNING")
+        started = time.perf_counter()
+        import litellm
+
+        litellm.suppress_debug_info = True
+        litellm.drop_params = True  # providers without e.g. temperature support don't fail the call
+        for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+            logger = logging.getLogger(name)
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            logger.propagate = True
+        log.debug("imported litellm in %.2fs", time.perf_counter() - started)
+        _litellm = litellm
+    return _litellm
+
+
+_AUTH_TEXT = re.compile(r"(?i)invalid[ _-]?(?:x-)?api[ _-]?key|incorrect api key|api key not valid|missing credentials|"
+                        r"no api key|api[ _-]?key (?:is )?(?:missing|required)")
+
+
+_CONTEXT_TEXT = re.compile(r"(?i)context_length_exceeded|maximum context length|context window|prompt is too long")
+
+
+_SERVER_ERRORS = frozenset({"InternalServerError", "ServiceUnavailableError", "BadGatewayError"})
+
+
+def _classify(e: Exception) -> LLMError:
+    """Translate a litellm/openai exception into LLMError with its kind, retryable or not (its message is redacted)."""
+    status = getattr(e, "status_code", None)
+    status = status if isinstance(status, int) else None
+    name = type(e).__name__
+    text = str(e)
+    message = str(getattr(e, "message", "") or e).strip().splitlines()[0][:300] if text else name
+    if name in ("AuthenticationError", "PermissionDeniedError") or status in (401, 403) or _AUTH_TEXT.search(text):
+        kind = "auth"
+    elif name == "ContextWindowExceededError" or (status in (None, 400, 413) and _CONTEXT_TEXT.search(text)):
+        kind = "context_length"
+    elif name == "RateLimitError" or status == 429:
+        kind = "rate_limit"
+    elif name in ("Timeout", "APITimeoutError") or status == 408 or isinstance(e, TimeoutError):
+        kind = "timeout"
+    elif name == "APIConnectionError" or isinstance(e, ConnectionError) or "connection error" in text.lower():
+        kind = "connection"
+    elif name in _SERVER_ERRORS or (status is not None and status >= 500):
+        kind = "server_error"
+    else:
+        kind = "other"
+    return LLMError(f"{name}: {message}", retryable=kind in RETRYABLE_KINDS, status_code=status, kind=kind)
+
+
+def _retry_after(e: BaseException | None) -> float | None:
+    """Seconds from a Retry-After header on the error's response, if any."""
+    for headers in (getattr(getattr(e, "response", None), "headers", None), getattr(e, "litellm_response_headers", None)):
+        if not headers:
+            continue
+        value = headers.get("retry-after") or headers.get("Retry-After")
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return None
+    return None
+
+
+def _content(resp: Any) -> str:
+    try:
+        return resp.choices[0].message.content or ""
+    except (AttributeError, IndexError) as e:
+        raise LLMError(f"model response had no message: {e}", kind="other") from e
+
+
+def _usage_of(resp: Any) -> Usage:
+    u = getattr(resp, "usage", None)
+    cost = (getattr(resp, "_hidden_params", None) or {}).get("response_cost")
+    return Usage(
+        calls=1,
+        prompt_tokens=int(getattr(u, "prompt_tokens", 0) or 0),
+        completion_tokens=int(getattr(u, "completion_tokens", 0) or 0),
+        cost_usd=float(cost) if cost else 0.0,
+        cost_unknown_calls=0 if cost is not None else 1,
+    )
+
+
+def _parse(text: str, schema: type[T]) -> T:
+    """Parse a JSON object out of the reply, tolerating code fences and surrounding prose."""
+    stripped = text.strip()
+    if stripped.startswith("```"):
+        stripped = stripped.strip("`")
+        stripped = stripped[stripped.find("\n") + 1 :] if "\n" in stripped else stripped
+    start, end = stripped.find("{"), stripped.rfind("}")
+    if start == -1 or end < start:
+        raise ValueError(f"no JSON object in reply: {text[:120]!r}")
+    return schema.model_validate(json.loads(stripped[start : end + 1]))
+
+
+def _short_validation_error(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'root'}: {err['msg']}" for err in e.errors()[:5])
+    return str(e)[:300]

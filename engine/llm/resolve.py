@@ -1,0 +1,58 @@
+"""`resolve_llm`: from a model argument and the operator's configuration to a backend."""
+
+from __future__ import annotations
+
+from ..errors import InvalidOption
+from ..settings import env_float, env_int, env_str, env_url
+from .base import LLM, OFFLINE, LLMSettings
+from .litellm_backend import LiteLLMBackend
+from .offline import OfflineBackend
+from .providers import (
+    MODEL_NAME,
+    NOT_A_MODEL_NAME,
+    PROVIDER_KEY_VARIABLES,
+    UNCONFIGURED_PROVIDER,
+    configured_providers,
+    resolve_model,
+)
+
+
+def resolve_llm(
+    model: str | None = None,
+    *,
+    api_base: str | None = None,
+    api_key: str | None = None,
+    timeout_s: float | None = None,
+    max_retries: int | None = None,
+    max_concurrency: int | None = None,
+) -> LLM:
+    """Build the backend for `model` (see `resolve_model`). Per-call options beat the environment
+    (CONVSIM_API_BASE, CONVSIM_API_KEY, CONVSIM_LLM_TIMEOUT, CONVSIM_LLM_RETRIES, CONVSIM_LLM_CONCURRENCY).
+
+    `max_concurrency` caps model calls in flight; a job passes its own concurrency, since
+    each conversation has at most one call in flight.
+    """
+    name = resolve_model(model)
+    if name == OFFLINE:
+        return OfflineBackend()
+    if "/" not in name:
+        raise InvalidOption(
+            f"model '{name}' needs a provider prefix, e.g. 'openai/{name}' or 'openai:/{name}' (or 'offline')"
+        )
+    if not MODEL_NAME.fullmatch(name):
+        raise InvalidOption(NOT_A_MODEL_NAME.format(model=name[:80]))
+    provider = name.partition("/")[0].lower()
+    if not (api_base or api_key) and provider not in configured_providers():
+        raise InvalidOption(UNCONFIGURED_PROVIDER.format(model=name, provider=provider,
+                                                         variable=PROVIDER_KEY_VARIABLES.get(provider) or
+                                                         f"{provider.upper()}_API_KEY"))
+    settings = LLMSettings(
+        model=name,
+        api_base=api_base or env_url("CONVSIM_API_BASE"),
+        api_key=api_key or env_str("CONVSIM_API_KEY"),
+        timeout_s=timeout_s if timeout_s is not None else env_float("CONVSIM_LLM_TIMEOUT", 60.0, low=0, high=3600),
+        max_retries=max_retries if max_retries is not None else env_int("CONVSIM_LLM_RETRIES", 4, low=0, high=20),
+        max_concurrency=min(max_concurrency or 64,
+                            env_int("CONVSIM_LLM_CONCURRENCY", 100_000, low=1, high=100_000)),
+    )
+    return LiteLLMBackend(settings)
