@@ -5,6 +5,8 @@ Shared by `cases.generation` (model path) and `cases.offline` (offline path), so
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel, Field
 
 # --- structured outputs (strict json_schema: the model must give every field, see llm.strict_schema) --
@@ -42,3 +44,20 @@ class DistilledCase(BaseModel):
     persona: str = ""
     simulation_guidelines: list[str] = Field(default_factory=list)
     expected_outcome: str = ""
+
+
+class OfflineCaseDraft(CaseDraft):
+    """A case the offline path writes: also the details the simulated user can give, and labels judges never see.
+
+    Not part of the model's schema (the model path writes `CaseDraft`); an instance passes through
+    `CaseDrafts` validation unchanged, as a subclass instance.
+    """
+
+    context: dict[str, str] = Field(default_factory=dict)
+    tags: list[str] = Field(default_factory=list)
+
+
+def goal_words(goal: str) -> set[str]:
+    """A goal as a set of lowercased words, a plural "s" dropped (how `dedupe_cases` compares goals)."""
+    return {w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w
+            for w in re.findall(r"[a-z0-9]+", goal.lower())}

@@ -35,7 +35,7 @@ from ..models import AgentProfile, Message, Role, Session, TargetSpec, TestCase,
 from ..text import clip, unique
 from ..transcript import render_conversation
 from ..workspace import WorkspaceArg, as_workspace
-from .drafts import CaseDraft, CaseDrafts, DistilledCase, ProfileDraft
+from .drafts import CaseDraft, CaseDrafts, DistilledCase, ProfileDraft, goal_words
 from .introspect import SourceFacts, introspect_source
 from .offline import offline_cases, offline_distill, offline_profile
 
@@ -290,7 +290,7 @@ async def generate_cases(
     ]
     result = await llm.complete(messages, CaseDrafts, role=Role.GENERATOR,
                                 offline=lambda: offline_cases(profile, num_test_cases, num_adv))
-    cases = _to_cases(result.output.cases)[:num_test_cases]
+    cases = dedupe_cases(_to_cases(result.output.cases))[:num_test_cases]
     if not cases:
         raise LLMOutputError(f"model {llm.model} returned no usable test case (every goal was empty)",
                              usage=result.usage)
@@ -323,6 +323,8 @@ def _to_cases(drafts: list[CaseDraft]) -> list[TestCase]:
                 simulation_guidelines=[g.strip() for g in draft.simulation_guidelines if g and g.strip()],
                 expectations={k: v for k, v in (("expected_outcome", draft.expected_outcome.strip()),
                                                 ("kind", _kind(draft.kind))) if v},
+                context=dict(getattr(draft, "context", None) or {}),  # offline drafts carry details and tags
+                tags=list(getattr(draft, "tags", None) or []),
             )
         except ValidationError as e:
             log.warning("dropping a generated case: %s", e.errors()[0]["msg"] if e.errors() else e)
@@ -423,19 +425,14 @@ def dedupe_cases(cases: list[TestCase], *, threshold: float = 0.85,
     if not 0.0 < threshold <= 1.0:
         raise InvalidOption(f"threshold must be in (0, 1], got {threshold!r}")
     kept: list[TestCase] = []
-    seen: list[set[str]] = [_goal_words(c.goal) for c in against]
+    seen: list[set[str]] = [goal_words(c.goal) for c in against]
     for case in cases:
-        words = _goal_words(case.goal)
+        words = goal_words(case.goal)
         if any(len(words & other) / max(len(words | other), 1) >= threshold for other in seen):
             continue
         kept.append(case)
         seen.append(words)
     return kept
-
-
-def _goal_words(goal: str) -> set[str]:
-    return {w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w
-            for w in re.findall(r"[a-z0-9]+", goal.lower())}
 
 
 # --- small text helpers --------------------------------------------------------------------------
