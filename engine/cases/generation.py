@@ -269,7 +269,8 @@ async def generate_cases(
     """Write `num_test_cases` scenarios for the profiled agent, `round(num * adversarial)` of them red-team.
 
     One model call. Cases keep `expected_outcome` and `kind` in `expectations`; ids are slugs, unique.
-    Extra cases are dropped; when the model returns fewer, the valid ones are kept (none are invented).
+    Cases whose goal repeats an earlier one (identical or near-identical, see `dedupe_cases`) and extra
+    cases are dropped; when the model returns fewer, the valid ones are kept (none are invented).
     Raises InvalidOption for an out-of-range option, LLMOutputError when no case is usable.
     """
     if not isinstance(num_test_cases, int) or isinstance(num_test_cases, bool) \

@@ -389,6 +389,8 @@ def _details(label: str, travel: bool, j: int) -> list[tuple[str, str, str]]:
     for pattern, key, phrase, values in _DETAIL_RULES:
         if key == "order_id" and travel and not re.search(r"(?i)\border", label):
             continue
+        if key == "account_number" and any(k == "email" for k, _, _ in out):
+            continue  # 'account and password help' is a login account, not a bank account
         if pattern.search(text) and len(out) < 2:
             out.append((key, phrase, values[j % len(values)]))
     return out
