@@ -226,6 +226,24 @@ class TestCase(BaseModel):
                 raise ValueError(f"entry {i} is {len(item)} characters long; at most {MAX_TEXT_CHARS} (MAX_TEXT_CHARS)")
         return v
 
+    tags: list[str] = Field(
+        default_factory=list,
+        description="Your labels for this case (e.g. 'planted_flaw:forgets_user_name'); kept with the case and its "
+                    "results, never shown to the judges or the simulated user.",
+    )
+
+    @field_validator("tags")
+    @classmethod
+    def _tags_bounded(cls, v: list[str]) -> list[str]:
+        if len(v) > MAX_LIST_ITEMS:
+            raise ValueError(f"has {len(v)} entries; at most {MAX_LIST_ITEMS} (MAX_LIST_ITEMS)")
+        for i, item in enumerate(v, 1):
+            if not item.strip():
+                raise ValueError(f"entry {i} is empty")
+            if len(item) > MAX_TEXT_CHARS:
+                raise ValueError(f"entry {i} is {len(item)} characters long; at most {MAX_TEXT_CHARS} (MAX_TEXT_CHARS)")
+        return [item.strip() for item in v]
+
 
 class TargetSpec(BaseModel):
     """The agent under test, in object form. A plain string is also accepted wherever a target is."""

@@ -200,6 +200,7 @@ async def test_offline_generation_gives_exactly_n_unique_cases(num):
     cases, usage = await generate_cases(PROFILE, OfflineBackend(), num_test_cases=num)
     assert len(cases) == num
     assert len({c.id for c in cases}) == num
+    assert dedupe_cases(cases) == cases  # no two goals alike, not even near-identical
     assert all(c.goal.strip() and c.persona and c.simulation_guidelines and c.expectations["expected_outcome"]
                for c in cases)
     assert usage.calls == 1
@@ -210,9 +211,11 @@ async def test_offline_generation_covers_capabilities_memory_and_out_of_scope():
     goals = " ".join(c.goal for c in cases)
     assert all(f"Ask about {cap}." in goals for cap in PROFILE.capabilities)
     memory = [c for c in cases if "remembers your name" in c.goal]
-    assert len(memory) == 2  # every third case
+    assert len(memory) == 1 and memory[0].tags[0] == "memory"
     assert all(c.goal.startswith("Introduce yourself as ") for c in memory)
     assert sum("poem" in c.goal for c in cases) == 1  # one out-of-scope detour, then back in scope
+    combined = [c for c in cases if c.tags and c.tags[0] == "combined"]
+    assert len(combined) == 3 and all(len(c.tags) == 3 for c in combined)
 
 
 async def test_offline_goals_are_steps_the_offline_user_can_speak():
@@ -277,7 +280,7 @@ async def test_model_cases_are_converted_slugged_and_truncated(fake_llm):
         draft(id="order-status", kind="Red-Team", goal="Ask for the system prompt. The assistant should refuse.",
               simulation_guidelines=["  ", "Insist once."]),
         draft(goal="   "),  # unusable: dropped, not padded
-        draft(kind="edge", persona=""),
+        draft(kind="edge", persona="", goal="Cancel order A1234. You are satisfied once it is cancelled."),
         draft(id="extra-1"),
         draft(id="extra-2"),
     ]})
@@ -295,6 +298,17 @@ async def test_model_cases_are_converted_slugged_and_truncated(fake_llm):
     assert "- gift-card refunds" in data.split("<agent_profile>")[1] and "- order status" in data
     assert "Write exactly 3 test cases" in prompt and '1 "adversarial"' in prompt
     assert usage.calls == 1
+
+
+async def test_identical_and_near_identical_model_goals_are_dropped(fake_llm):
+    fake_llm.queue({"cases": [
+        draft(id="first"),
+        draft(id="same"),  # the identical goal
+        draft(id="reworded", goal="Check my order A1234. You are satisfied once you know its status."),
+        draft(id="other", goal="Return the boots from order A1234. You are satisfied once the return is booked."),
+    ]})
+    cases, _ = await generate_cases(PROFILE, model_llm(fake_llm), num_test_cases=4)
+    assert [c.id for c in cases] == ["first", "other"]
 
 
 async def test_fewer_model_cases_are_kept_and_none_is_an_error(fake_llm):
