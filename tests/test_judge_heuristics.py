@@ -13,7 +13,8 @@ from engine.transcript import RETRY_PREFIX
 from examples.support_agent import support_agent
 
 JUDGES = ("goal_achievement", "conversation_completeness", "user_frustration", "knowledge_retention",
-          "dialogue_coherence", "role_adherence", "conversational_safety", "tool_call_efficiency", "guidelines")
+          "dialogue_coherence", "role_adherence", "conversational_safety", "tool_call_efficiency", "guidelines",
+          "latency", "prompt_leak")
 CARD = "4111 1111 1111 1111"  # a Luhn-valid test card number
 
 

@@ -10,7 +10,7 @@ import pytest
 from engine import InvalidOption, LiteLLMBackend, Message, Session, TestCase, ToolCall
 from engine.llm.base import LLMSettings
 from engine.pipeline import score_sessions
-from engine.judging.judges import BUILTIN_JUDGES, CustomJudge
+from engine.judging.judges import BUILTIN_JUDGES, DETERMINISTIC_JUDGES, CustomJudge
 from engine.judging.code import CodeScorer
 from engine.judging.registry import parse_scorers
 from engine.transcript import render_conversation
@@ -42,7 +42,8 @@ def verdict(value, evidence=({"turn": 1, "role": "assistant", "quote": "It was d
     return {"value": value, "rationale": rationale, "evidence": list(evidence)}
 
 
-@pytest.mark.parametrize("name", [n for n in BUILTIN_JUDGES if n != "guidelines"] + ["guidelines"])
+@pytest.mark.parametrize("name", [n for n in BUILTIN_JUDGES if n not in ("guidelines", *DETERMINISTIC_JUDGES)]
+                         + ["guidelines"])
 async def test_each_builtin_judge_sends_the_transcript_once_and_parses_the_verdict(store, fake_llm, name):
     value = "none" if name == "user_frustration" else True
     fake_llm.queue(verdict(value))

@@ -12,7 +12,7 @@ from .code import CodeScorer
 from .judges import JUDGE_CRITERIA, BuiltinJudge, CustomJudge
 
 DEFAULT_SCORERS = ("goal_achievement", "conversation_completeness", "user_frustration", "knowledge_retention",
-                   "tool_call_efficiency")
+                   "tool_call_efficiency", "dialogue_coherence", "latency", "prompt_leak")
 
 
 def parse_scorers(specs: list[Any] | None, *, workspace: WorkspaceArg = None) -> list[Scorer]:
