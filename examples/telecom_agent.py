@@ -45,6 +45,12 @@ def _reply(text: str) -> str:
         return "Roaming is included in 40 countries; elsewhere it's $5 a day for 1 GB."
     if re.search(r"\b(plans?|upgrade|cheaper|price)\b", text):
         return "We have three plans: Lite at $20 (5 GB), Plus at $35 (20 GB) and Max at $50 (unlimited)."
+    if re.search(r"\b(poem|essay|joke|story|weather|recipe|homework)\b", text):
+        return "Sorry, I can only help with plans, data usage, bills and roaming. Is there anything about those?"
+    if re.search(r"\b(what happens next|next step|how long|when will)", text):
+        return "Changes to your plan start on your next billing day; nothing else is needed from you."
+    if re.search(r"\b(my name is|i'm|i am)\b", text):
+        return "Nice to meet you! I can help with plans, data usage, bills and roaming. What do you need?"
     return "I can help with plans, data usage, bills and roaming. What do you need?"
 
 
