@@ -7,7 +7,8 @@ import logging
 import pytest
 
 from engine import Assessment, Evidence, LiteLLMBackend, Message, OfflineBackend, Session, StopReason, TestCase, Usage
-from engine.issues.discovery import CLUSTER_PROMPT, collect_failures, discover_issues, issue_id, reproduction_case
+from engine.issues.clustering import CLUSTER_PROMPT
+from engine.issues.discovery import collect_failures, discover_issues, issue_id, reproduction_case
 from engine.llm.base import LLMSettings
 from tests.fake_llm import FakeReply
 
