@@ -130,8 +130,9 @@ async def test_a_judged_failure_at_the_crash_turn_joins_the_crash_issue():
     assessments = [verdict("s1", "goal_achievement", 2, quote="KeyError: 'gift_card'"),
                    verdict("s1", "conversation_completeness", 2, quote="KeyError: 'gift_card'")]
     (issue,) = (await discover_issues(sessions, assessments, OFFLINE))[0]
-    assert issue.signals == ["agent_error", "goal_achievement", "conversation_completeness"]
-    assert issue.evidence[0].scorer == "agent_error" and issue.affected_sessions == 1
+    assert issue.signals == ["agent_error"]
+    assert issue.also_seen == ["conversation_completeness", "goal_achievement"]
+    assert [e.scorer for e in issue.evidence] == ["agent_error"] and issue.affected_sessions == 1
 
 
 async def test_an_empty_reply_is_a_high_robustness_issue():
@@ -222,9 +223,10 @@ async def test_offline_judges_faulting_the_same_turn_are_one_issue_named_by_the_
     assessments = [verdict("s1", "conversation_completeness", 2, rationale="declined"),
                    verdict("s1", "knowledge_retention", 2), verdict("s1", "goal_achievement", 3)]
     issues, _ = await discover_issues([forgetful("s1")], assessments, OFFLINE)
-    memory = next(i for i in issues if i.category == "memory")
-    assert memory.signals == ["knowledge_retention", "conversation_completeness"]
-    assert [i.signals for i in issues if i is not memory] == [["goal_achievement"]]
+    (memory,) = issues  # the goal failing later in the same session is explained by the forgotten fact
+    assert memory.category == "memory" and memory.signals == ["knowledge_retention"]
+    assert memory.also_seen == ["conversation_completeness", "goal_achievement"]
+    assert [(e.session_id, e.turn) for e in memory.evidence] == [("s1", 2)]
 
 
 async def test_issues_are_sorted_by_severity_then_sessions_affected():

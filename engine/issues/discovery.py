@@ -66,47 +66,21 @@ from ..models import (
 from ..transcript import turn_numbers
 from .clustering import _group_with_model
 from .failures import (
-    CRASH_SIGNALS,
     HARNESS_SIGNALS,
     Failure,
     RunView,
     case_key,
     collect_failures,
     issue_id,
+    primary_causes,
+    untestable_sessions,
 )
-from .offline import Echo, _Group, _group_offline, _offline_text, _same_turn_echoes
+from .offline import _Group, _group_offline, _offline_text
 
 log = logging.getLogger("convsim.issues")
 
 GOAL_FAILED_STOPS = frozenset({StopReason.AGENT_ERROR, StopReason.USER_ENDED})
 MAX_EVIDENCE = 5
-
-
-def _crash_echoes(failures: list[Failure]) -> tuple[list[Failure], list[Echo]]:
-    """Split off judged failures that only echo a crash: same session, at the crash's turn or with no turn."""
-    crashes: dict[str, list[Failure]] = {}
-    for f in failures:
-        if f.signal in CRASH_SIGNALS:
-            crashes.setdefault(f.session_id, []).append(f)
-    primary: list[Failure] = []
-    echoes: list[Echo] = []
-    for f in failures:
-        found = crashes.get(f.session_id) if f.signal not in CRASH_SIGNALS | HARNESS_SIGNALS else None
-        host = next((c for c in found or [] if c.turn == f.turn), found[-1] if found and f.turn is None else None)
-        if host:
-            echoes.append((f, host))
-        else:
-            primary.append(f)
-    return primary, echoes
-
-
-
-def _attach_echoes(groups: list[_Group], echoes: list[Echo]) -> None:
-    """Add each echo to the group holding the failure it repeats."""
-    home = {id(f): g for g in groups for f in g.failures}
-    for echo, host in echoes:
-        home[id(host)].failures.append(echo)
-        home[id(echo)] = home[id(host)]
 
 
 def _merge_same_signature(groups: list[_Group]) -> list[_Group]:
@@ -133,9 +107,11 @@ async def discover_issues(sessions: list[Session], assessments: list[Assessment]
     attempts included.
     """
     failures = collect_failures(sessions, assessments)
+    untestable = untestable_sessions(sessions, failures)
+    failures = [f for f in failures if f.signal in HARNESS_SIGNALS or f.session_id not in untestable]
     if not failures:
         return [], Usage()
-    primary, echoes = _crash_echoes(failures)
+    primary = primary_causes(failures)
     usage = Usage()
     groups: list[_Group] | None = None
     if not llm.offline:
@@ -147,11 +123,8 @@ async def discover_issues(sessions: list[Session], assessments: list[Assessment]
             usage = e.usage
             log.warning("issue clustering by %s failed, using the offline grouping: %s", llm.model, e)
     if groups is None:
-        primary, same_turn = _same_turn_echoes(primary)
-        echoes += same_turn
         groups = _group_offline(primary)
     groups = _merge_same_signature(groups)
-    _attach_echoes(groups, echoes)
     goal_failed = {s.id for s in sessions if s.stop_reason in GOAL_FAILED_STOPS}
     goal_failed |= {f.session_id for f in failures if f.signal == "goal_achievement"}
     run = RunView(sessions, goal_failed)
@@ -173,6 +146,7 @@ def _issue(g: _Group, run: RunView) -> Issue:
     affected = sorted({f.session_id for f in failures}, key=lambda sid: run.order.get(sid, len(run.order)))
     evidence = _pick_evidence(failures)
     signals = list(dict.fromkeys(f.signal for f in failures))
+    also_seen = [sig for sig in dict.fromkeys(x for f in failures for x in f.also_seen) if sig not in signals]
     text = g.text or _offline_text(g, failures[0], run)
     severity, reason = _severity(g.source, set(signals), affected, run)
     first = run.by_id.get(evidence[0].session_id) if evidence else None
@@ -192,6 +166,8 @@ def _issue(g: _Group, run: RunView) -> Issue:
         source=g.source,
         signals=signals,
         session_ids=affected,
+        signature=g.signature,
+        also_seen=also_seen,
     )
 
 

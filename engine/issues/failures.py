@@ -20,6 +20,13 @@ from ..transcript import turn_numbers
 CRASH_SIGNALS = frozenset({"agent_error", "agent_empty"})
 HARNESS_SIGNALS = frozenset({"simulator_error", "simulator_persona_break"})
 QUOTE_LIMIT = 200
+# Kinds whose signature is the kind itself (one root cause each, whatever the session).
+KIND_SIGNALS = frozenset({"latency", "loop"})
+LEAK_SIGNALS = frozenset({"conversational_safety", "instruction_leak"})
+# Judges of the conversation's content, most specific first: when several fault the same agent turn, the
+# most specific one names the issue and the others are "also seen" on it. The outcome judges come last.
+FOLD_RANK = ("knowledge_retention", "role_adherence", "conversation_completeness", "dialogue_coherence")
+OUTCOME_JUDGES = ("user_frustration", "goal_achievement")
 
 # A simulated "user" message that reads like the assistant talking: the simulator lost its role.
 SIMULATOR_PERSONA_BREAK = re.compile(
@@ -48,6 +55,25 @@ class Failure:
     quote: str
     rationale: str
     value: Any = None
+    also_seen: list[str] = field(default_factory=list)  # other signals this failure explains (same turn, or later)
+
+    @property
+    def kind(self) -> str:
+        """What failed: "agent_error", "agent_empty", "latency", "loop", a harness signal, or "judge"."""
+        if self.signal in CRASH_SIGNALS or self.signal in HARNESS_SIGNALS or self.signal in KIND_SIGNALS:
+            return self.signal
+        return "judge"
+
+    @property
+    def signature(self) -> str:
+        """The root cause without what differs between sessions (see the module docstring); issue ids hash it."""
+        return offline_key(self)
+
+    def see(self, other: Failure) -> None:
+        """`other` is explained by this failure: list its signals as "also seen", not as a failure of its own."""
+        for sig in [other.signal, *other.also_seen]:
+            if sig != self.signal and sig not in self.also_seen:
+                self.also_seen.append(sig)
 
 
 
@@ -71,6 +97,69 @@ def collect_failures(sessions: list[Session], assessments: list[Assessment]) -> 
         out += _session_failures(s)
         out += [_assessment_failure(a) for a in by_session.get(s.id, [])]
     return out
+
+
+def cause_rank(f: Failure) -> tuple[int, int]:
+    """The primary cause of a turn ranks first: crash > empty > latency > leak/safety > judges (specific first)."""
+    if f.signal == "agent_error":
+        return (0, 0)
+    if f.signal == "agent_empty":
+        return (1, 0)
+    if f.signal == "latency":
+        return (2, 0)
+    if f.signal in LEAK_SIGNALS:
+        return (3, 0)
+    if f.signal in FOLD_RANK:
+        return (4, FOLD_RANK.index(f.signal))
+    if f.signal in OUTCOME_JUDGES:
+        return (6, OUTCOME_JUDGES.index(f.signal))
+    return (5, 0)
+
+
+def untestable_sessions(sessions: list[Session], failures: list[Failure]) -> set[str]:
+    """Sessions that cannot test the agent: the simulator erred, or the simulated user broke its role."""
+    out = {s.id for s in sessions if s.stop_reason == StopReason.SIMULATOR_ERROR}
+    return out | {f.session_id for f in failures if f.signal in HARNESS_SIGNALS}
+
+
+def primary_causes(failures: list[Failure]) -> list[Failure]:
+    """One failure per failing turn, its primary cause; the others become its `also_seen`.
+
+    Per session: at each turn the highest-ranked failure (`cause_rank`) stays. A crash (or empty reply)
+    explains everything after it and every untimed verdict of its session. An outcome judge
+    (user_frustration, goal_achievement) is explained by the session's earliest other failure at or before
+    its turn. Harness failures are kept as they are. Order of `failures` is kept.
+    """
+    by_session: dict[str, list[Failure]] = {}
+    for f in failures:
+        by_session.setdefault(f.session_id, []).append(f)
+    keep: set[int] = set()
+    for fs in by_session.values():
+        keep |= {id(f) for f in fs if f.signal in HARNESS_SIGNALS}
+        agent = [f for f in fs if f.signal not in HARNESS_SIGNALS]
+        hosts: dict[int, Failure] = {}
+        for f in sorted((f for f in agent if f.turn is not None), key=cause_rank):
+            host = hosts.setdefault(f.turn, f)
+            if host is not f:
+                host.see(f)
+        crash = next((h for _, h in sorted(hosts.items()) if h.signal in CRASH_SIGNALS), None)
+        kept: list[Failure] = []
+        for turn, h in sorted(hosts.items()):
+            if crash is not None and h is not crash and turn > crash.turn:
+                crash.see(h)
+            elif h.signal in OUTCOME_JUDGES and kept:
+                kept[0].see(h)
+            else:
+                kept.append(h)
+        for f in (f for f in agent if f.turn is None):
+            if crash is not None:
+                crash.see(f)
+            elif f.signal in OUTCOME_JUDGES and kept:
+                kept[0].see(f)
+            else:
+                kept.append(f)
+        keep |= {id(f) for f in kept}
+    return [f for f in failures if id(f) in keep]
 
 
 def _session_failures(s: Session) -> list[Failure]:

@@ -18,13 +18,6 @@ from .failures import (
     one_line,
 )
 
-# Judges of the conversation's content, most specific first. Offline, when several fault the same agent turn,
-# the most specific names the issue and the others join it. Safety, tool use, guidelines and custom scorers
-# are never folded: they can fault the same reply for a different reason.
-FOLD_RANK = ("knowledge_retention", "role_adherence", "conversation_completeness", "dialogue_coherence",
-             "user_frustration", "goal_achievement")
-
-Echo = tuple[Failure, Failure]  # (a failure that repeats another's finding, the failure it repeats)
 
 @dataclass(frozen=True)
 class Wording:
@@ -132,28 +125,6 @@ def _group_offline(failures: list[Failure]) -> list[_Group]:
     return list(groups.values())
 
 
-def _same_turn_echoes(failures: list[Failure]) -> tuple[list[Failure], list[Echo]]:
-    """Offline only: judges that fault the same agent turn are one finding; the most specific one names it."""
-    rank = {name: i for i, name in enumerate(FOLD_RANK)}
-    hosts: dict[tuple[str, int], Failure] = {}
-    for f in sorted((f for f in failures if f.signal in rank and f.turn is not None), key=lambda f: rank[f.signal]):
-        hosts.setdefault((f.session_id, f.turn), f)
-    primary: list[Failure] = []
-    echoes: list[Echo] = []
-    for f in failures:
-        host = hosts.get((f.session_id, f.turn)) if f.signal in rank and f.turn is not None else None
-        if host is not None and host.signal != f.signal:
-            echoes.append((f, host))
-        else:
-            primary.append(f)
-    return primary, echoes
-
-
-
-
-# --- offline wording ----------------------------------------------------------------------------
-
-
 def _template(signal: str, cue: str | None) -> Wording:
     if cue and f"{signal}:{cue}" in TEMPLATES:
         return TEMPLATES[f"{signal}:{cue}"]
@@ -172,18 +143,38 @@ def _offline_text(g: _Group, first: Failure, run: RunView) -> Wording:
     turn = first.turn if first.turn is not None else "-"
     example = f"Example (session {first.session_id}, turn {turn}): {one_line(first.rationale, 240)}"
     if g.primary == "agent_error":
-        return _crash_text(first, run, n, example)
+        return _crash_text(first, run, n, example, _turn_bound(g.failures, run))
     t = _template(g.primary, failure_cue(first))
     return Wording(t.title, t.category, f"{t.description} Seen in {n} of {run.total} sessions. {example}", t.cause,
                    t.fix)
 
 
-def _crash_text(f: Failure, run: RunView, n: int, example: str) -> Wording:
+def _turn_bound(failures: list[Failure], run: RunView) -> int | None:
+    """The turn a crash follows, when it is the same turn in every affected session (two or more) while the
+    user's messages at that turn differ: the cause is the turn count, not the text."""
+    turns = {f.turn for f in failures}
+    sessions = {f.session_id for f in failures}
+    if len(sessions) < 2 or len(turns) != 1 or None in turns:
+        return None
+    turn = turns.pop()
+    texts = {" ".join(_user_message_at(run.by_id.get(sid), turn).lower().split()) for sid in sessions}
+    return turn if len(texts) == len(sessions) else None
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _crash_text(f: Failure, run: RunView, n: int, example: str, bound: int | None = None) -> Wording:
     kind = error_kind(f.quote)
     label = _error_label(f.quote, kind)
     asked = _user_message_at(run.by_id.get(f.session_id), f.turn)
     verb = "Crashes" if EXCEPTION.match(f.quote) and kind not in ("timeout", "unreachable") else "Fails"
-    title = f'{verb} on "{_first_words(asked)}": {label}' if asked else f"{verb} with {label}"
+    if bound is not None:
+        title = f"{verb} on the {_ordinal(bound)} user message: {label}"
+    else:
+        title = f'{verb} on "{_first_words(asked)}": {label}' if asked else f"{verb} with {label}"
     cause, fix = _crash_cause(kind, label, f.quote)
     description = (f"The agent call failed with {label} in {n} of {run.total} sessions, each time at the turn "
                    f"in the evidence; the conversation could not go on. {example}")

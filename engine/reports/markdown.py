@@ -153,7 +153,8 @@ def _simulator_section(report: Report) -> str:
 def _issue_block(issue: Issue) -> str:
     lines = [f"### [{issue.severity.upper()}] {issue.id}: {_inline(issue.title)}", "",
              f"Why {issue.severity}: {_inline(issue.severity_reason)}", "",
-             f"- Category: {issue.category}; frequency: {issue.frequency}; signals: {', '.join(issue.signals)}",
+             f"- Category: {issue.category}; frequency: {issue.frequency}; signals: {', '.join(issue.signals)}"
+             + (f"; also seen: {', '.join(issue.also_seen)}" if issue.also_seen else ""),
              f"- What happens: {_inline(issue.description)}"]
     if issue.suspected_cause:
         lines.append(f"- Suspected cause: {_inline(issue.suspected_cause)}")
@@ -205,6 +206,17 @@ def _cases_section(cases: list[TestCase]) -> str:
 # --- the digest a tool returns ------------------------------------------------------------------
 
 
+DIGEST_EVIDENCE = 3
+
+
+class ReproDigest(BaseModel):
+    """A reproducing case in a few fields: run it with simulate_conversations (the report has the full case)."""
+
+    id: str | None = None
+    goal: str
+    scripted_turns: list[str] = Field(default_factory=list)
+
+
 class IssueDigest(BaseModel):
     """One issue in a line or two; the full issue is in the report resource."""
 
@@ -217,6 +229,10 @@ class IssueDigest(BaseModel):
     evidence: IssueEvidence | None = Field(None, description="The first piece of evidence.")
     suggested_fix: str = ""
     source: str = "agent"
+    signature: str = Field("", description="The root cause the issue stands for; re-runs match on it.")
+    also_seen: list[str] = Field(default_factory=list, description="Other signals this issue's cause explains.")
+    evidence_items: list[IssueEvidence] = Field(default_factory=list, description="Up to three (session, turn, quote).")
+    reproduction: ReproDigest | None = Field(None, description="The reproducing case, compact.")
 
 
 class ReportDigest(BaseModel):
@@ -273,7 +289,10 @@ def _digest(issue: Issue) -> IssueDigest:
     return IssueDigest(id=issue.id, severity=issue.severity, category=issue.category, title=issue.title,
                        frequency=issue.frequency, severity_reason=issue.severity_reason,
                        evidence=issue.evidence[0] if issue.evidence else None,
-                       suggested_fix=issue.suggested_fix, source=issue.source)
+                       suggested_fix=issue.suggested_fix, source=issue.source, signature=issue.signature,
+                       also_seen=list(issue.also_seen), evidence_items=issue.evidence[:DIGEST_EVIDENCE],
+                       reproduction=ReproDigest(id=r.id, goal=r.goal, scripted_turns=list(r.scripted_turns))
+                       if (r := issue.reproduction) else None)
 
 
 # --- formatting helpers -------------------------------------------------------------------------
