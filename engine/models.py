@@ -477,6 +477,8 @@ class Report(BaseModel):
     simulator_issues: list[Issue] = Field(default_factory=list, description="Problems of the simulated user.")
     usage: dict[str, Usage] = Field(default_factory=dict)
     note: str | None = None
+    simulator_sessions: int = Field(0, description="Sessions the simulated user could not test (simulator_error, or "
+                                                   "it broke its role); never agent issues.")
 
 
 RunSummary.model_rebuild()
