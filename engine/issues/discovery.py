@@ -20,15 +20,17 @@ Grouping
     offline, and a cluster mixing crashes with judged failures is split so a
     crash keeps an issue of its own. If the call fails, the offline grouping
     is used and a warning logged.
-    Both ways, a judged failure that points at the turn where its session
-    crashed is a consequence of the crash: it joins the crash's issue (as an
-    extra signal) instead of becoming an issue of its own. Offline, likewise,
-    when several content judges fault the same agent turn, the most specific
-    (`FOLD_RANK`) names the issue and the others join it. Failures of the test
-    harness (the simulator erred, or its "user" wrote as the assistant) never
-    reach the model; they become simulator issues (``source="simulator"``),
-    reported apart from the agent's, as do model clusters flagged
-    caused_by_simulator.
+    Before either, one issue per root cause (`failures.primary_causes`, both
+    ways): each failing turn keeps one failure, its primary cause (crash >
+    empty > latency > leak/safety > judges, the most specific judge first);
+    the other signals at that turn are its ``also_seen``, never evidence rows
+    of their own. A crash also explains its session's later and untimed
+    verdicts; an outcome judge (user_frustration, goal_achievement) is
+    explained by an earlier failure of its session. A session the simulated
+    user could not test (simulator_error, or it wrote as the assistant) never
+    yields an agent failure; its harness failures never reach the model and
+    become simulator issues (``source="simulator"``), reported apart from the
+    agent's, as do model clusters flagged caused_by_simulator.
 
 Severity (deterministic, applied after grouping; the first rule that holds wins)
     high    the agent crashed or replied with nothing (agent_error, agent_empty);
