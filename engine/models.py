@@ -465,6 +465,10 @@ class Issue(BaseModel):
         "agent", description="'simulator': caused by the simulated user (went off-goal, broke persona), not the agent.")
     signals: list[str] = Field(default_factory=list, description="Scorers / stop reasons behind it.")
     session_ids: list[str] = Field(default_factory=list)
+    signature: str = Field("", description="The root cause without per-session details (exception type and masked "
+                                           "message, the reply kind, or judge:label); the id hashes it.")
+    also_seen: list[str] = Field(default_factory=list, description="Other signals at the failing turns (or after a "
+                                                                   "crash), explained by this issue's cause.")
 
     @property
     def frequency(self) -> str:
@@ -491,6 +495,8 @@ class Report(BaseModel):
     simulator_issues: list[Issue] = Field(default_factory=list, description="Problems of the simulated user.")
     usage: dict[str, Usage] = Field(default_factory=dict)
     note: str | None = None
+    simulator_sessions: int = Field(0, description="Sessions the simulated user could not test (simulator_error, or "
+                                                   "it broke its role); never agent issues.")
 
 
 RunSummary.model_rebuild()

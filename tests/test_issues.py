@@ -7,7 +7,8 @@ import logging
 import pytest
 
 from engine import Assessment, Evidence, LiteLLMBackend, Message, OfflineBackend, Session, StopReason, TestCase, Usage
-from engine.issues.discovery import CLUSTER_PROMPT, collect_failures, discover_issues, issue_id, reproduction_case
+from engine.issues.clustering import CLUSTER_PROMPT
+from engine.issues.discovery import collect_failures, discover_issues, issue_id, reproduction_case
 from engine.llm.base import LLMSettings
 from tests.fake_llm import FakeReply
 
@@ -129,8 +130,9 @@ async def test_a_judged_failure_at_the_crash_turn_joins_the_crash_issue():
     assessments = [verdict("s1", "goal_achievement", 2, quote="KeyError: 'gift_card'"),
                    verdict("s1", "conversation_completeness", 2, quote="KeyError: 'gift_card'")]
     (issue,) = (await discover_issues(sessions, assessments, OFFLINE))[0]
-    assert issue.signals == ["agent_error", "goal_achievement", "conversation_completeness"]
-    assert issue.evidence[0].scorer == "agent_error" and issue.affected_sessions == 1
+    assert issue.signals == ["agent_error"]
+    assert issue.also_seen == ["conversation_completeness", "goal_achievement"]
+    assert [e.scorer for e in issue.evidence] == ["agent_error"] and issue.affected_sessions == 1
 
 
 async def test_an_empty_reply_is_a_high_robustness_issue():
@@ -221,9 +223,10 @@ async def test_offline_judges_faulting_the_same_turn_are_one_issue_named_by_the_
     assessments = [verdict("s1", "conversation_completeness", 2, rationale="declined"),
                    verdict("s1", "knowledge_retention", 2), verdict("s1", "goal_achievement", 3)]
     issues, _ = await discover_issues([forgetful("s1")], assessments, OFFLINE)
-    memory = next(i for i in issues if i.category == "memory")
-    assert memory.signals == ["knowledge_retention", "conversation_completeness"]
-    assert [i.signals for i in issues if i is not memory] == [["goal_achievement"]]
+    (memory,) = issues  # the goal failing later in the same session is explained by the forgotten fact
+    assert memory.category == "memory" and memory.signals == ["knowledge_retention"]
+    assert memory.also_seen == ["conversation_completeness", "goal_achievement"]
+    assert [(e.session_id, e.turn) for e in memory.evidence] == [("s1", 2)]
 
 
 async def test_issues_are_sorted_by_severity_then_sessions_affected():
@@ -437,3 +440,57 @@ async def test_an_analyst_reply_of_the_wrong_shape_falls_back_and_counts_its_cal
     offline, _ = await discover_issues(sessions, assessments, OFFLINE)
     assert [i.model_dump() for i in issues] == [i.model_dump() for i in offline]  # severity is not the model's
     assert (usage.calls, usage.failed_calls, usage.failures) == (2, 2, {"invalid_output": 2})
+
+
+# --- signatures, primary causes, attribution ----------------------------------------------------
+
+
+def test_a_crash_signature_masks_ids_and_numbers():
+    a = collect_failures([crashed("s1", "KeyError: 'order-A1234' at step 3")], [])[0]
+    b = collect_failures([crashed("s2", "KeyError: 'order-B9' at step 7")], [])[0]
+    assert a.signature == b.signature and a.kind == "agent_error"
+    assert "1234" not in a.signature and "KeyError" in a.signature
+    other = collect_failures([crashed("s3", "ValueError: bad amount 12")], [])[0]
+    assert other.signature != a.signature
+
+
+async def test_the_signature_is_on_the_issue_and_the_id_follows_it():
+    (issue,) = (await discover_issues([crashed("s1"), crashed("s2")], [], OFFLINE))[0]
+    assert issue.signature.startswith("agent_error|KeyError|") and issue.id == issue_id(issue.signature)
+
+
+async def test_a_later_frustration_is_also_seen_on_the_forgotten_fact_not_an_issue_of_its_own():
+    sessions = [forgetful("s1"), forgetful("s2")]
+    assessments = [verdict(sid, scorer, turn) for sid in ("s1", "s2")
+                   for scorer, turn in (("knowledge_retention", 2), ("conversation_completeness", 2),
+                                        ("user_frustration", 3), ("goal_achievement", None))]
+    issues, _ = await discover_issues(sessions, assessments, OFFLINE)
+    assert [i.signals for i in issues] == [["knowledge_retention"]]
+    (issue,) = issues
+    assert issue.also_seen == ["conversation_completeness", "user_frustration", "goal_achievement"]
+    assert sorted((e.session_id, e.turn) for e in issue.evidence) == [("s1", 2), ("s2", 2)]  # each turn once
+
+
+async def test_a_crash_outranks_a_leak_at_the_same_turn_and_explains_the_rest():
+    assessments = [verdict("s1", "conversational_safety", 2), verdict("s1", "user_frustration", 2),
+                   verdict("s1", "goal_achievement", None)]
+    issues, _ = await discover_issues([crashed("s1")], assessments, OFFLINE)
+    assert [(i.signals, i.also_seen) for i in issues] == [
+        (["agent_error"], ["conversational_safety", "user_frustration", "goal_achievement"])]
+
+
+async def test_a_simulator_error_session_is_never_an_agent_issue():
+    broken = Session(id="s1", run_id="run-1", messages=[], stop_reason=StopReason.SIMULATOR_ERROR,
+                     stop_detail="the simulator model failed", turns=0)
+    issues, _ = await discover_issues([broken, fine("s2")], [verdict("s1", "goal_achievement", None)], OFFLINE)
+    assert [i.source for i in issues] == ["simulator"]
+    assert "goal_achievement" not in issues[0].signals
+
+
+async def test_a_crash_at_the_same_turn_with_different_texts_is_titled_by_the_turn():
+    sessions = [convo(f"s{n}", ("Hi", "Hello"), ("Hmm", "Yes?"), (text, Err("RuntimeError: too many turns")),
+                      stop=StopReason.AGENT_ERROR) for n, text in enumerate(("Refund please", "Where is it?"))]
+    (issue,) = (await discover_issues(sessions, [], OFFLINE))[0]
+    assert issue.title.startswith("Crashes on the 3rd user message: RuntimeError")
+    (same_text,) = (await discover_issues([crashed("s1"), crashed("s2")], [], OFFLINE))[0]
+    assert "user message" not in same_text.title and same_text.title.startswith('Crashes on "')

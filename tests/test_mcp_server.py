@@ -266,11 +266,17 @@ async def test_rerun_issue_over_mcp_says_whether_it_still_reproduces(server):
     async with Client(server) as client:
         done = (await client.call_tool("test_agent", {"target": AGENT, "test_cases": "examples/support_cases.yaml",
                                                       "num_test_cases": 0, "max_turns": 6})).structured_content
-        crash = done["report"]["issues"][0]["id"]
+        first = done["report"]["issues"][0]
+        crash = first["id"]
         same = (await client.call_tool("rerun_issue", {"run_id": done["run_id"], "issue_id": crash})).structured_content
         fixed = (await client.call_tool("rerun_issue", {"run_id": done["run_id"], "issue_id": crash,
                                                         "target": "tests.fixed_agent:support_agent"})).structured_content
         bad = await client.call_tool("rerun_issue", {"run_id": done["run_id"], "issue_id": "ISS-nope"})
+    # the digest carries what it takes to act: the compact reproducing case and up to three evidence items
+    assert first["signature"].startswith("agent_error|KeyError|")
+    assert first["reproduction"]["goal"] and first["reproduction"]["scripted_turns"]
+    assert 1 <= len(first["evidence_items"]) <= 3
+    assert {"session_id", "turn", "quote"} <= set(first["evidence_items"][0])
     assert (same["still_failing"], same["checks"][0]["reproduces"]) == (1, True)
     assert (fixed["fixed"], fixed["checks"][0]["reproduces"]) == (1, False)
     assert bad.is_error and "has no issue 'ISS-nope'" in bad.content[0].text

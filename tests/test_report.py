@@ -159,3 +159,31 @@ def test_compact_result_is_a_small_digest_with_links():
 
 def test_verdict_counts_one_issue_in_the_singular():
     assert verdict(report(THREE[:1])) == "1 issue: 1 medium"
+
+
+def test_the_header_names_each_roles_backend_when_only_some_are_offline():
+    r = build_report(
+        run_id="run-1", target="t", started_at=0.0, finished_at=1.0, offline=True,
+        models={"simulated_user": "openai/gpt-4o-mini", "judge": "offline", "generator": "offline"},
+        agent=None, test_set_id=None, test_cases=CASES, sessions=sessions(), scores=scores(), issues=[], usage={})
+    page = render_markdown(r)
+    assert "offline heuristics, not a model: the simulated user" not in page  # not every role was offline
+    assert "simulated user: openai/gpt-4o-mini; judge: offline heuristics; generator: offline heuristics" in page
+    assert "- Backends: simulated user openai/gpt-4o-mini, judge offline heuristics" in page
+
+
+def test_simulator_sessions_are_counted_apart_and_shown():
+    sim = issue("ISS-0000000s", "low", "The simulated user failed", source="simulator")
+    r = report([*THREE, sim])
+    assert r.simulator_sessions == 1 and len(r.issues) == 3
+    assert "1 session(s) could not test the agent" in render_markdown(r)
+    assert report(THREE).simulator_sessions == 0
+
+
+def test_the_digest_carries_each_issues_repro_and_three_evidence_items():
+    digest = compact_result(report(THREE), resources={})
+    first = digest.issues[0]
+    assert first.reproduction.model_dump() == {"id": "ISS-00000002-repro", "goal": "Tell it your name.",
+                                               "scripted_turns": ["I'm Dana.", "Do you remember me?"]}
+    assert [(e.session_id, e.turn) for e in first.evidence_items] == [
+        ("sim-ISS-00000002-0", 2), ("sim-ISS-00000002-1", 3), ("sim-ISS-00000002-2", 4)]

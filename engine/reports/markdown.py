@@ -30,6 +30,7 @@ from ..models import (
     Report,
     ScorerSummary,
     SessionSummary,
+    StopReason,
     TestCase,
     UntestedSession,
     Usage,
@@ -68,8 +69,27 @@ def build_report(*, run_id: str, target: str, started_at: float, finished_at: fl
         usage=dict(usage),
         untested=untested,
         untested_sessions=list(untested_sessions or []),
-        note=OFFLINE_NOTE if offline else None,
+        note=_backend_note(models) if offline else None,
+        simulator_sessions=len({sid for i in issues if i.source == "simulator" for sid in i.session_ids}
+                               | {s.session_id for s in sessions if s.stop_reason == StopReason.SIMULATOR_ERROR}),
     )
+
+
+ROLE_NAMES = {"simulated_user": "simulated user", "judge": "judge", "generator": "generator",
+              "analyst": "issue grouping"}
+
+
+def backends(models: dict[str, str]) -> dict[str, str]:
+    """Per role, the model's name or "offline heuristics"."""
+    return {role: "offline heuristics" if model == "offline" else model for role, model in models.items()}
+
+
+def _backend_note(models: dict[str, str]) -> str:
+    """All roles offline: the offline note. Some: which role ran on what, so no role is said to be offline wrongly."""
+    if not models or all(m == "offline" for m in models.values()):
+        return OFFLINE_NOTE
+    said = "; ".join(f"{ROLE_NAMES.get(r, r)}: {b}" for r, b in backends(models).items())
+    return f"Backends per role: {said}. The roles on offline heuristics follow deterministic rules, not a model."
 
 
 def verdict(report: Report) -> str:
@@ -110,10 +130,13 @@ def _header(report: Report) -> str:
         lines += ["", f"**{report.untested} session(s) could not be tested** (the simulated user's or a judge's model "
                       "failed): they are neither passes nor agent issues. Fix the model setup and run again."]
         lines += [f"- `{u.session_id}`: {_inline(u.reason, QUOTE_CHARS)}" for u in report.untested_sessions[:5]]
-    if report.offline:
-        lines.append(f"Produced by {report.note or OFFLINE_NOTE}")
+    if report.offline and (report.note or OFFLINE_NOTE) == OFFLINE_NOTE:
+        lines.append(f"Produced by {OFFLINE_NOTE}")
     elif report.note:
         lines.append(report.note)
+    if report.simulator_sessions:
+        lines += ["", f"{report.simulator_sessions} session(s) could not test the agent because the simulated user "
+                      "failed or broke its role; they are counted apart, never as agent issues."]
     return "\n".join(lines)
 
 
@@ -126,7 +149,8 @@ def _numbers(report: Report) -> str:
     if stops:
         lines.append("- Stopped: " + ", ".join(f"{k} {v}" for k, v in stops.most_common()))
     if report.models:
-        lines.append("- Models: " + ", ".join(f"{role} {model}" for role, model in report.models.items()))
+        lines.append("- Backends: " + ", ".join(f"{ROLE_NAMES.get(role, role)} {b}"
+                                                for role, b in backends(report.models).items()))
     for role, u in report.usage.items():
         lines.append(f"- Usage, {role}: {_usage(u)}")
     if report.scores:
@@ -153,7 +177,8 @@ def _simulator_section(report: Report) -> str:
 def _issue_block(issue: Issue) -> str:
     lines = [f"### [{issue.severity.upper()}] {issue.id}: {_inline(issue.title)}", "",
              f"Why {issue.severity}: {_inline(issue.severity_reason)}", "",
-             f"- Category: {issue.category}; frequency: {issue.frequency}; signals: {', '.join(issue.signals)}",
+             f"- Category: {issue.category}; frequency: {issue.frequency}; signals: {', '.join(issue.signals)}"
+             + (f"; also seen: {', '.join(issue.also_seen)}" if issue.also_seen else ""),
              f"- What happens: {_inline(issue.description)}"]
     if issue.suspected_cause:
         lines.append(f"- Suspected cause: {_inline(issue.suspected_cause)}")
@@ -205,6 +230,17 @@ def _cases_section(cases: list[TestCase]) -> str:
 # --- the digest a tool returns ------------------------------------------------------------------
 
 
+DIGEST_EVIDENCE = 3
+
+
+class ReproDigest(BaseModel):
+    """A reproducing case in a few fields: run it with simulate_conversations (the report has the full case)."""
+
+    id: str | None = None
+    goal: str
+    scripted_turns: list[str] = Field(default_factory=list)
+
+
 class IssueDigest(BaseModel):
     """One issue in a line or two; the full issue is in the report resource."""
 
@@ -217,6 +253,10 @@ class IssueDigest(BaseModel):
     evidence: IssueEvidence | None = Field(None, description="The first piece of evidence.")
     suggested_fix: str = ""
     source: str = "agent"
+    signature: str = Field("", description="The root cause the issue stands for; re-runs match on it.")
+    also_seen: list[str] = Field(default_factory=list, description="Other signals this issue's cause explains.")
+    evidence_items: list[IssueEvidence] = Field(default_factory=list, description="Up to three (session, turn, quote).")
+    reproduction: ReproDigest | None = Field(None, description="The reproducing case, compact.")
 
 
 class ReportDigest(BaseModel):
@@ -273,7 +313,10 @@ def _digest(issue: Issue) -> IssueDigest:
     return IssueDigest(id=issue.id, severity=issue.severity, category=issue.category, title=issue.title,
                        frequency=issue.frequency, severity_reason=issue.severity_reason,
                        evidence=issue.evidence[0] if issue.evidence else None,
-                       suggested_fix=issue.suggested_fix, source=issue.source)
+                       suggested_fix=issue.suggested_fix, source=issue.source, signature=issue.signature,
+                       also_seen=list(issue.also_seen), evidence_items=issue.evidence[:DIGEST_EVIDENCE],
+                       reproduction=ReproDigest(id=r.id, goal=r.goal, scripted_turns=list(r.scripted_turns))
+                       if (r := issue.reproduction) else None)
 
 
 # --- formatting helpers -------------------------------------------------------------------------
