@@ -27,6 +27,7 @@ A found failure (1) is reported before an incomplete run (3).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -41,7 +42,8 @@ from engine import ConvsimError, CouldNotTest, LLMError, JobRegistry, Progress, 
 from engine import secrets
 from engine.models import SEVERITY_ORDER, ScorerSummary
 from engine.pipeline import describe_target, run_summary, score_sessions, simulate
-from engine.pipeline.agent_test import rerun_issues, test_agent
+from engine.pipeline.agent_test import test_agent
+from engine.pipeline.rerun import rerun_issues, rerun_json
 from engine.pipeline.generation import build_test_set, export_test_set
 from engine.text import one_line
 
@@ -134,6 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("--target", help="the agent, if different from the run's")
     rr.add_argument("--max-turns", type=int)
     rr.add_argument("--model")
+    rr.add_argument("--repeats", type=int,
+                    help="re-runs per case (default: the run's; at least 3 for an issue seen in only some sessions)")
+    rr.add_argument("--json", dest="json_path", help="write {run_id, issues: [{id, status, reason, sessions}], "
+                                                     "new_issues} here")
     _add_allow_untested(rr)
     rr.add_argument("--db")
     _add_root(rr)
@@ -346,17 +352,23 @@ def _test_agent(args: argparse.Namespace) -> int:
 def _rerun(args: argparse.Namespace) -> int:
     store = Store(args.db)
     bar = ProgressBar()
-    new_run, checks = anyio.run(lambda: rerun_issues(store, args.run_id, issue_id=args.issue, target=args.target,
-                                                     max_turns=args.max_turns, model=args.model, workspace=_workspace(args),
-                                                     progress=bar.update))
+    outcome = anyio.run(lambda: rerun_issues(store, args.run_id, issue_id=args.issue, target=args.target,
+                                             max_turns=args.max_turns, model=args.model, repeats=args.repeats,
+                                             workspace=_workspace(args), progress=bar.update))
     bar.close()
-    rows = [[c.issue_id, c.severity, "STILL FAILS" if c.reproduces else "fixed", one_line(c.title, 50),
-             one_line(c.detail, 60)] for c in checks]
-    print(f"re-ran {args.run_id} as {new_run}")
-    print(_table(["issue", "severity", "result", "title", "detail"], rows) if rows else "no issues to check")
-    if any(c.reproduces for c in checks):
+    rows = [[c.id, c.severity, c.status.upper() if c.reproduces else c.status, one_line(c.title, 50),
+             one_line(c.reason, 70)] for c in outcome.issues]
+    print(f"re-ran {args.run_id} as {outcome.run_id}")
+    print(_table(["issue", "severity", "status", "title", "reason"], rows) if rows else "no issues to check")
+    if outcome.new_issues:
+        print(f"{len(outcome.new_issues)} new issue(s), not seen in {args.run_id}:")
+        print(_table(["issue", "severity", "title", "frequency"],
+                     [[i.id, i.severity, one_line(i.title, 60), i.frequency] for i in outcome.new_issues]))
+    if args.json_path:
+        _write(args.json_path, json.dumps(rerun_json(outcome), indent=2, ensure_ascii=False) + "\n")
+    if any(c.reproduces for c in outcome.issues):
         return EXIT_FAILED
-    summary = anyio.run(lambda: run_summary(store, new_run))
+    summary = anyio.run(lambda: run_summary(store, outcome.run_id))
     return _untested_exit(summary.untested, summary.sessions_total, args.allow_untested)
 
 

@@ -24,9 +24,10 @@ from engine import ConvsimError, JobRegistry, NotFound, Progress, RunStatus, Run
 from engine.limits import MAX_JSON_DEPTH, has_lone_surrogate, json_depth
 from engine.secrets import redact
 from engine.text import clip
-from engine.models import AgentProfile, Report, ScoreSummary, Usage
+from engine.models import AgentProfile, Issue, Report, ScoreSummary, Usage
 from engine.pipeline import describe_target, prepare_scoring, prepare_simulation, run_summary, run_uri, scores_uri, summarize_scores
-from engine.pipeline.agent_test import IssueCheck, prepare_agent_test, report_uri, rerun_issues
+from engine.pipeline.agent_test import prepare_agent_test, report_uri
+from engine.pipeline.rerun import IssueCheck, rerun_issues
 from engine.pipeline.generation import build_test_set
 from engine.reports import ReportDigest, compact_result
 from engine.judging import list_builtin_scorers
@@ -123,9 +124,13 @@ class TestSetResult(BaseModel):
 class RerunResult(BaseModel):
     run_id: str = Field(description="The new run.")
     rerun_of: str
-    checks: list[IssueCheck]
-    still_failing: int
+    issues: list[IssueCheck] = Field(description="Per old issue: status 'reproduces', 'fixed' or 'inconclusive' "
+                                                 "(the failing turn was not reached), and the reason.")
+    new_issues: list[Issue] = Field(description="Failures of the re-run that no old issue explains, with "
+                                                "evidence and reproducing cases.")
+    reproduces: int
     fixed: int
+    inconclusive: int
     resource: str
 
 
@@ -337,14 +342,16 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
                                                                "secrets; default: the run's target.")] = None,
         max_turns: Annotated[int | None, Field(description="Default: the run's.")] = None,
         model: Annotated[str | None, Field(description="Default: the run's models.")] = None,
+        repeats: Annotated[int | None, Field(description="Re-runs per case; default: the run's, at least 3 for an "
+                                                         "issue seen in only some sessions.", ge=1, le=20)] = None,
     ) -> RerunResult:
-        """After changing the agent: re-run and say, per issue, whether it still reproduces."""
-        new_run, checks = await rerun_issues(store, run_id, issue_id=issue_id, target=target,
-                                             max_turns=max_turns, model=model, progress=_forward(ctx),
-                                             workspace=workspace)
-        return RerunResult(run_id=new_run, rerun_of=run_id, checks=checks,
-                           still_failing=sum(c.reproduces for c in checks),
-                           fixed=sum(not c.reproduces for c in checks), resource=run_uri(new_run))
+        """After changing the agent: re-run and say, per issue, whether it reproduces, is fixed, or could not be
+        checked (inconclusive: the failing turn was not reached), plus any new issues."""
+        outcome = await rerun_issues(store, run_id, issue_id=issue_id, target=target, max_turns=max_turns,
+                                     model=model, repeats=repeats, progress=_forward(ctx), workspace=workspace)
+        count = {s: sum(c.status == s for c in outcome.issues) for s in ("reproduces", "fixed", "inconclusive")}
+        return RerunResult(run_id=outcome.run_id, rerun_of=run_id, issues=outcome.issues,
+                           new_issues=outcome.new_issues, **count, resource=run_uri(outcome.run_id))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     @tool_errors

@@ -9,7 +9,8 @@ from .jobs import JobRegistry
 from .llm import LLM, LiteLLMBackend, LLMResult, OfflineBackend, resolve_llm, resolve_model
 from .models import AgentProfile, Assessment, Evidence, Issue, Message, Report, Role, RunStatus, RunSummary, ScorerSummary, ScoreSummary, Session, SessionSummary, StopReason, TargetSpec, TestCase, TestSet, ToolCall, Usage
 from .pipeline import Progress, ScoringJob, SimulationJob, prepare_scoring, prepare_simulation, run_summary, score_sessions, simulate
-from .pipeline.agent_test import prepare_agent_test, rerun_issues, test_agent
+from .pipeline.agent_test import prepare_agent_test, test_agent
+from .pipeline.rerun import rerun_issues
 from .pipeline.generation import build_test_set, export_test_set
 from .judging import BuiltinJudge, CodeScorer, CustomJudge, Scorer, parse_scorers
 from .simulation import LLMSimulatedUser, SimulatedUser, SimulatorContext, UserTurn

@@ -35,12 +35,12 @@ async def score_one(store: Store, session: Session, scorers: list[Scorer], llm: 
     """Score one session with each scorer and store the verdicts. A scorer's bug is recorded, not raised."""
     out = []
     for scorer in scorers:
-        out += await _judge(session, scorer, llm)
+        out += await judge_session(session, scorer, llm)
     await store.save_assessments(out)
     return out
 
 
-async def _judge(session: Session, scorer: Scorer, llm: LLM) -> list[Assessment]:
+async def judge_session(session: Session, scorer: Scorer, llm: LLM) -> list[Assessment]:
     """One scorer's verdicts on one session. A session the agent never answered is not judged: there is
     nothing of the agent's to judge (it ended before the agent's first turn)."""
     if not any(m.role == "assistant" for m in session.messages):
@@ -97,7 +97,7 @@ class ScoringJob:
         async def worker(pairs: Iterator[tuple[Session, Scorer]]) -> None:
             nonlocal done
             for session, scorer in pairs:  # shared by the page's workers: each pair is taken once
-                await writer.add(await _judge(session, scorer, self.llm))
+                await writer.add(await judge_session(session, scorer, self.llm))
                 done += 1
                 if progress:
                     await progress(Progress(done, total, f"{session.id} {scorer.name}"))
