@@ -469,6 +469,9 @@ class Issue(BaseModel):
                                            "message, the reply kind, or judge:label); the id hashes it.")
     also_seen: list[str] = Field(default_factory=list, description="Other signals at the failing turns (or after a "
                                                                    "crash), explained by this issue's cause.")
+    reproduction_shrunk_from: int | None = Field(
+        None, description="The reproduction was shrunk: it had this many scripted user turns before turns the "
+                          "failure does not need were dropped.")
 
     @property
     def frequency(self) -> str:

@@ -7,7 +7,8 @@ import pytest
 from engine import RunError
 from engine.llm.litellm_backend import LiteLLMBackend
 from engine.llm.base import LLMSettings
-from engine.pipeline.agent_test import prepare_agent_test, rerun_issues, test_agent
+from engine.pipeline.agent_test import prepare_agent_test, test_agent
+from engine.pipeline.rerun import rerun_issues
 from engine.pipeline.generation import build_test_set, export_test_set
 from engine.cases.loading import load_test_cases
 from tests.conftest import ROOT
@@ -49,24 +50,24 @@ async def test_issue_ids_are_stable_across_runs(store):
 async def test_reproducing_case_reproduces_and_a_fix_shows_as_fixed(store):
     report = await offline_report(store, num_test_cases=0)
     crash = report.issues[0]
-    _, unchanged = await rerun_issues(store, report.run_id, issue_id=crash.id, workspace=ROOT)
-    assert [c.reproduces for c in unchanged] == [True]
-    _, fixed = await rerun_issues(store, report.run_id, issue_id=crash.id, target="tests.fixed_agent:support_agent",
-                                  workspace=ROOT)
-    assert [c.reproduces for c in fixed] == [False]
-    assert "did not fail" in fixed[0].detail
+    unchanged = await rerun_issues(store, report.run_id, issue_id=crash.id, workspace=ROOT)
+    assert [c.status for c in unchanged.issues] == ["reproduces"]
+    assert crash.signature in unchanged.issues[0].reason
+    fixed = await rerun_issues(store, report.run_id, issue_id=crash.id, target="tests.fixed_agent:support_agent",
+                               workspace=ROOT)
+    assert [c.status for c in fixed.issues] == ["fixed"]
+    assert "reached the failing turn" in fixed.issues[0].reason
 
 
 async def test_rerun_of_all_cases_checks_every_issue(store):
     report = await offline_report(store, num_test_cases=0)
-    new_run, checks = await rerun_issues(store, report.run_id, target="tests.fixed_agent:support_agent",
-                                         workspace=ROOT)
-    by_id = {c.issue_id: c for c in checks}
-    assert set(by_id) == {i.id for i in report.issues + report.simulator_issues}
-    assert by_id[report.issues[0].id].reproduces is False  # the crash was fixed
+    outcome = await rerun_issues(store, report.run_id, target="tests.fixed_agent:support_agent", workspace=ROOT)
+    by_id = {c.id: c for c in outcome.issues}
+    assert set(by_id) == {i.id for i in report.issues}
+    assert by_id[report.issues[0].id].status == "fixed"  # the crash was fixed
     memory = next(i for i in report.issues if i.category == "memory")
-    assert by_id[memory.id].reproduces is True  # the forgetting was not
-    assert (await store.get_run(new_run))["kind"] == "rerun"
+    assert by_id[memory.id].status == "reproduces"  # the forgetting was not
+    assert (await store.get_run(outcome.run_id))["kind"] == "rerun"
 
 
 async def test_rerun_rejects_unknown_issues_and_runs_without_reports(store):
@@ -161,8 +162,8 @@ async def test_distilling_from_a_jsonl_file_replays_each_conversation(store, tmp
 async def test_rerun_keeps_the_original_runs_models(store, monkeypatch):
     report = await offline_report(store, num_test_cases=0)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-would-pick-a-real-model")
-    new_run, _ = await rerun_issues(store, report.run_id, issue_id=report.issues[0].id, workspace=ROOT)
-    run = await store.get_run(new_run)
+    outcome = await rerun_issues(store, report.run_id, issue_id=report.issues[0].id, workspace=ROOT)
+    run = await store.get_run(outcome.run_id)
     assert run["offline"] and run["model"] == "offline" and run["options"]["judge_model"] == "offline"
 
 

@@ -280,10 +280,15 @@ def test_rerun_exits_1_while_an_issue_reproduces_and_0_once_fixed(db, convsim_ho
     report = json.loads(js.read_text())
     crash = report["issues"][0]["id"]
     still = convsim("rerun", report["run_id"], "--issue", crash, "--db", db, home=convsim_home)
-    assert still.returncode == 1 and "STILL FAILS" in still.stdout
+    assert still.returncode == 1 and "REPRODUCES" in still.stdout
+    out = tmp_path / "rerun.json"
     fixed = convsim("rerun", report["run_id"], "--issue", crash, "--target", "tests.fixed_agent:support_agent",
-                    "--db", db, home=convsim_home)
+                    "--json", str(out), "--db", db, home=convsim_home)
     assert fixed.returncode == 0 and "fixed" in fixed.stdout
+    written = json.loads(out.read_text())
+    assert set(written) == {"run_id", "rerun_of", "issues", "new_issues"}
+    assert [(i["id"], i["status"]) for i in written["issues"]] == [(crash, "fixed")]
+    assert {"reason", "sessions"} <= set(written["issues"][0])
 
 
 def test_generate_writes_a_loadable_file_and_a_runnable_test_set(db, convsim_home, tmp_path):

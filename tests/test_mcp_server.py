@@ -277,8 +277,9 @@ async def test_rerun_issue_over_mcp_says_whether_it_still_reproduces(server):
     assert first["reproduction"]["goal"] and first["reproduction"]["scripted_turns"]
     assert 1 <= len(first["evidence_items"]) <= 3
     assert {"session_id", "turn", "quote"} <= set(first["evidence_items"][0])
-    assert (same["still_failing"], same["checks"][0]["reproduces"]) == (1, True)
-    assert (fixed["fixed"], fixed["checks"][0]["reproduces"]) == (1, False)
+    assert (same["reproduces"], same["issues"][0]["status"]) == (1, "reproduces")
+    assert (fixed["fixed"], fixed["issues"][0]["status"]) == (1, "fixed")
+    assert fixed["issues"][0]["reason"] and fixed["new_issues"] == []
     assert bad.is_error and "has no issue 'ISS-nope'" in bad.content[0].text
 
 

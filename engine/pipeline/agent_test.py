@@ -15,21 +15,21 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, TypeVar
 
 import anyio
-from pydantic import BaseModel, Field
 
-from ..errors import CouldNotTest, InvalidOption, InvalidTarget, LLMAuthError, LLMError, RunError
+from ..errors import CouldNotTest, InvalidOption, LLMAuthError, LLMError, RunError
 from ..cases import describe_agent, generate_cases
-from ..issues import collect_failures, discover_issues
+from ..issues import discover_issues
 from ..llm import LLM, resolve_llm, resolve_model
 from ..models import AgentProfile, Report, Role, RunStatus, TargetSpec, TestCase, TestSet, Usage, add_usage
 from ..reports import build_report, render_markdown
-from ..judging import DEFAULT_SCORERS, Scorer, parse_scorers
+from ..judging import DEFAULT_SCORERS, BuiltinJudge, Scorer, parse_scorers
 from ..simulation import SimulatedUser, load_user_class
 from ..store import Store, new_run_id, new_test_set_id
 from ..simulation import Target, redacted_spec, resolve_target
 from ..workspace import WorkspaceArg, as_workspace
 from ._shared import MAX_CONCURRENCY, MAX_REPEATS, MAX_TURNS_LIMIT, Progress, ProgressFn, check_range
 from .generation import MAX_TEST_CASES
+from .shrink import shrink_reproductions
 from .simulation import SimulationJob, resolve_cases
 
 log = logging.getLogger("convsim.pipeline")
@@ -66,6 +66,7 @@ class AgentTestJob:
     ask_agent: bool = True
     introspect: bool = True
     workspace: WorkspaceArg = None
+    shrink: bool = False
     usage: dict[str, Usage] = field(default_factory=dict)
 
     async def run(self, progress: ProgressFn | None = None) -> Report:
@@ -90,6 +91,7 @@ class AgentTestJob:
                 cases += await self._spend(Role.GENERATOR, generate_cases(
                     profile, self.generator_llm, num_test_cases=self.num_test_cases, guidance=self.guidance,
                     adversarial=self.adversarial))
+            _give_instructions(self.scorers, profile, self.description)
             test_set = TestSet(id=new_test_set_id(), name=f"test_agent {self.run_id}", created_at=time.time(),
                                cases=cases, profile=profile, sources=profile.sources if profile else ["given"],
                                offline=self.generator_llm.offline, usage=self.usage)
@@ -110,6 +112,10 @@ class AgentTestJob:
             sessions = await self.store.get_sessions(self.run_id)
             assessments = await self.store.get_assessments([s.id for s in sessions])
             issues = await self._spend(Role.ANALYST, discover_issues(sessions, assessments, self.judge_llm))
+            if self.shrink:
+                await stage(3 + sim_steps, "shrink: minimising each issue's reproducing case")
+                issues = await shrink_reproductions(issues, self.target, self.user_class(self.user_llm),
+                                                    self.scorers, self.judge_llm)
             await stage(3 + sim_steps, "report: writing the report")
             usage = dict(summary.usage)
             for role, u in self.usage.items():
@@ -181,6 +187,7 @@ async def prepare_agent_test(
     user_agent: str | None = None,
     ask_agent: bool = True,
     introspect: bool = True,
+    shrink: bool | None = None,
     workspace: WorkspaceArg = None,
     llm: LLM | None = None,
 ) -> AgentTestJob:
@@ -223,7 +230,22 @@ async def prepare_agent_test(
                            sessions_total=(len(given) + num_test_cases) * repeats)
     return AgentTestJob(store, run_id, resolved, description, given, num_test_cases, guidance, adversarial, max_turns,
                         repeats, concurrency, scorer_list, user_llm, judge_llm, generator_llm, user_class,
-                        ask_agent, introspect, workspace)
+                        ask_agent, introspect, workspace,
+                        shrink=(user_llm.offline and judge_llm.offline) if shrink is None else shrink)
+
+
+INSTRUCTION_JUDGES = ("prompt_leak", "role_adherence")  # built-in judges that read the agent's instructions
+
+
+def _give_instructions(scorers: list[Scorer], profile: AgentProfile | None, description: str | None) -> None:
+    """Hand the agent's known instructions (its system prompt from the source, else the description) to the
+    judges that compare replies against them, unless the caller gave them a `role` already."""
+    role = (profile.system_prompt if profile and profile.system_prompt else None) or description
+    if not role:
+        return
+    for s in scorers:
+        if isinstance(s, BuiltinJudge) and s.name in INSTRUCTION_JUDGES and not s.params.get("role"):
+            s.params["role"] = role
 
 
 async def test_agent(store: Store, target: Any, *, progress: ProgressFn | None = None, **options: Any) -> Report:

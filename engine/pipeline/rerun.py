@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ..errors import CouldNotTest, InvalidOption, InvalidTarget
-from ..issues import Failure, collect_failures, discover_issues
+from ..issues import Failure, collect_failures, discover_issues, primary_causes, untestable_sessions
 from ..judging import DEFAULT_SCORERS, parse_scorers
 from ..llm import LLM, resolve_llm
 from ..models import Issue, RunStatus, Session, StopReason, TargetSpec
@@ -130,7 +130,9 @@ async def rerun_issues(
         raise CouldNotTest(f"re-run {new_run} of run {run_id} failed: {summary.error}")
     sessions = await store.get_sessions(new_run)
     assessments = await store.get_assessments([s.id for s in sessions])
-    failures = collect_failures(sessions, assessments)
+    everything = collect_failures(sessions, assessments)
+    spoiled = untestable_sessions(sessions, everything)
+    failures = primary_causes([f for f in everything if f.session_id not in spoiled])
     checks = [_check(issue, [s for s in sessions if s.case_index in case_of.get(issue.id, [])], failures,
                      failing_turn) for issue in issues]
     known = {i.signature for i in report.issues + report.simulator_issues}
@@ -190,7 +192,7 @@ def _check(issue: Issue, sessions: list[Session], failures: list[Failure],
 def _not_reached(session: Session, turn: int, failures: list[Failure]) -> str | None:
     """Why `session` never got to `turn` with an answer from the agent, or None when it did."""
     if session.stop_reason in UNTESTABLE_STOPS:
-        return f"the simulated user failed ({session.error or 'simulator_error'})"
+        return f"the simulated user failed ({session.stop_detail or 'simulator_error'})"
     answered = {t for m, t in zip(session.messages, turn_numbers(session)) if m.role == "assistant" and not m.error}
     if any(t >= turn for t in answered):
         return None

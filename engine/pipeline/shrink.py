@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from ..issues import collect_failures
+from ..issues import collect_failures, primary_causes
 from ..judging import Scorer
 from ..llm import LLM
 from ..models import Issue, Message, Session, TestCase
@@ -78,4 +78,4 @@ async def _reproduces(case: TestCase, signature: str, target: Target, user: Simu
     assessments = []
     for scorer in scorers:
         assessments += await judge_session(session, scorer, llm)
-    return any(f.signature == signature for f in collect_failures([session], assessments))
+    return any(f.signature == signature for f in primary_causes(collect_failures([session], assessments)))
