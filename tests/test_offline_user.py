@@ -74,3 +74,16 @@ def test_the_offline_user_is_deterministic_and_does_not_repeat_a_said_step():
     a = offline_user_turn(SimulatorContext(case, "s", msgs, 2, 5))
     b = offline_user_turn(SimulatorContext(case, "s", msgs, 2, 5))
     assert a == b and a.message == "Could you help me with shipping times?"
+
+
+async def test_a_detail_already_given_is_not_given_again(store, tmp_path):
+    forgetful = '''
+def respond(messages):
+    if "remember" in messages[-1]["content"]:
+        return "Sorry, I don't know your name. What is your name?"
+    return "Okay."
+'''
+    users, session = await users_of(store, tmp_path, forgetful,
+                                    {"goal": "Introduce yourself as Dana. Ask whether the assistant remembers your name."})
+    assert users.count("Hi, my name is Dana.") == 1 and "My name is Dana." not in users
+    assert session.stop_reason == StopReason.USER_ENDED

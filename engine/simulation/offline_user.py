@@ -148,7 +148,7 @@ def offline_user_turn(context: SimulatorContext) -> UserTurn:
     not said again: after scripted turns the user goes on from where the conversation
     stands. When the agent's last message asks for a detail the goal or the test case
     context holds (an order number, a booking reference, a date, an email, an amount,
-    a name), the next message gives it. An unhelpful reply mid-goal is passed over, as
+    a name) and the user has not given it yet, the next message gives it. An unhelpful reply mid-goal is passed over, as
     a user moves on to their next question; an unhelpful final answer gets one retry
     (an "If it refuses, ..." sentence when the goal has one), then the user gives up. A
     helpful final answer counts as the goal achieved. No model and no randomness: the
@@ -165,7 +165,8 @@ def offline_user_turn(context: SimulatorContext) -> UserTurn:
     last = context.last_assistant_response or ""
     if context.messages and last:
         detail = requested_detail(last, context.goal, context.test_case.context)
-        if detail and not (sent and detail[1] in sent[-1]):
+        # A detail the user already gave is not given again: the agent asking twice is the agent forgetting.
+        if detail and not any(detail[1].lower() in m.lower() for m in sent):
             what, value = detail
             return UserTurn(message=f"My {what} is {value}.", reason=f"the assistant asked for the {what}")
     if context.messages and _UNHELPFUL.search(last) and not remaining:
