@@ -87,3 +87,8 @@ def respond(messages):
                                     {"goal": "Introduce yourself as Dana. Ask whether the assistant remembers your name."})
     assert users.count("Hi, my name is Dana.") == 1 and "My name is Dana." not in users
     assert session.stop_reason == StopReason.USER_ENDED
+
+
+async def test_a_one_word_goal_is_said_once_then_the_user_ends(store, tmp_path):
+    users, session = await users_of(store, tmp_path, ECHO, {"goal": "Say hi."})
+    assert users == ["Hello! Hi."] and session.stop_reason == StopReason.GOAL_ACHIEVED

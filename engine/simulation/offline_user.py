@@ -101,13 +101,16 @@ def _words(text: str) -> set[str]:
 
 
 def _covered(step: str, said: list[str]) -> bool:
-    """The step was already said: most of its content words appear in one earlier user message."""
-    want = _words(as_user_speech(step)) | _words(step)
-    want_core = _words(as_user_speech(step))
+    """The step was already said: its speech is in an earlier user message, or most of its content words are."""
+    speech = as_user_speech(step)
+    text = " ".join(_WORD.findall(speech.lower()))
+    if text and any(text in " ".join(_WORD.findall(m.lower())) for m in said):
+        return True
+    want_core = _words(speech)
     if not want_core:
         return False
     return any(len(want_core & _words(m)) >= max(1, 0.6 * len(want_core)) or
-               len(want & _words(m)) >= max(2, 0.6 * len(_words(step))) for m in said)
+               len((want_core | _words(step)) & _words(m)) >= max(2, 0.6 * len(_words(step))) for m in said)
 
 
 def _context_value(context: dict, key: str) -> str | None:
