@@ -91,4 +91,4 @@ def respond(messages):
 
 async def test_a_one_word_goal_is_said_once_then_the_user_ends(store, tmp_path):
     users, session = await users_of(store, tmp_path, ECHO, {"goal": "Say hi."})
-    assert users == ["Hello! Hi."] and session.stop_reason == StopReason.GOAL_ACHIEVED
+    assert users == ["Hi."] and session.stop_reason == StopReason.GOAL_ACHIEVED
