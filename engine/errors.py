@@ -84,9 +84,12 @@ class CouldNotTest(RunError):
 class AgentError(RunError):
     """Raised when the agent under test raises, times out, or returns an unusable reply."""
 
-    def __init__(self, message: str, *, kind: str = "exception"):
+    def __init__(self, message: str, *, kind: str = "exception", frames: list[str] | None = None,
+                 status: int | None = None):
         super().__init__(message)
         self.kind = kind  # exception | timeout | http | unparseable
+        self.frames = list(frames or [])  # the agent's own traceback frames, "file.py:42 in fn" (Python targets)
+        self.status = status  # the HTTP status of an HTTP target's error reply
 
 
 class LLMError(RunError):

@@ -132,6 +132,10 @@ class Message(BaseModel):
     history_omitted: int | None = Field(
         None, description="Simulated user message written from a shortened history: this many earlier messages were "
                           "left out of its model's prompt because the conversation no longer fit its context window.")
+    error_frames: list[str] | None = Field(
+        None, description="On a failed agent turn of a Python target: the agent's own traceback frames, outermost "
+                          "first, as 'path/relative/to/root.py:42 in function' (convsim, stdlib and site-packages left "
+                          "out).")
 
     def to_openai(self) -> dict[str, Any]:
         """The plain chat-completions dict the agent under test receives (content null only beside tool calls)."""

@@ -96,7 +96,8 @@ class ConversationRunner:
             try:
                 reply = await self.target.respond(session.messages, session_id=session.id, context=case.context)
             except AgentError as e:
-                await self._record(session, Message(role="assistant", content=None, turn=turn, error=str(e)), turn)
+                await self._record(session, Message(role="assistant", content=None, turn=turn, error=str(e),
+                                                    error_frames=e.frames or None), turn)
                 return await self._finish(session, StopReason.AGENT_ERROR, str(e))
             for i, m in enumerate(reply.messages):
                 m.turn = turn

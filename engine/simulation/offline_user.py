@@ -70,30 +70,115 @@ def as_user_speech(step: str) -> str:
     return f"I'd like to {text[0].lower() + text[1:]}."
 
 
+_WORD = re.compile(r"[a-z0-9]+")
+_STOP = {"the", "a", "an", "to", "of", "and", "or", "i", "my", "you", "your", "is", "it", "for", "me", "with",
+         "can", "could", "would", "like", "hello", "hi", "please", "do", "that", "whether", "if", "help", "about"}
+
+# What an agent may ask for -> how to find it in the goal / context (the value is group 1).
+_DETAILS: list[tuple[str, re.Pattern[str], re.Pattern[str], str]] = [
+    ("order number", re.compile(r"(?i)\border\s*(?:number|no\.?|id|#)"),
+     re.compile(r"(?i)\border\s*(?:number|no\.?|id|#)?\s*(?:is\s*)?#?\s*([A-Z0-9][A-Z0-9-]*\d[A-Z0-9-]*)"), "order"),
+    ("booking reference", re.compile(r"(?i)\b(?:booking|reservation|confirmation)\s*(?:reference|code|number|id|ref)"
+                                     r"|\bpnr\b"),
+     re.compile(r"(?i)\b(?:booking|reservation|confirmation|pnr)\s*(?:reference|code|number|id|ref)?\s*(?:is\s*)?#?\s*"
+                r"([A-Z0-9]*\d[A-Z0-9-]*|[A-Z]{5,8}\b)"), "booking"),
+    ("email", re.compile(r"(?i)\be-?mail"), re.compile(r"([\w.+-]+@[\w-]+(?:\.[\w-]+)+)"), "email"),
+    ("date", re.compile(r"(?i)\b(?:date|when|which day|what day)\b"),
+     re.compile(r"(?i)\b(\d{4}-\d{2}-\d{2}|\d{1,2}/\d{1,2}(?:/\d{2,4})?|(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|"
+                r"dec)[a-z]*\.? \d{1,2}(?:st|nd|rd|th)?|\d{1,2}(?:st|nd|rd|th)? (?:of )?(?:jan|feb|mar|apr|may|jun|jul|"
+                r"aug|sep|oct|nov|dec)[a-z]*)\b"), "date"),
+    ("amount", re.compile(r"(?i)\b(?:amount|how much|price|total)\b"),
+     re.compile(r"((?:[$\u20ac\u00a3]\s?\d[\d,]*(?:\.\d+)?)|\b\d[\d,]*(?:\.\d+)? ?(?:usd|eur|gbp|dollars|euros|pounds)\b)", re.I),
+     "amount"),
+    ("name", re.compile(r"(?i)\byour (?:full )?name\b|\bwho am i speaking|\bmay i have your name"),
+     re.compile(r"(?i)(?:introduce yourself as|your name is|named|called|my name is)\s+([A-Z][\w-]*(?: [A-Z][\w-]*)?)"),
+     "name"),
+]
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower()) if w not in _STOP and len(w) > 1}
+
+
+def _covered(step: str, said: list[str]) -> bool:
+    """The step was already said: its speech is in an earlier user message, or most of its content words are."""
+    speech = as_user_speech(step)
+    text = " ".join(_WORD.findall(speech.lower()))
+    if text and any(text in " ".join(_WORD.findall(m.lower())) for m in said):
+        return True
+    want_core = _words(speech)
+    if not want_core:
+        return False
+    return any(len(want_core & _words(m)) >= max(1, 0.6 * len(want_core)) or
+               len((want_core | _words(step)) & _words(m)) >= max(2, 0.6 * len(_words(step))) for m in said)
+
+
+def _context_value(context: dict, key: str) -> str | None:
+    for k, v in (context or {}).items():
+        if isinstance(v, (str, int, float)) and not isinstance(v, bool) and key in k.lower().replace("_", " "):
+            return str(v)
+    return None
+
+
+def requested_detail(question: str, goal: str, context: dict) -> tuple[str, str] | None:
+    """(what, value) when the agent's message asks for a detail the goal or the context holds."""
+    if "?" not in question and not re.search(r"(?i)\b(?:please (?:provide|share|give|tell)|could you|can you)\b",
+                                             question):
+        return None
+    for what, asks, find, key in _DETAILS:
+        if not asks.search(question):
+            continue
+        value = _context_value(context, key) or _context_value(context, what)
+        if value is None:
+            m = find.search(goal)
+            value = m.group(1) if m else None
+        if value is None:
+            for v in (context or {}).values():
+                m = find.search(v) if isinstance(v, str) else None
+                if m:
+                    value = m.group(1)
+                    break
+        if value:
+            return what, value
+    return None
+
+
 def offline_user_turn(context: SimulatorContext) -> UserTurn:
     """A deterministic user: says the goal one sentence per turn, then judges the final answer.
 
     Sentences of the goal that state the expected outcome ("You are satisfied once ...")
-    are not said. An unhelpful reply mid-goal is passed over, as a user moves on to
-    their next question; an unhelpful final answer gets one retry (an "If it refuses,
-    ..." sentence when the goal has one), then the user gives up. A helpful final
-    answer counts as the goal achieved. No model and no
-    randomness: the same conversation gives the same move. Persona and guidelines are
-    ignored (they need a model to interpret).
+    are not said. A goal step already said (by a scripted turn or an earlier message) is
+    not said again: after scripted turns the user goes on from where the conversation
+    stands. When the agent's last message asks for a detail the goal or the test case
+    context holds (an order number, a booking reference, a date, an email, an amount,
+    a name) and the user has not given it yet, the next message gives it. An unhelpful reply mid-goal is passed over, as
+    a user moves on to their next question; an unhelpful final answer gets one retry
+    (an "If it refuses, ..." sentence when the goal has one), then the user gives up. A
+    helpful final answer counts as the goal achieved. No model and no randomness: the
+    same conversation gives the same move. Persona and guidelines are ignored (they
+    need a model to interpret).
     """
     steps = goal_steps(context.goal) or [context.goal]
     conditional = [s for s in steps if _CONDITION.match(s)]
     to_say = [s for s in steps if not _OUTCOME.match(s) and not _CONDITION.match(s)] or steps[:1]
-    sent = [m.content or "" for m in context.messages if m.role == "user" and not m.scripted]
-    said = sum(1 for s in sent if not s.startswith(RETRY_PREFIX))
+    users = [m for m in context.messages if m.role == "user"]
+    sent = [m.content or "" for m in users]
+    plain = [s for s in sent if not s.startswith(RETRY_PREFIX)]
+    remaining = [s for s in to_say if not _covered(s, plain)]
     last = context.last_assistant_response or ""
-    if context.messages and _UNHELPFUL.search(last) and said >= len(to_say):
+    if context.messages and last:
+        detail = requested_detail(last, context.goal, context.test_case.context)
+        # A detail the user already gave is not given again: the agent asking twice is the agent forgetting.
+        if detail and not any(detail[1].lower() in m.lower() for m in sent):
+            what, value = detail
+            return UserTurn(message=f"My {what} is {value}.", reason=f"the assistant asked for the {what}")
+    if context.messages and _UNHELPFUL.search(last) and not remaining:
         if sent and sent[-1].startswith(RETRY_PREFIX):
             return UserTurn(end_conversation=True, reason="the assistant still could not help after a retry (heuristic)")
-        again = conditional[0] if conditional else to_say[max(said - 1, 0)]
+        again = conditional[0] if conditional else to_say[-1]
         return UserTurn(message=f"{RETRY_PREFIX} {as_user_speech(again)}", reason="the reply did not help; asking again")
-    if said < len(to_say):
-        speech = as_user_speech(to_say[said])
+    if remaining:
+        speech = as_user_speech(remaining[0])
         opener = "Hello! " if not context.messages and not speech.startswith("Hi") else ""
         return UserTurn(message=opener + speech, reason="next part of the goal")
     return UserTurn(goal_achieved=True, reason="every part of the goal was raised and answered (heuristic)")

@@ -22,7 +22,9 @@ import inspect
 import json
 import os
 import re
+import sysconfig
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,6 +215,7 @@ class PythonTarget(Target):
 
     def __init__(self, spec: TargetSpec, *, workspace: Workspace):
         self.spec = spec
+        self._roots = workspace.roots
         self.fn = workspace.load_callable(spec.path or "", what="agent")
         self._is_async = inspect.iscoroutinefunction(self.fn) or inspect.iscoroutinefunction(
             getattr(self.fn, "__call__", None)
@@ -268,7 +271,8 @@ class PythonTarget(Target):
         except (anyio.get_cancelled_exc_class(), AgentError):
             raise
         except Exception as e:
-            raise AgentError(f"{type(e).__name__}: {e}", kind="exception") from e
+            raise AgentError(f"{type(e).__name__}: {e}", kind="exception",
+                             frames=agent_frames(e, self._roots)) from e
 
 
 # --- HTTP ---------------------------------------------------------------------------------------
@@ -320,7 +324,8 @@ class _HTTPTarget(Target):
             raise AgentError(f"could not reach the agent at {url}: {type(e).__name__}: {e}", kind="http") from e
         text = raw.decode(resp.encoding or "utf-8", errors="replace")
         if resp.status_code >= 400:
-            raise AgentError(f"agent returned HTTP {resp.status_code}: {_excerpt(text)}", kind="http")
+            raise AgentError(f"agent returned HTTP {resp.status_code}: {_excerpt(text)}", kind="http",
+                             status=resp.status_code)
         content_type = resp.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type and "json" not in content_type:
             raise AgentError(f"agent replied {content_type}, expected JSON (application/json): "
@@ -569,8 +574,37 @@ def _bounded(messages: list[Message]) -> list[Message]:
     return messages
 
 
+MAX_ERROR_FRAMES = 8  # the agent's innermost frames kept on a crash
+
+
+def agent_frames(error: BaseException, roots: tuple[Path, ...]) -> list[str]:
+    """The agent's own frames of `error`'s traceback, outermost first, as "path/in/root.py:42 in respond".
+
+    Only files under a workspace root count, named relative to it; convsim's own files, site-packages and
+    the standard library are left out. Redacted like every other text. At most MAX_ERROR_FRAMES (innermost).
+    """
+    engine_dir = Path(__file__).resolve().parents[1]
+    skip = [engine_dir, engine_dir.parent / "convsim_mcp"]
+    skip += [Path(p).resolve() for p in {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib")} if p]
+    frames: list[str] = []
+    for fs in traceback.extract_tb(error.__traceback__):
+        try:
+            file = Path(fs.filename).resolve()
+        except (OSError, ValueError):
+            continue
+        if "site-packages" in file.parts or "dist-packages" in file.parts:
+            continue
+        if any(file == s or s in file.parents for s in skip):
+            continue
+        root = next((r for r in roots if r in file.parents), None)
+        if root is None:
+            continue
+        frames.append(secrets.redact(f"{file.relative_to(root).as_posix()}:{fs.lineno} in {fs.name}"))
+    return frames[-MAX_ERROR_FRAMES:]
+
+
 def _excerpt(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
+    text = secrets.redact(" ".join(text.split()))
     return text if len(text) <= limit else text[:limit] + "..."
 
 
