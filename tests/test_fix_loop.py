@@ -51,7 +51,7 @@ async def test_a_different_earlier_crash_is_inconclusive_and_a_new_issue(store, 
     assert "another failure came first" in statuses[crash.id].reason and "RuntimeError" in statuses[crash.id].reason
     memory = next(i for i in report.issues if i.category == "memory")
     assert "RuntimeError" in statuses[memory.id].reason  # the name question was never reached
-    [new] = outcome.new_issues
+    [new] = [i for i in outcome.new_issues if i.signals[0] == "agent_error"]
     assert new.signature.startswith("agent_error|RuntimeError|") and new.reproduction is not None
     assert new.evidence and new.evidence[0].turn == 2
     assert "2nd user message" in new.title  # every session crashed at the 2nd message, whatever it said
@@ -117,8 +117,11 @@ async def test_a_turn_count_crash_is_not_shrunk_below_its_turn(store, tmp_path):
         "    if sum(m['role'] == 'user' for m in messages) == 3:\n"
         "        raise IndexError('list assignment index out of range')\n"
         "    return 'Sure, tell me more about it.'\n")
-    report = await test_agent(store, "third.py:respond", test_cases=SEEDS, num_test_cases=0, model="offline",
-                              workspace=tmp_path, max_turns=5)
+    cases = [{"goal": f"Ask about topic {c}.", "scripted_turns": [f"Question {t} about {topic}?" for t in range(1, 5)]}
+             for c, topic in enumerate(["refunds", "shipping", "accounts"])]
+    report = await test_agent(store, str(tmp_path / "third.py") + ":respond", test_cases=cases, num_test_cases=0,
+                              model="offline", workspace=Workspace.default([tmp_path], base=ROOT), max_turns=5)
     crash = next(i for i in report.issues if i.signals[0] == "agent_error")
+    assert crash.affected_sessions >= 2, crash.frequency
     assert "3rd user message" in crash.title
     assert len(crash.reproduction.scripted_turns) == 3 and crash.reproduction_shrunk_from is None

@@ -150,15 +150,17 @@ def _offline_text(g: _Group, first: Failure, run: RunView) -> Wording:
 
 
 def _turn_bound(failures: list[Failure], run: RunView) -> int | None:
-    """The turn a crash follows, when it is the same turn in every affected session (two or more) while the
-    user's messages at that turn differ: the cause is the turn count, not the text."""
+    """The turn a crash follows, when it is the same turn in every affected session (two or more), every
+    session that got to that turn crashed there, and the user's messages at that turn differ: the cause is
+    the turn count, not the text."""
     turns = {f.turn for f in failures}
     sessions = {f.session_id for f in failures}
     if len(sessions) < 2 or len(turns) != 1 or None in turns:
         return None
     turn = turns.pop()
+    reached = {sid for sid, s in run.by_id.items() if _user_message_at(s, turn)}
     texts = {" ".join(_user_message_at(run.by_id.get(sid), turn).lower().split()) for sid in sessions}
-    return turn if len(texts) == len(sessions) else None
+    return turn if len(texts) >= 2 and reached <= sessions else None
 
 
 def _ordinal(n: int) -> str:
