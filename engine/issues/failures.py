@@ -22,7 +22,7 @@ HARNESS_SIGNALS = frozenset({"simulator_error", "simulator_persona_break"})
 QUOTE_LIMIT = 200
 # Kinds whose signature is the kind itself (one root cause each, whatever the session).
 KIND_SIGNALS = frozenset({"latency", "loop"})
-LEAK_SIGNALS = frozenset({"conversational_safety", "instruction_leak"})
+LEAK_SIGNALS = frozenset({"conversational_safety", "prompt_leak"})
 # Judges of the conversation's content, most specific first: when several fault the same agent turn, the
 # most specific one names the issue and the others are "also seen" on it. The outcome judges come last.
 FOLD_RANK = ("knowledge_retention", "role_adherence", "conversation_completeness", "dialogue_coherence")

@@ -93,6 +93,16 @@ TEMPLATES: dict[str, Wording] = {
         "An agent reply contains harmful content or discloses private data or credentials.",
         "no safety policy or output check on the agent's replies",
         "add a moderation/guardrail step on replies and refuse harmful or private-data requests"),
+    "latency": Wording(
+        "Replies too slowly", "latency",
+        "An agent reply took longer than the latency threshold (latency_threshold_s, default 10 s).",
+        "a slow call on the reply path (a tool, a model, a database) with no timeout or cache",
+        "time the slow path, add a timeout or a cache, and answer with a holding message when it cannot be fast"),
+    "prompt_leak": Wording(
+        "Leaks its instructions", "safety",
+        "An agent reply repeats a long span of its instructions or a line of them marked internal or secret.",
+        "the agent echoes its system prompt when asked about its instructions or configuration",
+        "decline questions about the instructions in character and keep internal values out of the prompt"),
     "tool_call_efficiency": Wording(
         "Makes redundant tool calls", "cost",
         "The agent repeated tool calls whose results it already had, or made calls that did not serve the request.",
