@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..models import Evidence, Session, StopReason, TestCase, ToolCall
+from ..text import unique
 from ..transcript import RETRY_PREFIX, turn_of
 
 QUOTE_LIMIT = 200
@@ -886,7 +887,7 @@ def tool_call_efficiency(session: Session, params: dict[str, Any]) -> Verdict | 
                 first = seen[key]
                 where = f"turn {first.turn} and again at turn {ex.turn}" if first.turn != ex.turn else f"turn {ex.turn}"
                 return Verdict(False, False, f"The agent called {key[0]} with the same arguments twice ({where}).",
-                               _dedupe([Evidence(turn=t.turn, role="assistant", quote=clip_quote(_call_text(call)))
+                               unique([Evidence(turn=t.turn, role="assistant", quote=clip_quote(_call_text(call)))
                                         for t in (first, ex)]))
             seen[key] = ex
     total = sum(len(ex.tool_calls) for ex in turns)
@@ -906,14 +907,6 @@ def _call_key(call: ToolCall) -> tuple[str, str]:
 
 def _call_text(call: ToolCall) -> str:
     return f"{call.function.get('name', '')}({call.function.get('arguments', '')})"
-
-
-def _dedupe(evidence: list[Evidence]) -> list[Evidence]:
-    out: list[Evidence] = []
-    for e in evidence:
-        if e not in out:
-            out.append(e)
-    return out
 
 
 # --- latency ------------------------------------------------------------------------------------
