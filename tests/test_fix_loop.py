@@ -107,6 +107,8 @@ async def test_offline_reproductions_are_shrunk_to_the_turns_the_failure_needs(s
     crash = next(i for i in report.issues if i.signals[0] == "agent_error")
     assert crash.reproduction_shrunk_from and len(crash.reproduction.scripted_turns) < crash.reproduction_shrunk_from
     assert "gift card" in " ".join(crash.reproduction.scripted_turns).lower()
+    _, markdown = await store.get_report(report.run_id)
+    assert f"shrunk from {crash.reproduction_shrunk_from} to {len(crash.reproduction.scripted_turns)}" in markdown
     outcome = await rerun_issues(store, report.run_id, issue_id=crash.id, workspace=ROOT)
     assert outcome.issues[0].status == "reproduces"  # the shrunk case still fails the same way
 

@@ -184,6 +184,7 @@ def test_the_digest_carries_each_issues_repro_and_three_evidence_items():
     digest = compact_result(report(THREE), resources={})
     first = digest.issues[0]
     assert first.reproduction.model_dump() == {"id": "ISS-00000002-repro", "goal": "Tell it your name.",
-                                               "scripted_turns": ["I'm Dana.", "Do you remember me?"]}
+                                               "scripted_turns": ["I'm Dana.", "Do you remember me?"],
+                                               "shrunk_from": None}
     assert [(e.session_id, e.turn) for e in first.evidence_items] == [
         ("sim-ISS-00000002-0", 2), ("sim-ISS-00000002-1", 3), ("sim-ISS-00000002-2", 4)]

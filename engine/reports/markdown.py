@@ -189,7 +189,9 @@ def _issue_block(issue: Issue) -> str:
         lines += [f"  - {_evidence(e)}" for e in issue.evidence[:MAX_EVIDENCE_SHOWN]]
     if issue.reproduction:
         repro = issue.reproduction
-        lines += ["", f"Reproduce with this test case (`{repro.id}`):", "", _reproduction(repro)]
+        shrunk = (f" It was shrunk from {issue.reproduction_shrunk_from} to {len(repro.scripted_turns)} user turns."
+                  if issue.reproduction_shrunk_from else "")
+        lines += ["", f"Reproduce with this test case (`{repro.id}`):{shrunk}", "", _reproduction(repro)]
     return "\n".join(lines)
 
 
@@ -239,6 +241,7 @@ class ReproDigest(BaseModel):
     id: str | None = None
     goal: str
     scripted_turns: list[str] = Field(default_factory=list)
+    shrunk_from: int | None = Field(None, description="Scripted user turns before the repro was shrunk, if it was.")
 
 
 class IssueDigest(BaseModel):
@@ -315,7 +318,8 @@ def _digest(issue: Issue) -> IssueDigest:
                        evidence=issue.evidence[0] if issue.evidence else None,
                        suggested_fix=issue.suggested_fix, source=issue.source, signature=issue.signature,
                        also_seen=list(issue.also_seen), evidence_items=issue.evidence[:DIGEST_EVIDENCE],
-                       reproduction=ReproDigest(id=r.id, goal=r.goal, scripted_turns=list(r.scripted_turns))
+                       reproduction=ReproDigest(id=r.id, goal=r.goal, scripted_turns=list(r.scripted_turns),
+                                                 shrunk_from=issue.reproduction_shrunk_from)
                        if (r := issue.reproduction) else None)
 
 
