@@ -127,3 +127,10 @@ async def test_a_turn_count_crash_is_not_shrunk_below_its_turn(store, tmp_path):
     assert crash.affected_sessions >= 2, crash.frequency
     assert "3rd user message" in crash.title
     assert len(crash.reproduction.scripted_turns) == 3 and crash.reproduction_shrunk_from is None
+
+
+async def test_a_python_crash_points_at_the_agents_own_line(store):
+    report = await seeded_run(store)
+    crash = next(i for i in report.issues if i.signals[0] == "agent_error")
+    assert "raised at examples/support_agent.py:" in crash.suspected_cause
+    assert "engine/" not in crash.suspected_cause and "site-packages" not in crash.suspected_cause

@@ -188,9 +188,21 @@ def _crash_text(f: Failure, run: RunView, n: int, example: str, bound: int | Non
     else:
         title = f'{verb} on "{_first_words(asked)}": {label}' if asked else f"{verb} with {label}"
     cause, fix = _crash_cause(kind, label, f.quote)
+    frames = _agent_frames(run.by_id.get(f.session_id), f.turn)
+    if frames:  # the agent's own code, innermost last: where the assistant should look first
+        cause += f" (raised at {frames[-1]}; called from {', '.join(frames[-3:-1])})" if len(frames) > 1 \
+            else f" (raised at {frames[-1]})"
     description = (f"The agent call failed with {label} in {n} of {run.total} sessions, each time at the turn "
                    f"in the evidence; the conversation could not go on. {example}")
     return Wording(title, "robustness", description, cause, fix)
+
+
+def _agent_frames(session: Session | None, turn: int | None) -> list[str]:
+    """The agent's own traceback frames recorded on the failed reply at `turn` ("file:line in func")."""
+    if session is None:
+        return []
+    return next((list(m.error_frames or []) for m, t in zip(session.messages, turn_numbers(session))
+                 if m.error and (turn is None or t == turn)), [])
 
 
 # Crash kind -> (suspected cause, suggested fix); "{kind}", "{label}" and "{message}" are filled in.
