@@ -121,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     ta.add_argument("--repeats", type=int, default=1)
     ta.add_argument("--concurrency", type=int, default=8)
     ta.add_argument("--no-ask-agent", action="store_true", help="do not ask the agent to describe itself")
+    ta.add_argument("--shrink", action=argparse.BooleanOptionalAction, default=None,
+                    help="shrink each issue's reproducing case (default: on when user and judge are offline)")
     ta.add_argument("--report", help="write the Markdown report here")
     ta.add_argument("--json", dest="json_path", help="write the full report as JSON here")
     ta.add_argument("--fail-on", choices=["high", "medium", "low"],
@@ -317,7 +319,7 @@ def _demo(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(target=target, description=None, cases=str(cases), num_test_cases=5, guidance=None,
                             adversarial=0.0, max_turns=args.max_turns, model=model, user_model=None,
                             judge_model=None, generator_model=None, scorers=None, repeats=1, concurrency=8,
-                            no_ask_agent=False, report=args.report, json_path=None, fail_on=None, db=args.db,
+                            no_ask_agent=False, shrink=None, report=args.report, json_path=None, fail_on=None, db=args.db,
                             root=[*args.root, str(EXAMPLES)], allow_untested=0.0)
     return _test_agent(ns)
 
@@ -330,7 +332,8 @@ def _test_agent(args: argparse.Namespace) -> int:
         num_test_cases=args.num_test_cases, guidance=args.guidance, adversarial=args.adversarial,
         max_turns=args.max_turns, repeats=args.repeats, concurrency=args.concurrency, scorers=args.scorers,
         model=args.model, user_model=args.user_model, judge_model=args.judge_model,
-        generator_model=args.generator_model, ask_agent=not args.no_ask_agent, workspace=_workspace(args),
+        generator_model=args.generator_model, ask_agent=not args.no_ask_agent, shrink=args.shrink,
+        workspace=_workspace(args),
     ))
     bar.close()
     _, markdown = anyio.run(lambda: store.get_report(report.run_id))

@@ -286,6 +286,9 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
                                                          "tool_call_efficiency.")] = None,
         repeats: Annotated[int, Field(description="Run each case this many times (finds intermittent issues).")] = 1,
         concurrency: Annotated[int, Field(description="Conversations at the same time.")] = 8,
+        shrink: Annotated[bool | None, Field(description="Shrink each issue's reproducing case to the user turns "
+                                                         "it needs (replays; default: on when the user and judge "
+                                                         "are offline, off with a model since replays cost calls).")] = None,
         wait: Annotated[bool, Field(description="true: return the issues when done (progress per stage and turn). "
                                                 "false: return the run id at once; poll get_run, then get_report.")] = True,
     ) -> TestAgentResult:
@@ -299,7 +302,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
             store, target, description=description, test_cases=test_cases, num_test_cases=num_test_cases,
             guidance=guidance, adversarial=adversarial, max_turns=max_turns, repeats=repeats,
             concurrency=concurrency, scorers=scorers, model=model, user_model=user_model,
-            judge_model=judge_model, generator_model=generator_model, workspace=workspace,
+            judge_model=judge_model, generator_model=generator_model, shrink=shrink, workspace=workspace,
         )
         if not wait:
             registry.start(job)

@@ -134,3 +134,9 @@ async def test_a_python_crash_points_at_the_agents_own_line(store):
     crash = next(i for i in report.issues if i.signals[0] == "agent_error")
     assert "raised at examples/support_agent.py:" in crash.suspected_cause
     assert "engine/" not in crash.suspected_cause and "site-packages" not in crash.suspected_cause
+
+
+async def test_shrink_can_be_turned_off(store):
+    report = await test_agent(store, AGENT, test_cases=SEEDS, num_test_cases=0, model="offline", workspace=ROOT,
+                              max_turns=6, shrink=False)
+    assert all(i.reproduction_shrunk_from is None for i in report.issues)
