@@ -140,3 +140,11 @@ async def test_shrink_can_be_turned_off(store):
     report = await test_agent(store, AGENT, test_cases=SEEDS, num_test_cases=0, model="offline", workspace=ROOT,
                               max_turns=6, shrink=False)
     assert all(i.reproduction_shrunk_from is None for i in report.issues)
+
+
+async def test_rerun_repeats_out_of_range_is_a_clear_error(store):
+    report = await seeded_run(store)
+    with pytest.raises(Exception, match="repeats"):
+        await rerun_issues(store, report.run_id, repeats=0, workspace=ROOT)
+    with pytest.raises(Exception, match="repeats"):
+        await rerun_issues(store, report.run_id, repeats=10**6, workspace=ROOT)

@@ -27,7 +27,7 @@ from ..simulation import load_user_class, redacted_spec, resolve_target
 from ..store import Store, new_run_id
 from ..transcript import turn_numbers
 from ..workspace import WorkspaceArg, as_workspace
-from ._shared import ProgressFn
+from ._shared import MAX_REPEATS, ProgressFn, check_range
 from .simulation import SimulationJob
 
 CLEAN_RUNS_FOR_INTERMITTENT = 3  # clean re-runs before an issue seen in only some sessions counts as fixed
@@ -78,6 +78,8 @@ async def rerun_issues(
     `repeats` defaults to the run's; when an issue was intermittent it is raised to
     CLEAN_RUNS_FOR_INTERMITTENT so that "fixed" rests on enough clean sessions.
     """
+    if repeats is not None:
+        check_range("repeats", repeats, 1, MAX_REPEATS)
     report, _ = await store.get_report(run_id)
     run = await store.get_run(run_id)
     issues = report.issues
