@@ -86,6 +86,9 @@ def test_a_session_that_ended_before_the_failing_turn_is_not_fixed():
     assert short.status == "inconclusive" and "before turn 3" in short.reason
     spoiled = _check(issue, [_session("b", 1, stop=StopReason.SIMULATOR_ERROR)], [], {("ISS-1", 0): 3})
     assert spoiled.status == "inconclusive" and "simulated user failed" in spoiled.reason
+    # a session whose simulated user broke role reached the turn, but proves nothing
+    broke_role = _check(issue, [_session("c", 4)], [], {("ISS-1", 0): 3}, spoiled={"c"})
+    assert broke_role.status == "inconclusive" and "simulated user failed" in broke_role.reason
 
 
 def test_the_same_signature_at_any_turn_reproduces():

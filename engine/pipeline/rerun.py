@@ -22,7 +22,7 @@ from ..errors import CouldNotTest, InvalidOption, InvalidTarget
 from ..issues import Failure, collect_failures, discover_issues, primary_causes, untestable_sessions
 from ..judging import DEFAULT_SCORERS, parse_scorers
 from ..llm import LLM, resolve_llm
-from ..models import Issue, RunStatus, Session, StopReason, TargetSpec
+from ..models import Issue, RunStatus, Session, TargetSpec
 from ..simulation import load_user_class, redacted_spec, resolve_target
 from ..store import Store, new_run_id
 from ..transcript import turn_numbers
@@ -31,7 +31,6 @@ from ._shared import MAX_REPEATS, ProgressFn, check_range
 from .simulation import SimulationJob
 
 CLEAN_RUNS_FOR_INTERMITTENT = 3  # clean re-runs before an issue seen in only some sessions counts as fixed
-UNTESTABLE_STOPS = frozenset({StopReason.SIMULATOR_ERROR})
 
 Status = Literal["reproduces", "fixed", "inconclusive"]
 
@@ -136,7 +135,7 @@ async def rerun_issues(
     spoiled = untestable_sessions(sessions, everything)
     failures = primary_causes([f for f in everything if f.session_id not in spoiled])
     checks = [_check(issue, [s for s in sessions if s.case_index in case_of.get(issue.id, [])], failures,
-                     failing_turn) for issue in issues]
+                     failing_turn, spoiled) for issue in issues]
     known = {i.signature for i in report.issues + report.simulator_issues}
     found, _ = await discover_issues(sessions, assessments, judge_llm)
     new_issues = [i for i in found if i.source == "agent" and i.signature not in known]
@@ -153,7 +152,10 @@ def _failing_turn(issue: Issue, case_index: int | None, index_of: dict[str, int]
 
 
 def _check(issue: Issue, sessions: list[Session], failures: list[Failure],
-           failing_turn: dict[tuple[str, int], int]) -> IssueCheck:
+           failing_turn: dict[tuple[str, int], int], spoiled: set[str] | None = None) -> IssueCheck:
+    """`spoiled`: the sessions that cannot test the agent (`untestable_sessions`); by default worked out here."""
+    if spoiled is None:
+        spoiled = untestable_sessions(sessions, failures)
     ids = sorted(s.id for s in sessions)
     check = dict(id=issue.id, title=issue.title, severity=issue.severity, sessions=ids)
     by_session: dict[str, list[Failure]] = {}
@@ -170,7 +172,7 @@ def _check(issue: Issue, sessions: list[Session], failures: list[Failure],
     clean, blocked = 0, []
     for s in sessions:
         turn = failing_turn.get((issue.id, s.case_index), 1)
-        why = _not_reached(s, turn, by_session.get(s.id, []))
+        why = _not_reached(s, turn, by_session.get(s.id, []), spoiled=s.id in spoiled)
         if why:
             blocked.append(why)
         else:
@@ -191,10 +193,10 @@ def _check(issue: Issue, sessions: list[Session], failures: list[Failure],
                              f"{clean} ran clean (pass repeats={needed})")
 
 
-def _not_reached(session: Session, turn: int, failures: list[Failure]) -> str | None:
+def _not_reached(session: Session, turn: int, failures: list[Failure], *, spoiled: bool) -> str | None:
     """Why `session` never got to `turn` with an answer from the agent, or None when it did."""
-    if session.stop_reason in UNTESTABLE_STOPS:
-        return f"the simulated user failed ({session.stop_detail or 'simulator_error'})"
+    if spoiled:  # the simulated user failed or broke its role: nothing this session did counts
+        return f"the simulated user failed ({session.stop_detail or 'it broke its role'})"
     answered = {t for m, t in zip(session.messages, turn_numbers(session)) if m.role == "assistant" and not m.error}
     if any(t >= turn for t in answered):
         return None
