@@ -220,3 +220,28 @@ async def test_a_literal_header_secret_is_never_stored_and_must_be_passed_again(
     assert job.inner.target.spec.headers == {"Authorization": "Bearer ${AGENT_TOKEN}"}
     with pytest.raises(InvalidOption, match="still running"):  # taken back by this process now
         await prepare_resume(store, ref.run_id)
+
+
+@pytest.mark.anyio
+async def test_a_test_agent_run_stopped_before_its_cases_existed_resumes_from_generation(store):
+    from engine.pipeline.agent_test import prepare_agent_test
+
+    job = await prepare_agent_test(store, AGENT, test_cases=CASES[:1], num_test_cases=1, max_turns=2, model="offline",
+                                   scorers=["goal_achievement"])
+    await store.finish_run(job.run_id, RunStatus.CANCELLED, "cancelled")  # before describe/generate ran
+    resumed = await prepare_resume(store, job.run_id)
+    assert (resumed.continued, resumed.restarted, resumed.kept) == (0, 0, 0)
+    report = await resumed.run()
+    assert report.run_id == job.run_id and len(report.sessions) == 2 and report.test_set_id
+    run = await store.get_run(job.run_id)
+    assert run["status"] == "completed" and run["resumed"] == 1
+    assert run["options"]["test_set_id"] == report.test_set_id
+
+
+@pytest.mark.anyio
+async def test_a_failed_run_is_not_resumed(store):
+    job = await prepare_simulation(store, AGENT, CASES[:1], model="offline")
+    await store.finish_run(job.run_id, RunStatus.FAILED, "boom")
+    with pytest.raises(InvalidOption, match="only an interrupted or cancelled run can be resumed"):
+        await prepare_resume(store, job.run_id)
+    assert (await store.get_run(job.run_id))["resumed"] == 0

@@ -70,13 +70,13 @@ class ResumeJob:
                 await self.store.finish_session(s)
             for s in self.unscored:
                 await score_one(self.store, s, self.scorers, self.judge_llm)
-        except BaseException as e:  # before the original job took over: leave the run resumable again
+        except BaseException as e:  # before the original job took over: end the run (a cancel leaves it resumable)
+            cancelled = isinstance(e, anyio.get_cancelled_exc_class())
             with anyio.CancelScope(shield=True):
                 for s in self.inner.sessions or []:
                     if s.stop_reason is None:
                         s.stop_reason, s.stop_detail = StopReason.CANCELLED, "the resume was stopped"
                         await self.store.finish_session(s)
-                cancelled = isinstance(e, anyio.get_cancelled_exc_class())
                 await self.store.finish_run(self.run_id, RunStatus.CANCELLED if cancelled else RunStatus.FAILED,
                                             "cancelled; completed turns are kept" if cancelled
                                             else f"{type(e).__name__}: {e}")
