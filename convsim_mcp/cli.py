@@ -8,7 +8,7 @@
     convsim-mcp generate [--description D] [--target T] [--from-run RUN_ID | --file F] [-o cases.yaml]
     convsim-mcp simulate TARGET CASES_FILE [--max-turns N --model M --concurrency N --repeats N]
     convsim-mcp score (RUN_ID | --file FILE | --session ID ...) [--scorer NAME ...] [--model M]
-    convsim-mcp runs list | show RUN_ID | export RUN_ID [-o FILE] | import FILE
+    convsim-mcp runs list | show RUN_ID | export RUN_ID [-o FILE] | import FILE | resume RUN_ID
     convsim-mcp demo
 
 Results go to stdout, progress and logs to stderr (with `serve --transport
@@ -43,6 +43,7 @@ from engine import secrets
 from engine.models import SEVERITY_ORDER, ScorerSummary
 from engine.pipeline import describe_target, run_summary, score_sessions, simulate
 from engine.pipeline.agent_test import test_agent
+from engine.pipeline.resume import resume
 from engine.pipeline.rerun import rerun_issues, rerun_json
 from engine.pipeline.generation import build_test_set, export_test_set
 from engine.text import one_line
@@ -196,6 +197,19 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", help="file to write (default stdout)")
     export.add_argument("--db")
     export.set_defaults(func=_runs_export)
+    res = runs.add_parser("resume", help="continue an interrupted or cancelled run from its last stored turns")
+    res.add_argument("run_id")
+    res.add_argument("--target", help="the agent again, when its stored spec had a secret masked (a literal header "
+                                      "value): pass it with ${VAR} references")
+    res.add_argument("--json", dest="json_path", help="write the summary (simulate) or the full report (test_agent) "
+                                                      "as JSON here")
+    res.add_argument("--report", help="test_agent: write the Markdown report here")
+    res.add_argument("--fail-on", choices=["high", "medium", "low"],
+                     help="test_agent: exit 1 when an agent issue of this severity or worse is found")
+    _add_allow_untested(res)
+    res.add_argument("--db")
+    _add_root(res)
+    res.set_defaults(func=_runs_resume)
     imp = runs.add_parser("import", help="store sessions from a JSONL file as a new run")
     imp.add_argument("file")
     imp.add_argument("--db")
@@ -449,6 +463,32 @@ def _runs_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs_resume(args: argparse.Namespace) -> int:
+    """Finish a run as its own command would have: a simulate run's summary, a test_agent run's report."""
+    store = Store(args.db)
+    bar = ProgressBar()
+    outcome = anyio.run(lambda: resume(store, args.run_id, target=args.target,
+                                       workspace=_workspace(args), progress=bar.update))
+    bar.close()
+    if isinstance(outcome, RunSummary):
+        print(render_summary(outcome))
+        if args.json_path:
+            _write(args.json_path, outcome.model_dump_json(indent=2))
+        return _untested_exit(outcome.untested, outcome.sessions_total, args.allow_untested)
+    _, markdown = anyio.run(lambda: store.get_report(outcome.run_id))
+    print(markdown)
+    if args.report:
+        _write(args.report, markdown)
+    if args.json_path:
+        _write(args.json_path, outcome.model_dump_json(indent=2))
+    if args.fail_on:
+        worst = [i for i in outcome.issues if SEVERITY_ORDER[i.severity] <= SEVERITY_ORDER[args.fail_on]]
+        if worst:
+            print(f"{len(worst)} issue(s) at or above '{args.fail_on}': failing (--fail-on)", file=sys.stderr)
+            return EXIT_FAILED
+    return _untested_exit(outcome.untested, len(outcome.sessions), args.allow_untested)
+
+
 def _runs_import(args: argparse.Namespace) -> int:
     path = _workspace(args).resolve_file(args.file, what="file to import")
     run_id = anyio.run(lambda: Store(args.db).import_file(path, source=str(path)))
@@ -482,6 +522,8 @@ def render_summary(s: RunSummary) -> str:
     head = f"run {s.run_id}  {s.status.value}  target {s.target}  user model {s.model}"
     counts = ", ".join(f"{k} {v}" for k, v in sorted(s.stop_reasons.items())) or "none"
     lines = [head]
+    if s.resumed:
+        lines.append(f"resumed {s.resumed} time(s), last at {time.strftime('%Y-%m-%d %H:%M', time.localtime(s.resumed_at))}")
     if s.untested:
         lines.append(f"COULD NOT TEST {s.untested} of {s.sessions_total} session(s): the simulated user's or a "
                      "judge's model failed (not passes, not agent issues)")

@@ -28,6 +28,7 @@ from engine.models import AgentProfile, Issue, Report, ScoreSummary, Usage
 from engine.pipeline import describe_target, prepare_scoring, prepare_simulation, run_summary, run_uri, scores_uri, summarize_scores
 from engine.pipeline.agent_test import prepare_agent_test, report_uri
 from engine.pipeline.rerun import IssueCheck, rerun_issues
+from engine.pipeline.resume import check_run_id, prepare_resume
 from engine.pipeline.generation import build_test_set
 from engine.reports import ReportDigest, compact_result
 from engine.judging import list_builtin_scorers
@@ -44,7 +45,8 @@ convsim tests a conversational agent by playing simulated users against it.
 cases, simulates, scores and returns ranked issues with evidence and reproducing cases; after a fix, call
 rerun_issue to check whether each issue still reproduces.
 Finer steps: generate_test_cases, simulate_conversations (target = the agent, test_cases = goals and personas).
-Long runs: pass wait=false, then poll get_run; cancel_run stops a run and keeps completed turns.
+Long runs: pass wait=false, then poll get_run; cancel_run stops a run and keeps completed turns, and resume_run
+continues a cancelled or interrupted run from its last stored turns.
 Judge conversations with score_sessions (a run id, session ids, inline transcripts or a JSONL file);
 list_scorers describes the built-in judges. simulate_conversations also takes scorers to score as it goes.
 Full transcripts are resources: convsim://runs/{run_id} and convsim://runs/{run_id}/sessions/{session_id};
@@ -132,6 +134,20 @@ class RerunResult(BaseModel):
     fixed: int
     inconclusive: int
     resource: str
+
+
+class ResumeResult(BaseModel):
+    """What a resume did: how many sessions went on, restarted or were kept, and the run as it stands."""
+
+    run_id: str
+    kind: str = Field(description="simulate or test_agent.")
+    continued: int = Field(description="Sessions played on from their last stored turn.")
+    restarted: int = Field(description="Sessions that had not started, run from scratch.")
+    kept: int = Field(description="Sessions that had finished, kept as they were.")
+    run: RunSummary = Field(description="The run now (status, resumed count, stop reasons, scores); per-session "
+                                        "summaries via get_run.")
+    report: ReportDigest | None = Field(None, description="test_agent: the issues and numbers once done.")
+    note: str | None = None
 
 
 def _resources(run_id: str) -> dict[str, str]:
@@ -462,6 +478,45 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
             raise ToolError(f"run '{run_id}' is running in another process; stop that process to cancel it")
         await registry.wait(run_id)
         return await run_summary(store, run_id)
+
+    @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, openWorldHint=True))
+    @tool_errors
+    async def resume_run(
+        run_id: Annotated[str, Field(description="An interrupted (its process died) or cancelled run.")],
+        ctx: Context,
+        target: Annotated[TargetArg | None, Field(description="The agent again, only if its stored spec had a "
+                                                               "secret masked (a literal header value); default: "
+                                                               "the run's target.")] = None,
+        wait: Annotated[bool, Field(description="true: return when done. false: return at once; poll get_run "
+                                                "(and get_report for a test_agent run).")] = True,
+    ) -> ResumeResult:
+        """Continue an interrupted or cancelled run from its last stored turns, then score (and, for a test_agent
+        run, find issues and report) as the original job would. Finished sessions are kept; unfinished ones go on
+        with their stored history; sessions never started run from scratch. No completed turn is lost or
+        repeated."""
+        check_run_id(run_id)
+        if registry.is_live(run_id):
+            raise ToolError(f"run '{run_id}' is running in this server; wait for it, or cancel_run it first")
+        job = await prepare_resume(store, run_id, target=target, workspace=workspace)
+        counts = {"continued": job.continued, "restarted": job.restarted, "kept": job.kept}
+        if not wait:
+            registry.start(job)
+            return ResumeResult(run_id=run_id, kind=job.kind, **counts, run=await run_summary(store, run_id),
+                                note=f"Resuming in the background: call get_run with run_id '{run_id}' for progress"
+                                     + (", then get_report." if job.kind == "test_agent" else "."))
+        registry.start(job, on_progress=_forward(ctx))
+        try:
+            await registry.wait(run_id)
+        except anyio.get_cancelled_exc_class():
+            registry.cancel(run_id)
+            raise
+        summary = await run_summary(store, run_id)
+        report = None
+        if job.kind == "test_agent" and summary.status == RunStatus.COMPLETED:
+            full, _ = await store.get_report(run_id)
+            report = compact_result(full, resources=_resources(run_id))
+        return ResumeResult(run_id=run_id, kind=job.kind, **counts, run=summary.model_copy(update={"sessions": []}),
+                            report=report, note=summary.note)
 
     @server.resource("convsim://runs/{run_id}", mime_type="application/json",
                      description="A run: summary and every session's full transcript (JSON).")

@@ -330,6 +330,8 @@ class RunSummary(BaseModel):
     untested_sessions: list[UntestedSession] = Field(default_factory=list, description="The first of them, why.")
     usage: dict[str, Usage] = Field(default_factory=dict, description="Model usage by role.")
     error: str | None = None
+    resumed: int = Field(0, description="How many times the run was resumed after an interruption or a cancel.")
+    resumed_at: float | None = Field(None, description="When it was last resumed.")
     sessions: list[SessionSummary] = Field(default_factory=list)
     scores: list["ScorerSummary"] = Field(default_factory=list, description="Per-scorer results, when scored.")
     resource: str = Field(description="URI of the full run (all transcripts).")

@@ -95,6 +95,7 @@ EXAMPLES = {  # per tool: the whole file takes about 45 s on 2 cores (the bound 
     "get_report": 200,
     "get_run": 200,
     "cancel_run": 200,
+    "resume_run": 200,
     "list_runs": 100,
     "list_scorers": 30,
 }
@@ -496,6 +497,7 @@ GOOD_FOR_TOOL = {  # (tool, argument): what gets that tool past its first checks
     ("get_report", "run_id"): known("report_run"),
     ("rerun_issue", "run_id"): known("report_run"),
     ("cancel_run", "run_id"): st.one_of(known("running"), known("run")),
+    ("resume_run", "run_id"): st.one_of(known("running"), known("run")),
     ("test_agent", "num_test_cases"): st.integers(0, 2),
     ("test_agent", "max_turns"): st.integers(1, 2),
 }

@@ -20,7 +20,7 @@ from ..errors import CouldNotTest, InvalidOption, LLMAuthError, LLMError, RunErr
 from ..cases import describe_agent, generate_cases
 from ..issues import discover_issues
 from ..llm import LLM, resolve_llm, resolve_model
-from ..models import AgentProfile, Report, Role, RunStatus, TargetSpec, TestCase, TestSet, Usage, add_usage
+from ..models import AgentProfile, Report, Role, RunStatus, Session, TargetSpec, TestCase, TestSet, Usage, add_usage
 from ..reports import build_report, render_markdown
 from ..judging import DEFAULT_SCORERS, BuiltinJudge, Scorer, parse_scorers
 from ..simulation import SimulatedUser, load_user_class
@@ -68,6 +68,9 @@ class AgentTestJob:
     workspace: WorkspaceArg = None
     shrink: bool = False
     usage: dict[str, Usage] = field(default_factory=dict)
+    # A resume: the test set made before the interruption (its cases and profile), and the run's sessions
+    test_set: TestSet | None = None
+    sessions: list[Session] | None = None
 
     async def run(self, progress: ProgressFn | None = None) -> Report:
         started = time.time()
@@ -80,7 +83,7 @@ class AgentTestJob:
                 await progress(Progress(min(done, total), total, message))
 
         try:
-            profile: AgentProfile | None = None
+            profile: AgentProfile | None = self.test_set.profile if self.test_set else None
             cases = list(self.given_cases)
             if self.num_test_cases:
                 await stage(0, "describe: reading the agent (description, self-description, source)")
@@ -92,10 +95,12 @@ class AgentTestJob:
                     profile, self.generator_llm, num_test_cases=self.num_test_cases, guidance=self.guidance,
                     adversarial=self.adversarial))
             _give_instructions(self.scorers, profile, self.description)
-            test_set = TestSet(id=new_test_set_id(), name=f"test_agent {self.run_id}", created_at=time.time(),
+            test_set = self.test_set or TestSet(id=new_test_set_id(), name=f"test_agent {self.run_id}", created_at=time.time(),
                                cases=cases, profile=profile, sources=profile.sources if profile else ["given"],
                                offline=self.generator_llm.offline, usage=self.usage)
-            await self.store.save_test_set(test_set)
+            if self.test_set is None:
+                await self.store.save_test_set(test_set)
+                await self.store.update_run_options(self.run_id, test_set_id=test_set.id)  # what a resume plays
             await self.store.set_run_cases(self.run_id, cases, len(cases) * self.repeats)
             await stage(2, f"simulate: {len(cases) * self.repeats} conversations")
 
@@ -104,7 +109,7 @@ class AgentTestJob:
 
             simulation = SimulationJob(self.store, self.run_id, self.target, cases, self.user_llm, self.user_class,
                                        self.max_turns, self.concurrency, self.repeats, self.scorers, self.judge_llm,
-                                       finish_run=False)
+                                       finish_run=False, sessions=self.sessions)
             summary = await simulation.run(sim_progress)
             if summary.status == RunStatus.FAILED:  # e.g. a refused key: the run is already marked failed
                 raise _Stopped(summary.error or "the simulation failed")
@@ -225,6 +230,9 @@ async def prepare_agent_test(
     options = {"max_turns": max_turns, "concurrency": concurrency, "repeats": repeats, "user_agent": user_agent,
                "scorers": [s.name for s in scorer_list], "num_test_cases": num_test_cases, "guidance": guidance,
                "adversarial": adversarial, "judge_model": judge_llm.model, "generator_model": generator_llm.model}
+    options["resume"] = {"scorers": scorers, "description": description, "ask_agent": ask_agent,
+                         "introspect": introspect, "shrink": (user_llm.offline and judge_llm.offline)
+                         if shrink is None else shrink}  # what resume_run needs besides the options above
     await store.create_run(run_id=run_id, kind="test_agent", target=redacted_spec(resolved.spec), options=options,
                            model=user_llm.model, offline=user_llm.offline, test_cases=given,
                            sessions_total=(len(given) + num_test_cases) * repeats)

@@ -24,7 +24,7 @@ import anyio
 
 from ..errors import LLMAuthError
 from ..llm import LLM, resolve_llm, resolve_model
-from ..models import Message, RunStatus, RunSummary, Session, SessionSummary, StopReason, TargetSpec, TestCase
+from ..models import Message, Role, RunStatus, RunSummary, Session, SessionSummary, StopReason, TargetSpec, TestCase
 from ..judging import Scorer, parse_scorers
 from ..simulation import ConversationRunner, SessionRecorder, SimulatedUser, TurnEvent, load_user_class
 from ..store import Store, new_run_id, new_session_id
@@ -65,6 +65,8 @@ class SimulationJob:
     scorers: list[Scorer] = field(default_factory=list)
     judge_llm: LLM | None = None
     finish_run: bool = True  # False when a later stage (test_agent's report) still belongs to the run
+    # A resume: the run's stored sessions; those with a stop reason are kept, the others are played on
+    sessions: list[Session] | None = None
 
     @property
     def total_steps(self) -> int:
@@ -75,14 +77,16 @@ class SimulationJob:
         return self.llm.auth_error or (self.judge_llm.auth_error if self.judge_llm is not None else None)
 
     async def run(self, progress: ProgressFn | None = None) -> RunSummary:
-        sessions = [
-            Session(id=new_session_id(), run_id=self.run_id, case_index=i, repeat=r, test_case=case, started_at=None)
-            for i, case in enumerate(self.cases)
-            for r in range(self.repeats)
-        ]
-        for s in sessions:
-            await self.store.create_session(s)
-        steps = {s.id: 0 for s in sessions}
+        sessions = self.sessions
+        if sessions is None:
+            sessions = [
+                Session(id=new_session_id(), run_id=self.run_id, case_index=i, repeat=r, test_case=case, started_at=None)
+                for i, case in enumerate(self.cases)
+                for r in range(self.repeats)
+            ]
+            for s in sessions:
+                await self.store.create_session(s)
+        steps = {s.id: self.max_turns if s.stop_reason else min(s.turns, self.max_turns) for s in sessions}
         limiter = anyio.CapacityLimiter(self.concurrency)
         recorder = _StoreRecorder(self.store)
 
@@ -97,8 +101,11 @@ class SimulationJob:
                 if self.stopped_by():  # left for _close to end as not run
                     stop.cancel()
                     return
-                session.started_at = time.time()
-                runner = ConversationRunner(self.target, self.user_class(self.llm), self.max_turns, recorder, on_event,
+                session.started_at = session.started_at or time.time()
+                user = self.user_class(self.llm)
+                if Role.USER.value in session.usage:  # resumed: the usage of its earlier turns carries on
+                    user.usage = session.usage[Role.USER.value]
+                runner = ConversationRunner(self.target, user, self.max_turns, recorder, on_event,
                                             stopped_by=self.stopped_by)
                 await runner.run(session)
                 if self.scorers and session.stop_reason != StopReason.CANCELLED and not self.stopped_by():
@@ -110,7 +117,8 @@ class SimulationJob:
         try:
             async with anyio.create_task_group() as tg:
                 for s in sessions:
-                    tg.start_soon(play, s, tg.cancel_scope)
+                    if s.stop_reason is None:  # a resume keeps its finished sessions
+                        tg.start_soon(play, s, tg.cancel_scope)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await self._close(RunStatus.CANCELLED, "cancelled; completed turns are kept", sessions)
@@ -173,6 +181,7 @@ async def prepare_simulation(
     run_id = new_run_id()
     options = {"max_turns": max_turns, "concurrency": concurrency, "repeats": repeats, "user_agent": user_agent,
                "scorers": [sc.name for sc in scorer_list], "judge_model": judge_llm.model}
+    options["resume"] = {"scorers": scorers}  # the scorers as given (names alone lose custom judges)
     await store.create_run(
         run_id=run_id, kind="simulate", target=redacted_spec(resolved.spec), options=options, model=llm.model,
         offline=llm.offline, test_cases=cases, sessions_total=len(cases) * repeats,
@@ -241,6 +250,8 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
         untested_sessions=untested.listed,
         usage=usage,
         error=run["error"],
+        resumed=run.get("resumed") or 0,
+        resumed_at=run.get("resumed_at"),
         sessions=[summarize_session(s) for s in await store.get_session_previews(run_id, max_sessions)],
         scores=tally.summaries(order=run["options"].get("scorers")),
         resource=run_uri(run_id),

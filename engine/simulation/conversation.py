@@ -10,6 +10,7 @@ import anyio
 
 from ..errors import AgentError, LLMError
 from ..models import Message, Role, Session, StopReason, TestCase, add_usage
+from .resume import resume_point
 from .targets import Target
 from .turns import SimulatorContext, UserTurn
 from .user import SimulatedUser
@@ -65,12 +66,16 @@ class ConversationRunner:
         return session
 
     async def _loop(self, session: Session, case: TestCase) -> None:
-        for turn in range(1, self.max_turns + 1):
+        resume = resume_point(session.messages)  # turn 1 for a new session; a resumed one goes on where it stopped
+        for turn in range(resume.turn, self.max_turns + 1):
+            resend = resume.pending and turn == resume.turn  # its user message is stored, its reply is not
             ctx = SimulatorContext(case, session.id, list(session.messages), turn, self.max_turns)
             started = time.perf_counter()
             used_before = self.user.usage
             scripted = turn <= len(case.scripted_turns)
-            if scripted:
+            if resend:
+                move = UserTurn(message=session.messages[-1].content or "")
+            elif scripted:
                 move = UserTurn(message=case.scripted_turns[turn - 1])
             else:
                 self.user.history_omitted = 0
@@ -92,7 +97,8 @@ class ConversationRunner:
                 latency_ms=round((time.perf_counter() - started) * 1000, 2), usage=spent if spent.calls else None,
                 history_omitted=None if scripted else (self.user.history_omitted or None),
             )
-            await self._record(session, user_msg, turn)
+            if not resend:
+                await self._record(session, user_msg, turn)
             try:
                 reply = await self.target.respond(session.messages, session_id=session.id, context=case.context)
             except AgentError as e:

@@ -201,6 +201,13 @@ class Store:
             except sqlite3.OperationalError:
                 if "pid_start" not in {r["name"] for r in self._db.execute("PRAGMA table_info(runs)")}:
                     raise
+        for column, decl in RESUME_COLUMNS:
+            if column not in columns:
+                try:
+                    self._db.execute(f"ALTER TABLE runs ADD COLUMN {column} {decl}")
+                except sqlite3.OperationalError:
+                    if column not in {r["name"] for r in self._db.execute("PRAGMA table_info(runs)")}:
+                        raise
 
     async def _run(self, fn: Callable[..., R], *args: Any) -> R:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -258,6 +265,48 @@ class Store:
                 (status.value, _clean(error) if error else None, time.time(), run_id),
             )
         )
+
+    async def update_run_options(self, run_id: str, **values: Any) -> None:
+        """Add to a run's stored options what it learns as it goes (test_agent: its test set), for a resume."""
+
+        def write() -> None:
+            with self._db:
+                self._db.execute("BEGIN")
+                row = self._db.execute("SELECT options FROM runs WHERE id = ?", (run_id,)).fetchone()
+                if row is not None:
+                    options = {**json.loads(row["options"]), **values}
+                    self._db.execute("UPDATE runs SET options = ? WHERE id = ?", (_clean(json.dumps(options)), run_id))
+
+        await self._run(write)
+
+    async def reopen_run(self, run_id: str, reopen: Sequence[str], drop: dict[str, int]) -> bool:
+        """Take an interrupted or cancelled run back into this process to resume it, in one transaction.
+
+        The run becomes 'running' under this process (so a kill leaves it 'interrupted' again), its
+        `resumed` count goes up; the sessions `reopen` lose their stop reason (they are played on), and
+        the messages of `drop` (session id -> first seq to discard: a partial reply) are deleted.
+        False, with nothing changed, when the run is no longer interrupted or cancelled (another
+        process took it first).
+        """
+
+        def write() -> bool:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                changed = self._db.execute(
+                    "UPDATE runs SET status = ?, error = NULL, finished_at = NULL, pid = ?, pid_start = ?, "
+                    "resumed = resumed + 1, resumed_at = ? WHERE id = ? AND status IN (?, ?)",
+                    (RunStatus.RUNNING.value, os.getpid(), _own_stamp(), time.time(), run_id,
+                     RunStatus.INTERRUPTED.value, RunStatus.CANCELLED.value)).rowcount
+                if not changed:
+                    return False
+                for chunk in _chunks(list(reopen), MAX_SQL_PARAMS - 1):
+                    self._db.execute(f"UPDATE sessions SET stop_reason = NULL, stop_detail = NULL, finished_at = NULL "
+                                     f"WHERE run_id = ? AND id IN ({_marks(chunk)})", [run_id, *chunk])
+                for session_id, seq in drop.items():
+                    self._db.execute("DELETE FROM messages WHERE session_id = ? AND seq >= ?", (session_id, seq))
+                return True
+
+        return await self._run(write)
 
     async def get_run(self, run_id: str) -> dict[str, Any]:
         """One run; 'interrupted' if it was left running by a process that has died."""
@@ -710,6 +759,9 @@ class Store:
 
 
 INTERRUPTED_ERROR = "the process running it exited before it finished"
+
+# Added to `runs` since databases were first created: how often, and when last, a run was resumed.
+RESUME_COLUMNS = (("resumed", "INTEGER NOT NULL DEFAULT 0"), ("resumed_at", "REAL"))
 
 
 def _chunks(items: Sequence[T], size: int = MAX_SQL_PARAMS) -> Iterator[Sequence[T]]:
