@@ -5,6 +5,7 @@
     convsim-mcp test-agent TARGET [--num-test-cases N --guidance G --max-turns N --model M
                                    --report report.md --json report.json --fail-on high|medium|low]
     convsim-mcp rerun RUN_ID [--issue ISSUE_ID] [--target TARGET]
+    convsim-mcp compare BASE CANDIDATE [--json PATH] [--report PATH] [--fail-on-regression]
     convsim-mcp generate [--description D] [--target T] [--from-run RUN_ID | --file F] [-o cases.yaml]
     convsim-mcp simulate TARGET CASES_FILE [--max-turns N --model M --concurrency N --repeats N]
     convsim-mcp score (RUN_ID | --file FILE | --session ID ...) [--scorer NAME ...] [--model M]
@@ -22,6 +23,8 @@ Exit codes of simulate, test-agent, score and rerun:
     3  could not test: a session ended simulator_error, or a judge's model could not give a verdict
        (beyond --allow-untested), or a model failure stopped the job
 A found failure (1) is reported before an incomplete run (3).
+compare exits 0, or 1 with --fail-on-regression when a pass rate fell with p < 0.05 or a new high issue
+appeared, or 2 for bad input (an unknown or malformed run id).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from engine.pipeline import describe_target, run_summary, score_sessions, simula
 from engine.pipeline.agent_test import test_agent
 from engine.pipeline.resume import resume
 from engine.pipeline.rerun import rerun_issues, rerun_json
+from engine.pipeline.compare import compare_runs, comparison_markdown
 from engine.pipeline.generation import build_test_set, export_test_set
 from engine.text import one_line
 
@@ -147,6 +151,17 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("--db")
     _add_root(rr)
     rr.set_defaults(func=_rerun)
+
+    cmp = sub.add_parser("compare", help="compare two runs of the same test cases: better, worse, how sure")
+    cmp.add_argument("base", help="the earlier run (e.g. before the change)")
+    cmp.add_argument("candidate", help="the run to judge against it")
+    cmp.add_argument("--json", dest="json_path", help="write {base, candidate, scorers, flipped, issues, regression, "
+                                                      "...} here")
+    cmp.add_argument("--report", help="write the Markdown comparison here")
+    cmp.add_argument("--fail-on-regression", action="store_true",
+                     help="exit 1 when a scorer's pass rate fell with p < 0.05 or a new high issue appeared")
+    cmp.add_argument("--db")
+    cmp.set_defaults(func=_compare)
 
     gen = sub.add_parser("generate", help="write test cases and store them as a test set")
     gen.add_argument("--description")
@@ -387,6 +402,31 @@ def _rerun(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     summary = anyio.run(lambda: run_summary(store, outcome.run_id))
     return _untested_exit(summary.untested, summary.sessions_total, args.allow_untested)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    c = anyio.run(lambda: compare_runs(Store(args.db), args.base, args.candidate))
+    rows = [[s.scorer, _rate(s.base_pass_rate), _rate(s.candidate_pass_rate),
+             "-" if s.delta is None else f"{s.delta * 100:+.0f} pts",
+             "-" if s.p_value is None else f"{s.p_value:.3g}", s.verdict, str(s.pairs)] for s in c.scorers]
+    print(f"compared {c.candidate} with {c.base}: {c.pairs} paired session(s)")
+    print(_table(["scorer", "base", "candidate", "change", "p", "verdict", "pairs"], rows))
+    print(f"flipped: {len(c.flipped.pass_to_fail)} pass->fail, {len(c.flipped.fail_to_pass)} fail->pass; issues: "
+          f"{len(c.issues.new)} new, {len(c.issues.fixed)} fixed, {len(c.issues.persisting)} persisting")
+    for line in c.regression_reasons:
+        print(f"regression: {line}")
+    if args.json_path:
+        _write(args.json_path, json.dumps(c.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n")
+    if args.report:
+        _write(args.report, comparison_markdown(c))
+    if c.regression and args.fail_on_regression:
+        print("regression: failing (--fail-on-regression)", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate * 100:.0f}%"
 
 
 def _generate(args: argparse.Namespace) -> int:

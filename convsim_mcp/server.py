@@ -28,9 +28,12 @@ from engine.models import AgentProfile, Issue, Report, ScoreSummary, Usage
 from engine.pipeline import describe_target, prepare_scoring, prepare_simulation, run_summary, run_uri, scores_uri, summarize_scores
 from engine.pipeline.agent_test import prepare_agent_test, report_uri
 from engine.pipeline.rerun import IssueCheck, rerun_issues
-from engine.pipeline.resume import check_run_id, prepare_resume
+from engine.ids import check_run_id
+from engine.pipeline.resume import prepare_resume
+from engine.pipeline.compare import compare_runs, compare_uri, comparison_markdown
 from engine.pipeline.generation import build_test_set
 from engine.reports import ReportDigest, compact_result
+from engine.reports.comparison import FlippedCase, IssueChange, ScorerChange
 from engine.judging import list_builtin_scorers
 from engine.records import session_to_record
 
@@ -43,7 +46,8 @@ INSTRUCTIONS = """\
 convsim tests a conversational agent by playing simulated users against it.
 "Test my agent": call test_agent with the target (import path or URL). It describes the agent, generates test
 cases, simulates, scores and returns ranked issues with evidence and reproducing cases; after a fix, call
-rerun_issue to check whether each issue still reproduces.
+rerun_issue to check whether each issue still reproduces. compare_runs(base, candidate) says whether a new version
+got better or worse on the same test cases, with p-values and intervals.
 Finer steps: generate_test_cases, simulate_conversations (target = the agent, test_cases = goals and personas).
 Long runs: pass wait=false, then poll get_run; cancel_run stops a run and keeps completed turns, and resume_run
 continues a cancelled or interrupted run from its last stored turns.
@@ -148,6 +152,30 @@ class ResumeResult(BaseModel):
                                         "summaries via get_run.")
     report: ReportDigest | None = Field(None, description="test_agent: the issues and numbers once done.")
     note: str | None = None
+
+
+MAX_FLIPS_SHOWN = 5
+
+
+class CompareResult(BaseModel):
+    """Compact: the verdict, the scorers and what changed; the whole comparison is a resource."""
+
+    base: str
+    candidate: str
+    regression: bool = Field(description="A scorer's pass rate fell with p < 0.05, or a new high issue appeared.")
+    regression_reasons: list[str]
+    improvements: list[str]
+    pairs: int = Field(description="Sessions paired by test case id and repeat index, both tested.")
+    left_out: dict[str, int]
+    scorers: list[ScorerChange]
+    pass_to_fail: int
+    fail_to_pass: int
+    first_pass_to_fail: list[FlippedCase] = Field(description=f"At most {MAX_FLIPS_SHOWN}; the rest are in the "
+                                                              "resource.")
+    new_issues: list[IssueChange]
+    fixed_issues: list[IssueChange]
+    persisting_issues: int
+    resources: dict[str, str]
 
 
 def _resources(run_id: str) -> dict[str, str]:
@@ -372,6 +400,26 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         return RerunResult(run_id=outcome.run_id, rerun_of=run_id, issues=outcome.issues,
                            new_issues=outcome.new_issues, **count, resource=run_uri(outcome.run_id))
 
+    @server.tool(name="compare_runs", annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
+    @tool_errors
+    async def compare_runs_tool(
+        base: Annotated[str, Field(description="The earlier run id (e.g. before the change).")],
+        candidate: Annotated[str, Field(description="The run id to judge against it (same test cases).")],
+    ) -> CompareResult:
+        """Compare two runs of the same test cases (e.g. before and after a change to the agent): per scorer the
+        paired pass rates, difference, exact McNemar p-value and bootstrap 95% interval; the cases that flipped;
+        issues new, fixed or persisting; cost and latency. The whole comparison: convsim://compare/{base}/{candidate}
+        (Markdown: .../report.md)."""
+        c = await compare_runs(store, base, candidate)
+        uri = compare_uri(base, candidate)
+        return CompareResult(base=c.base, candidate=c.candidate, regression=c.regression,
+                             regression_reasons=c.regression_reasons, improvements=c.improvements, pairs=c.pairs,
+                             left_out=c.left_out, scorers=c.scorers, pass_to_fail=len(c.flipped.pass_to_fail),
+                             fail_to_pass=len(c.flipped.fail_to_pass),
+                             first_pass_to_fail=c.flipped.pass_to_fail[:MAX_FLIPS_SHOWN], new_issues=c.issues.new,
+                             fixed_issues=c.issues.fixed, persisting_issues=len(c.issues.persisting),
+                             resources={"comparison": uri, "report_md": uri + "/report.md"})
+
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     @tool_errors
     async def generate_test_cases(
@@ -541,6 +589,21 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
     async def report_markdown_resource(run_id: str) -> str:
         _, text = await store.get_report(run_id)
         return text
+
+    @server.resource("convsim://compare/{base}/{candidate}", mime_type="application/json",
+                     description="The whole comparison of two runs (JSON): scorers with p-values and intervals, "
+                                 "every flipped case with session ids, issues new/fixed/persisting, cost, latency, "
+                                 "stop reasons.")
+    @resource_errors
+    async def compare_resource(base: str, candidate: str) -> str:
+        return (await compare_runs(store, base, candidate)).model_dump_json()
+
+    @server.resource("convsim://compare/{base}/{candidate}/report.md", mime_type="text/markdown",
+                     description="The comparison of two runs as Markdown: what got better, what got worse, how "
+                                 "sure we are.")
+    @resource_errors
+    async def compare_markdown_resource(base: str, candidate: str) -> str:
+        return comparison_markdown(await compare_runs(store, base, candidate))
 
     @server.resource("convsim://test-sets/{set_id}", mime_type="application/json",
                      description="A generated test set: its cases (loadable as test cases) and the agent profile.")

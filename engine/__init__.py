@@ -11,6 +11,8 @@ from .models import AgentProfile, Assessment, Evidence, Issue, Message, Report, 
 from .pipeline import Progress, ScoringJob, SimulationJob, prepare_scoring, prepare_simulation, run_summary, score_sessions, simulate
 from .pipeline.agent_test import prepare_agent_test, test_agent
 from .pipeline.rerun import rerun_issues
+from .pipeline.compare import compare_runs
+from .reports import Comparison
 from .pipeline.generation import build_test_set, export_test_set
 from .judging import BuiltinJudge, CodeScorer, CustomJudge, Scorer, parse_scorers
 from .simulation import LLMSimulatedUser, SimulatedUser, SimulatorContext, UserTurn
@@ -25,6 +27,7 @@ __all__ = [
     "Assessment",
     "BuiltinJudge",
     "CodeScorer",
+    "Comparison",
     "ConvsimError",
     "CouldNotTest",
     "CustomJudge",
@@ -71,6 +74,7 @@ __all__ = [
     "UserTurn",
     "Workspace",
     "build_test_set",
+    "compare_runs",
     "export_test_set",
     "load_test_cases",
     "parse_scorers",

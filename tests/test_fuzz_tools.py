@@ -92,6 +92,7 @@ EXAMPLES = {  # per tool: the whole file takes about 45 s on 2 cores (the bound 
     "score_sessions": 800,
     "generate_test_cases": 500,
     "rerun_issue": 400,
+    "compare_runs": 300,
     "get_report": 200,
     "get_run": 200,
     "cancel_run": 200,
@@ -479,6 +480,7 @@ GOOD: dict[str, st.SearchStrategy[Any]] = {
     "test_cases": st.one_of(st.lists(case_good, min_size=1, max_size=3), st.sampled_from(["cases.yaml", "cases.json"]),
                             known("test_set")),
     "run_id": known("run"),
+    "base": known("run"), "candidate": known("report_run"),
     "issue_id": st.one_of(st.none(), known("issue")),
     "session_ids": st.lists(known("session"), min_size=1, max_size=3),
     "transcripts": st.lists(transcript_good, min_size=1, max_size=3),
@@ -505,6 +507,8 @@ ODD: dict[str, st.SearchStrategy[Any]] = {  # valid JSON of about the right shap
     "target": target_odd,
     "test_cases": st.one_of(st.lists(case_odd, min_size=1, max_size=3), FILES_ODD, st.just([])),
     "run_id": st.one_of(text, ids, known("session"), known("test_set"), huge),
+    **{key: st.one_of(text, ids, known("session"), known("test_set"), known("running"), huge)
+       for key in ("base", "candidate")},
     "issue_id": st.one_of(text, ids),
     "session_ids": st.one_of(with_one(known("session"), st.one_of(known("run"), text, ids)), st.just([])),
     "transcripts": st.one_of(st.lists(transcript_odd, min_size=1, max_size=3), st.just([])),
@@ -817,7 +821,8 @@ async def test_fuzzed_arguments_get_an_answer_with_a_reason(fuzz_server, closed_
 
 TEMPLATES = ("convsim://runs/{run_id}", "convsim://runs/{run_id}/report", "convsim://runs/{run_id}/report.md",
              "convsim://runs/{run_id}/scores", "convsim://test-sets/{set_id}",
-             "convsim://runs/{run_id}/sessions/{session_id}")
+             "convsim://runs/{run_id}/sessions/{session_id}", "convsim://compare/{run_id}/{set_id}",
+             "convsim://compare/{session_id}/{run_id}/report.md")
 resource_id = st.one_of(
     known("run"), known("report_run"), known("session"), known("test_set"), text,
     st.sampled_from(["..", "%2e%2e", "..%2f..%2fetc%2fpasswd", "%2Fetc%2Fpasswd", "a%00b", "%", "%zz", "run-x/../..",

@@ -5,6 +5,8 @@ import engine
 PUBLIC = {
     "test_agent",
     "rerun_issues",
+    "compare_runs",
+    "Comparison",
     "prepare_agent_test",
     "export_test_set",
     "build_test_set",

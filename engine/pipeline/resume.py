@@ -20,13 +20,13 @@ be passed again (a `${VAR}` reference is stored as such and read from the enviro
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
 from ..errors import InvalidOption, InvalidTarget, RunError
+from ..ids import check_run_id
 from ..judging import DEFAULT_SCORERS, Scorer, parse_scorers
 from ..llm import LLM, resolve_llm, resolve_model
 from ..models import Message, Report, Role, RunStatus, RunSummary, Session, StopReason, TargetSpec, Usage, add_usage
@@ -42,7 +42,6 @@ from .simulation import SimulationJob
 log = logging.getLogger("convsim.pipeline")
 
 RESUMABLE_KINDS = ("simulate", "test_agent")
-RUN_ID = re.compile(r"run-[0-9a-f]{12}")
 
 
 @dataclass
@@ -85,13 +84,6 @@ class ResumeJob:
             raise RunError(f"resuming run {self.run_id} failed: {type(e).__name__}: {e}") from e
         return await self.inner.run(progress)
 
-
-def check_run_id(run_id: Any) -> str:
-    """The run id as given, if it has the shape of one; InvalidOption naming the field otherwise."""
-    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
-        shown = repr(run_id)[:60]
-        raise InvalidOption(f"run_id must be a run id like 'run-0123456789ab' (list_runs shows them), got {shown}")
-    return run_id
 
 
 async def prepare_resume(store: Store, run_id: str, *, target: str | dict[str, Any] | TargetSpec | None = None,
