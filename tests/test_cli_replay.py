@@ -86,6 +86,7 @@ def test_continue_after_replay_and_resimulate_on_the_command_line(db, convsim_ho
     pytest.param(("--replay",), "mode 'replay' needs from_run", id="replay-without-run"),
     pytest.param(("--from-run", "run-missing", "--continue-after-replay"), "continue_after_replay applies only",
                  id="continue-without-replay"),
+    pytest.param((), "test_cases is required", id="no-cases-no-run"),
 ])
 def test_bad_from_run_options_exit_2_with_one_line(db, convsim_home, args, expected):
     proc = convsim("simulate", "tests.agents:echo", *args, "--model", "offline", "--db", db, home=convsim_home)
