@@ -8,6 +8,7 @@
     convsim-mcp compare BASE CANDIDATE [--json PATH] [--report PATH] [--fail-on-regression]
     convsim-mcp generate [--description D] [--target T] [--from-run RUN_ID | --file F] [-o cases.yaml]
     convsim-mcp simulate TARGET CASES_FILE [--max-turns N --model M --concurrency N --repeats N]
+    convsim-mcp simulate TARGET --from-run RUN_ID [--replay [--continue-after-replay]]   (test-agent too)
     convsim-mcp score (RUN_ID | --file FILE | --session ID ...) [--scorer NAME ...] [--model M]
     convsim-mcp runs list | show RUN_ID | export RUN_ID [-o FILE] | import FILE | resume RUN_ID
     convsim-mcp demo
@@ -132,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     ta.add_argument("--json", dest="json_path", help="write the full report as JSON here")
     ta.add_argument("--fail-on", choices=["high", "medium", "low"],
                     help="exit 1 when an agent issue of this severity or worse is found")
+    _add_replay_options(ta)
     _add_allow_untested(ta)
     ta.add_argument("--db")
     _add_root(ta)
@@ -179,8 +181,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="simulate conversations with an agent")
     sim.add_argument("target", help="'pkg.module:func', 'path/to/file.py:func', an http(s) URL, or a JSON object")
-    sim.add_argument("cases_file", help="test cases: .json, .jsonl, .yaml or .yml, or a test set id")
+    sim.add_argument("cases_file", nargs="?", help="test cases: .json, .jsonl, .yaml or .yml, or a test set id "
+                                                   "(not with --from-run)")
     _add_run_options(sim)
+    _add_replay_options(sim)
     sim.set_defaults(func=_simulate)
 
     score = sub.add_parser("score", help="judge stored or exported conversations")
@@ -282,6 +286,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     _add_root(p)
 
 
+def _add_replay_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from-run", metavar="RUN_ID", help="re-test on this earlier run's test cases (same ids); "
+                                                        "new simulated users play them unless --replay")
+    p.add_argument("--replay", action="store_const", const="replay", dest="mode",
+                   help="with --from-run: send the earlier sessions' user messages verbatim, in order; a session "
+                        "whose recorded messages run out first ends replay_end")
+    p.add_argument("--continue-after-replay", action="store_true",
+                   help="with --replay: when the recorded messages run out, the simulated user takes over")
+
+
 def _add_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", action="append", default=[], metavar="DIR",
                    help="another workspace root: code and files are used only from under the working directory, "
@@ -349,7 +363,8 @@ def _demo(args: argparse.Namespace) -> int:
                             adversarial=0.0, max_turns=args.max_turns, model=model, user_model=None,
                             judge_model=None, generator_model=None, scorers=None, repeats=1, concurrency=8,
                             no_ask_agent=False, shrink=None, report=args.report, json_path=None, fail_on=None, db=args.db,
-                            root=[*args.root, str(EXAMPLES)], allow_untested=0.0)
+                            root=[*args.root, str(EXAMPLES)], allow_untested=0.0, from_run=None, mode=None,
+                            continue_after_replay=False)
     return _test_agent(ns)
 
 
@@ -362,7 +377,8 @@ def _test_agent(args: argparse.Namespace) -> int:
         max_turns=args.max_turns, repeats=args.repeats, concurrency=args.concurrency, scorers=args.scorers,
         model=args.model, user_model=args.user_model, judge_model=args.judge_model,
         generator_model=args.generator_model, ask_agent=not args.no_ask_agent, shrink=args.shrink,
-        workspace=_workspace(args),
+        workspace=_workspace(args), from_run=args.from_run, mode=args.mode,
+        continue_after_replay=args.continue_after_replay,
     ))
     bar.close()
     _, markdown = anyio.run(lambda: store.get_report(report.run_id))
@@ -446,13 +462,14 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_simulation(db: str | None, target: str, cases: str, opts: argparse.Namespace) -> RunSummary:
+def _run_simulation(db: str | None, target: str, cases: str | None, opts: argparse.Namespace) -> RunSummary:
     store = Store(db)
     bar = ProgressBar()
     summary = anyio.run(lambda: simulate(
         store, target, cases, progress=bar.update, max_turns=opts.max_turns, model=opts.model,
         concurrency=opts.concurrency, repeats=opts.repeats, user_agent=opts.user_agent, scorers=opts.scorers,
-        judge_model=opts.judge_model, workspace=_workspace(opts),
+        judge_model=opts.judge_model, workspace=_workspace(opts), from_run=opts.from_run, mode=opts.mode,
+        continue_after_replay=opts.continue_after_replay,
     ))
     bar.close()
     return summary

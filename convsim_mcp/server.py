@@ -86,6 +86,15 @@ ScorersArg = Annotated[
                       "{labels, pass} | {range, threshold}}, or code scorers 'pkg.mod:fn' / 'file.py:fn'."),
 ]
 
+FromRunArg = Annotated[str | None, Field(description="An earlier run's id: play its test cases (same ids and "
+                                                     "indexes, so the runs can be compared) instead of test_cases.")]
+ModeArg = Annotated[str | None, WithJsonSchema({"anyOf": [{"enum": ["resimulate", "replay"]}, {"type": "null"}]}), Field(
+    description="With from_run: 'resimulate' (default) plays new simulated users on the same cases; 'replay' "
+                "sends each earlier session's user messages verbatim, in order (same case and repeat); when they "
+                "run out first the session ends replay_end.")]
+ContinueArg = Annotated[bool, Field(description="With mode 'replay': when the recorded user messages run out, the "
+                                                "simulated user takes over from there instead of ending replay_end.")]
+
 
 class ScorerInfo(BaseModel):
     name: str
@@ -269,8 +278,11 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
     @tool_errors
     async def simulate_conversations(
         target: TargetArg,
-        test_cases: TestCasesArg,
         ctx: Context,
+        test_cases: Annotated[TestCasesArg | None, Field(description="Test cases (goal required; persona, "
+                                                                     "simulation_guidelines, context, expectations, "
+                                                                     "scripted_turns, id optional), inline or as a "
+                                                                     "file path. Required unless from_run.")] = None,
         max_turns: Annotated[int, Field(description="Most user messages per conversation (1-100).")] = 10,
         model: Annotated[str | None, Field(description="Simulated user's model, e.g. 'openai/gpt-4o-mini' or "
                                                        "'openai:/gpt-4o-mini'; 'offline' for the no-LLM heuristic. "
@@ -282,17 +294,22 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         scorers: Annotated[ScorersArg, Field(description="Score each session as it finishes (see score_sessions). "
                                                          "Default: none.")] = None,
         judge_model: Annotated[str | None, Field(description="Judges' model; default: the user's model.")] = None,
+        from_run: FromRunArg = None,
+        mode: ModeArg = None,
+        continue_after_replay: ContinueArg = False,
         wait: Annotated[bool, Field(description="true: return when done, reporting progress per turn. false: "
                                                 "return the run id at once; poll get_run.")] = True,
     ) -> RunSummary:
         """Play simulated users against an agent for many turns and store the conversations.
 
         Returns per session the stop reason (goal_achieved, user_ended, max_turns, agent_error,
-        agent_empty, simulator_error, cancelled), the turn count and the last exchange.
+        agent_empty, simulator_error, cancelled, replay_end), the turn count and the last exchange.
+        With from_run, re-tests a new version on an earlier run's cases (mode 'replay': its user messages verbatim).
         """
         job = await prepare_simulation(
             store, target, test_cases, max_turns=max_turns, model=model, concurrency=concurrency,
             repeats=repeats, user_agent=user_agent, scorers=scorers, judge_model=judge_model, workspace=workspace,
+            from_run=from_run, mode=mode, continue_after_replay=continue_after_replay,
         )
         if not wait:
             registry.start(job)
@@ -333,6 +350,10 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         shrink: Annotated[bool | None, Field(description="Shrink each issue's reproducing case to the user turns "
                                                          "it needs (replays; default: on when the user and judge "
                                                          "are offline, off with a model since replays cost calls).")] = None,
+        from_run: Annotated[FromRunArg, Field(description="Re-test on this earlier run's test cases (same ids); "
+                                                          "nothing is generated.")] = None,
+        mode: ModeArg = None,
+        continue_after_replay: ContinueArg = False,
         wait: Annotated[bool, Field(description="true: return the issues when done (progress per stage and turn). "
                                                 "false: return the run id at once; poll get_run, then get_report.")] = True,
     ) -> TestAgentResult:
@@ -347,6 +368,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
             guidance=guidance, adversarial=adversarial, max_turns=max_turns, repeats=repeats,
             concurrency=concurrency, scorers=scorers, model=model, user_model=user_model,
             judge_model=judge_model, generator_model=generator_model, shrink=shrink, workspace=workspace,
+            from_run=from_run, mode=mode, continue_after_replay=continue_after_replay,
         )
         if not wait:
             registry.start(job)

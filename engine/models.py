@@ -7,11 +7,11 @@ written for the assistant that reads it.
 from __future__ import annotations
 
 import enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .limits import MAX_COUNT, MAX_DATA_CHARS, MAX_JSON_DEPTH, MAX_LIST_ITEMS, MAX_TEXT_CHARS, json_depth
+from .limits import MAX_COUNT, MAX_DATA_CHARS, MAX_JSON_DEPTH, MAX_LIST_ITEMS, MAX_MESSAGES, MAX_TEXT_CHARS, json_depth
 
 # Keyword arguments convsim itself passes to a Python agent: a test case's context may not supply them.
 RESERVED_CONTEXT_KEYS = ("messages", "input", "session_id", "mlflow_session_id")
@@ -27,6 +27,7 @@ class StopReason(str, enum.Enum):
     AGENT_EMPTY = "agent_empty"
     SIMULATOR_ERROR = "simulator_error"
     CANCELLED = "cancelled"
+    REPLAY_END = "replay_end"  # a replay ran out of recorded user messages before the conversation ended
 
 
 class RunStatus(str, enum.Enum):
@@ -290,6 +291,9 @@ class Session(BaseModel):
     finished_at: float | None = None
     usage: dict[str, Usage] = Field(default_factory=dict, description="Model usage by role.")
     metadata: dict[str, Any] = Field(default_factory=dict)
+    replayed_turns: list[Annotated[int, Field(ge=1, le=MAX_COUNT)]] = Field(
+        default_factory=list, max_length=MAX_MESSAGES, description="Turns whose user message was replayed verbatim from an earlier run's "
+                                          "session (mode 'replay'); the other turns were played by the simulated user.")
 
 
 class SessionSummary(BaseModel):
@@ -306,6 +310,7 @@ class SessionSummary(BaseModel):
     last_user_message: str | None = None
     last_agent_reply: str | None = None
     error: str | None = Field(None, description="The agent's error on the last turn, if it failed.")
+    replayed_turns: list[int] = Field(default_factory=list, description="Turns replayed from an earlier run.")
     resource: str = Field(description="URI of the full transcript.")
 
 

@@ -37,6 +37,7 @@ def session_to_record(s: Session) -> dict[str, Any]:
         "repeat": s.repeat,
         "usage": {k: u.model_dump() for k, u in s.usage.items()},
         "metadata": s.metadata,
+        **({"replayed_turns": s.replayed_turns} if s.replayed_turns else {}),
         "messages": messages,
     }
 
@@ -94,6 +95,7 @@ def record_to_session(record: Any, line_no: int, *, what: str = "line") -> Sessi
             "repeat": record.get("repeat") or 0,
             "usage": record.get("usage") or {},
             "metadata": {**metadata, "imported_from_run": record.get("run_id")},
+            "replayed_turns": record.get("replayed_turns") or [],
             "started_at": now,
             "finished_at": now,
         })

@@ -30,6 +30,7 @@ from ..workspace import WorkspaceArg, as_workspace
 from ._shared import MAX_CONCURRENCY, MAX_REPEATS, MAX_TURNS_LIMIT, Progress, ProgressFn, check_range
 from .generation import MAX_TEST_CASES
 from .shrink import shrink_reproductions
+from .replay import check_replay_options, load_from_run
 from .simulation import SimulationJob, resolve_cases
 
 log = logging.getLogger("convsim.pipeline")
@@ -71,11 +72,14 @@ class AgentTestJob:
     # A resume: the test set made before the interruption (its cases and profile), and the run's sessions
     test_set: TestSet | None = None
     sessions: list[Session] | None = None
+    replay: dict[tuple[int, int], list[str]] | None = None  # from_run in mode 'replay' (see replay.py)
+    continue_after_replay: bool = False
 
     async def run(self, progress: ProgressFn | None = None) -> Report:
         started = time.time()
         total_cases = len(self.given_cases) + self.num_test_cases
-        sim_steps = total_cases * self.repeats * self.max_turns
+        sessions_total = len(self.replay) if self.replay is not None else total_cases * self.repeats
+        sim_steps = sessions_total * self.max_turns
         total = 2 + sim_steps + 2
 
         async def stage(done: int, message: str) -> None:
@@ -101,15 +105,18 @@ class AgentTestJob:
             if self.test_set is None:
                 await self.store.save_test_set(test_set)
                 await self.store.update_run_options(self.run_id, test_set_id=test_set.id)  # what a resume plays
-            await self.store.set_run_cases(self.run_id, cases, len(cases) * self.repeats)
-            await stage(2, f"simulate: {len(cases) * self.repeats} conversations")
+            if self.replay is None:
+                sessions_total = len(cases) * self.repeats
+            await self.store.set_run_cases(self.run_id, cases, sessions_total)
+            await stage(2, f"simulate: {sessions_total} conversations")
 
             async def sim_progress(p: Progress) -> None:
                 await stage(2 + round(p.done * sim_steps / max(p.total, 1)), f"simulate: {p.message}")
 
             simulation = SimulationJob(self.store, self.run_id, self.target, cases, self.user_llm, self.user_class,
                                        self.max_turns, self.concurrency, self.repeats, self.scorers, self.judge_llm,
-                                       finish_run=False, sessions=self.sessions)
+                                       finish_run=False, sessions=self.sessions, replay=self.replay,
+                                       continue_after_replay=self.continue_after_replay)
             summary = await simulation.run(sim_progress)
             if summary.status == RunStatus.FAILED:  # e.g. a refused key: the run is already marked failed
                 raise _Stopped(summary.error or "the simulation failed")
@@ -195,16 +202,33 @@ async def prepare_agent_test(
     shrink: bool | None = None,
     workspace: WorkspaceArg = None,
     llm: LLM | None = None,
+    from_run: str | None = None,
+    mode: str | None = None,
+    continue_after_replay: bool = False,
 ) -> AgentTestJob:
-    """Validate everything a test_agent run needs, then create its run. Raises UserInputError."""
+    """Validate everything a test_agent run needs, then create its run. Raises UserInputError.
+
+    `from_run` plays an earlier run's test cases (by `mode`, see replay.py) and generates none.
+    """
     check_range("max_turns", max_turns, 1, MAX_TURNS_LIMIT)
     check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
     check_range("repeats", repeats, 1, MAX_REPEATS)
     check_range("num_test_cases", num_test_cases, 0, MAX_TEST_CASES)
     if not 0.0 <= adversarial <= 1.0:
         raise InvalidOption(f"adversarial must be a share from 0 to 1, got {adversarial!r}")
+    check_replay_options(from_run, mode, continue_after_replay)
     workspace = as_workspace(workspace)
-    given = await resolve_cases(store, test_cases, workspace=workspace) if test_cases else []
+    source = None
+    if from_run is not None:
+        if test_cases:
+            raise InvalidOption("give test_cases or from_run, not both: from_run plays the earlier run's cases")
+        source = await load_from_run(store, from_run, mode=mode, continue_after_replay=continue_after_replay,
+                                     repeats=repeats)
+        given, num_test_cases = source.cases, 0  # the earlier run's cases are the test: nothing is generated
+        if source.replay is not None:
+            repeats = source.recorded_repeats
+    else:
+        given = await resolve_cases(store, test_cases, workspace=workspace) if test_cases else []
     if not given and num_test_cases == 0:
         raise InvalidOption("num_test_cases is 0 and no test_cases were given: nothing to test")
     resolved = resolve_target(target, workspace=workspace)
@@ -229,17 +253,20 @@ async def prepare_agent_test(
     run_id = new_run_id()
     options = {"max_turns": max_turns, "concurrency": concurrency, "repeats": repeats, "user_agent": user_agent,
                "scorers": [s.name for s in scorer_list], "num_test_cases": num_test_cases, "guidance": guidance,
-               "adversarial": adversarial, "judge_model": judge_llm.model, "generator_model": generator_llm.model}
+               "adversarial": adversarial, "judge_model": judge_llm.model, "generator_model": generator_llm.model,
+               **(source.options() if source else {})}
     options["resume"] = {"scorers": scorers, "description": description, "ask_agent": ask_agent,
                          "introspect": introspect, "shrink": (user_llm.offline and judge_llm.offline)
                          if shrink is None else shrink}  # what resume_run needs besides the options above
+    replay = source.replay if source else None
     await store.create_run(run_id=run_id, kind="test_agent", target=redacted_spec(resolved.spec), options=options,
                            model=user_llm.model, offline=user_llm.offline, test_cases=given,
-                           sessions_total=(len(given) + num_test_cases) * repeats)
+                           sessions_total=len(replay) if replay is not None else (len(given) + num_test_cases) * repeats)
     return AgentTestJob(store, run_id, resolved, description, given, num_test_cases, guidance, adversarial, max_turns,
                         repeats, concurrency, scorer_list, user_llm, judge_llm, generator_llm, user_class,
                         ask_agent, introspect, workspace,
-                        shrink=(user_llm.offline and judge_llm.offline) if shrink is None else shrink)
+                        shrink=(user_llm.offline and judge_llm.offline) if shrink is None else shrink,
+                        replay=replay, continue_after_replay=continue_after_replay)
 
 
 INSTRUCTION_JUDGES = ("prompt_leak", "role_adherence")  # built-in judges that read the agent's instructions

@@ -145,12 +145,18 @@ async def prepare_resume(store: Store, run_id: str, *, target: str | dict[str, A
             cases = test_set.cases
             _give_instructions(scorers, test_set.profile, extra.get("description"))  # before kept sessions are scored
     plan = _plan(run_id, stored, cases, repeats) if cases and (run["kind"] == "simulate" or test_set) else None
+    replay, after_replay = None, bool(options.get("continue_after_replay"))
+    if options.get("mode") == "replay":  # each stored session carries its recorded user turns as scripted turns
+        if not stored or plan is None:
+            raise InvalidOption(f"run '{run_id}' replays run '{options.get('from_run')}' but stored no session "
+                                "before it stopped; start the replay again instead")
+        replay = {(s.case_index, s.repeat): list(s.test_case.scripted_turns) for s in plan.sessions}
     if run["kind"] == "simulate":
         if plan is None:
             raise InvalidOption(f"run '{run_id}' has no stored test cases to resume")
         inner: SimulationJob | AgentTestJob = SimulationJob(
             store, run_id, resolved, cases, user_llm, user_class, max_turns, concurrency, repeats, scorers, judge_llm,
-            sessions=plan.sessions)
+            sessions=plan.sessions, replay=replay, continue_after_replay=after_replay)
     else:
         inner = AgentTestJob(
             store, run_id, resolved, extra.get("description"),
@@ -161,7 +167,7 @@ async def prepare_resume(store: Store, run_id: str, *, target: str | dict[str, A
             ask_agent=bool(extra.get("ask_agent", True)), introspect=bool(extra.get("introspect", True)),
             workspace=workspace, shrink=bool(extra.get("shrink")),
             usage=dict(test_set.usage) if test_set else {}, test_set=test_set,
-            sessions=plan.sessions if plan else None)
+            sessions=plan.sessions if plan else None, replay=replay, continue_after_replay=after_replay)
     plan = plan or _Plan()
     if not await store.reopen_run(run_id, [s.id for s in plan.reopen], plan.drop):
         raise InvalidOption(f"run '{run_id}' was taken by another process while it was being resumed")

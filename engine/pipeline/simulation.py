@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio
 
-from ..errors import LLMAuthError
+from ..errors import InvalidOption, LLMAuthError
 from ..llm import LLM, resolve_llm, resolve_model
 from ..models import Message, Role, RunStatus, RunSummary, Session, SessionSummary, StopReason, TargetSpec, TestCase
 from ..judging import Scorer, parse_scorers
@@ -33,6 +33,7 @@ from ..cases import load_test_cases
 from ..workspace import WorkspaceArg, as_workspace
 from ..text import one_line
 from ._shared import MAX_CONCURRENCY, MAX_REPEATS, MAX_TURNS_LIMIT, Progress, ProgressFn, check_range, run_uri, session_uri
+from .replay import check_replay_options, load_from_run
 from .scoring import score_one, tally_verdicts
 
 log = logging.getLogger("convsim.pipeline")
@@ -67,10 +68,28 @@ class SimulationJob:
     finish_run: bool = True  # False when a later stage (test_agent's report) still belongs to the run
     # A resume: the run's stored sessions; those with a stop reason are kept, the others are played on
     sessions: list[Session] | None = None
+    # mode 'replay' (see replay.py): (case index, repeat) -> the recorded user messages each session sends
+    replay: dict[tuple[int, int], list[str]] | None = None
+    continue_after_replay: bool = False
 
     @property
     def total_steps(self) -> int:
-        return len(self.cases) * self.repeats * self.max_turns
+        return self.sessions_total * self.max_turns
+
+    @property
+    def sessions_total(self) -> int:
+        if self.sessions is not None:
+            return len(self.sessions)
+        return len(self.replay) if self.replay is not None else len(self.cases) * self.repeats
+
+    def _plan(self) -> list[Session]:
+        """Every case times every repeat; a replay has one session per recorded one, its messages as scripted turns."""
+        if self.replay is None:
+            return [Session(id=new_session_id(), run_id=self.run_id, case_index=i, repeat=r, test_case=case)
+                    for i, case in enumerate(self.cases) for r in range(self.repeats)]
+        return [Session(id=new_session_id(), run_id=self.run_id, case_index=i, repeat=r,
+                        test_case=self.cases[i].model_copy(update={"scripted_turns": turns}))
+                for (i, r), turns in sorted(self.replay.items())]
 
     def stopped_by(self) -> LLMAuthError | None:
         """The refused-credentials error that stops this run, once the user's or the judge's model latched one."""
@@ -79,11 +98,7 @@ class SimulationJob:
     async def run(self, progress: ProgressFn | None = None) -> RunSummary:
         sessions = self.sessions
         if sessions is None:
-            sessions = [
-                Session(id=new_session_id(), run_id=self.run_id, case_index=i, repeat=r, test_case=case, started_at=None)
-                for i, case in enumerate(self.cases)
-                for r in range(self.repeats)
-            ]
+            sessions = self._plan()
             for s in sessions:
                 await self.store.create_session(s)
         steps = {s.id: self.max_turns if s.stop_reason else min(s.turns, self.max_turns) for s in sessions}
@@ -106,7 +121,8 @@ class SimulationJob:
                 if Role.USER.value in session.usage:  # resumed: the usage of its earlier turns carries on
                     user.usage = session.usage[Role.USER.value]
                 runner = ConversationRunner(self.target, user, self.max_turns, recorder, on_event,
-                                            stopped_by=self.stopped_by)
+                                            stopped_by=self.stopped_by, replay=self.replay is not None,
+                                            continue_after_replay=self.continue_after_replay)
                 await runner.run(session)
                 if self.scorers and session.stop_reason != StopReason.CANCELLED and not self.stopped_by():
                     await score_one(self.store, session, self.scorers, self.judge_llm or self.llm)
@@ -150,7 +166,7 @@ class SimulationJob:
 async def prepare_simulation(
     store: Store,
     target: str | dict[str, Any] | TargetSpec,
-    test_cases: str | Path | list[Any],
+    test_cases: str | Path | list[Any] | None = None,
     *,
     max_turns: int = 10,
     model: str | None = None,
@@ -163,13 +179,33 @@ async def prepare_simulation(
     api_base: str | None = None,
     api_key: str | None = None,
     llm: LLM | None = None,
+    from_run: str | None = None,
+    mode: str | None = None,
+    continue_after_replay: bool = False,
 ) -> SimulationJob:
-    """Validate every input, then create the run. Raises UserInputError naming what to fix."""
+    """Validate every input, then create the run. Raises UserInputError naming what to fix.
+
+    `from_run` plays an earlier run's test cases instead of `test_cases`, by `mode` (see replay.py).
+    """
     check_range("max_turns", max_turns, 1, MAX_TURNS_LIMIT)
     check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
     check_range("repeats", repeats, 1, MAX_REPEATS)
+    check_replay_options(from_run, mode, continue_after_replay)
     workspace = as_workspace(workspace)
-    cases = await resolve_cases(store, test_cases, workspace=workspace)
+    source = None
+    if from_run is not None:
+        if test_cases is not None:
+            raise InvalidOption("give test_cases or from_run, not both: from_run plays the earlier run's cases")
+        source = await load_from_run(store, from_run, mode=mode, continue_after_replay=continue_after_replay,
+                                     repeats=repeats)
+        cases = source.cases
+        if source.replay is not None:
+            repeats = source.recorded_repeats
+    elif test_cases is None:
+        raise InvalidOption("test_cases is required (inline cases, a file or a test set id), or from_run with the "
+                            "id of an earlier run whose cases to play")
+    else:
+        cases = await resolve_cases(store, test_cases, workspace=workspace)
     resolved = resolve_target(target, workspace=workspace)
     resolved.check_cases(cases)
     user_class = load_user_class(user_agent, workspace=workspace)
@@ -180,14 +216,17 @@ async def prepare_simulation(
                                                    max_concurrency=concurrency)
     run_id = new_run_id()
     options = {"max_turns": max_turns, "concurrency": concurrency, "repeats": repeats, "user_agent": user_agent,
-               "scorers": [sc.name for sc in scorer_list], "judge_model": judge_llm.model}
+               "scorers": [sc.name for sc in scorer_list], "judge_model": judge_llm.model,
+               **(source.options() if source else {})}
     options["resume"] = {"scorers": scorers}  # the scorers as given (names alone lose custom judges)
+    job = SimulationJob(store, run_id, resolved, cases, llm, user_class, max_turns, concurrency, repeats,
+                        scorer_list, judge_llm, replay=source.replay if source else None,
+                        continue_after_replay=continue_after_replay)
     await store.create_run(
         run_id=run_id, kind="simulate", target=redacted_spec(resolved.spec), options=options, model=llm.model,
-        offline=llm.offline, test_cases=cases, sessions_total=len(cases) * repeats,
+        offline=llm.offline, test_cases=cases, sessions_total=job.sessions_total,
     )
-    return SimulationJob(store, run_id, resolved, cases, llm, user_class, max_turns, concurrency, repeats,
-                         scorer_list, judge_llm)
+    return job
 
 
 async def resolve_cases(store: Store, test_cases: Any, *, workspace: WorkspaceArg = None) -> list[TestCase]:
@@ -229,6 +268,11 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
         notes.append(f"Still running: call get_run with run_id '{run_id}' again, or cancel_run to stop it.")
     if run["kind"] == "test_agent" and status == RunStatus.COMPLETED:
         notes.append(f"The report: get_report with run_id '{run_id}', or convsim://runs/{run_id}/report.md.")
+    replay_ends = totals.stop_reasons.get(StopReason.REPLAY_END.value, 0)
+    if replay_ends:
+        notes.append(f"{replay_ends} session(s) ended replay_end: the recorded user messages of run "
+                     f"'{run['options'].get('from_run')}' ran out while the agent's conversation went on; pass "
+                     "continue_after_replay to let the simulated user take over from there.")
     if totals.sessions > max_sessions:
         notes.append(f"Showing {max_sessions} of {totals.sessions} sessions; read {run_uri(run_id)} for all.")
     return RunSummary(
@@ -271,6 +315,7 @@ def summarize_session(s: Session) -> SessionSummary:
         stop_reason=s.stop_reason,
         stop_detail=s.stop_detail,
         turns=s.turns,
+        replayed_turns=s.replayed_turns,
         last_user_message=one_line(last_user, 300) if last_user is not None else None,
         last_agent_reply=one_line(last_agent.content, 300) if last_agent and last_agent.content is not None else None,
         error=last_agent.error if last_agent else None,

@@ -46,6 +46,11 @@ class ConversationRunner:
     # Why the run was stopped, if it was stopped for a reason other than a cancel (a refused model key):
     # a session cut short then ends simulator_error with that reason instead of cancelled.
     stopped_by: Callable[[], BaseException | None] | None = None
+    # Replaying a recorded session: its user messages are the case's scripted_turns, and the turns they are
+    # sent at go into session.replayed_turns. When they run out the session ends replay_end, unless
+    # continue_after_replay lets the simulated user take over (it sees the conversation so far).
+    replay: bool = False
+    continue_after_replay: bool = False
 
     async def run(self, session: Session) -> Session:
         case = session.test_case or TestCase(goal="(no goal)")
@@ -77,6 +82,11 @@ class ConversationRunner:
                 move = UserTurn(message=session.messages[-1].content or "")
             elif scripted:
                 move = UserTurn(message=case.scripted_turns[turn - 1])
+                if self.replay:
+                    session.replayed_turns.append(turn)
+            elif self.replay and not self.continue_after_replay:
+                return await self._finish(session, StopReason.REPLAY_END,
+                                          f"the {turn - 1} recorded user message(s) ran out")
             else:
                 self.user.history_omitted = 0
                 try:

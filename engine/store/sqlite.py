@@ -114,7 +114,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     started_at REAL,
     finished_at REAL,
     usage TEXT NOT NULL DEFAULT '{}',
-    metadata TEXT NOT NULL DEFAULT '{}'
+    metadata TEXT NOT NULL DEFAULT '{}',
+    replayed_turns TEXT NOT NULL DEFAULT '[]'  -- JSON list of the turns replayed from an earlier run
 );
 CREATE INDEX IF NOT EXISTS sessions_run ON sessions(run_id);
 CREATE TABLE IF NOT EXISTS messages (
@@ -145,6 +146,15 @@ CREATE TABLE IF NOT EXISTS reports (
     created_at REAL NOT NULL
 );
 """
+
+
+# (table, column, declaration) of the columns added to SCHEMA since its first release, for older databases
+ADDED_COLUMNS = (
+    ("runs", "pid_start", "TEXT"),
+    ("sessions", "replayed_turns", "TEXT NOT NULL DEFAULT '[]'"),
+    ("runs", "resumed", "INTEGER NOT NULL DEFAULT 0"),
+    ("runs", "resumed_at", "REAL"),
+)
 
 
 MAX_SQL_PARAMS = 500  # parameters in one `IN (...)` list; longer lists are chunked
@@ -194,19 +204,12 @@ class Store:
 
     def _migrate(self) -> None:
         """Columns added since a database was created (another process may be adding them too)."""
-        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(runs)")}
-        if "pid_start" not in columns:
-            try:
-                self._db.execute("ALTER TABLE runs ADD COLUMN pid_start TEXT")
-            except sqlite3.OperationalError:
-                if "pid_start" not in {r["name"] for r in self._db.execute("PRAGMA table_info(runs)")}:
-                    raise
-        for column, decl in RESUME_COLUMNS:
-            if column not in columns:
+        for table, column, decl in ADDED_COLUMNS:
+            if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}:
                 try:
-                    self._db.execute(f"ALTER TABLE runs ADD COLUMN {column} {decl}")
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
                 except sqlite3.OperationalError:
-                    if column not in {r["name"] for r in self._db.execute("PRAGMA table_info(runs)")}:
+                    if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}:
                         raise
 
     async def _run(self, fn: Callable[..., R], *args: Any) -> R:
@@ -405,10 +408,12 @@ class Store:
     async def finish_session(self, session: Session) -> None:
         await self._run(
             lambda: self._db.execute(
-                "UPDATE sessions SET stop_reason = ?, stop_detail = ?, turns = ?, finished_at = ?, usage = ? WHERE id = ?",
+                "UPDATE sessions SET stop_reason = ?, stop_detail = ?, turns = ?, finished_at = ?, usage = ?,"
+                " replayed_turns = ? WHERE id = ?",
                 (session.stop_reason.value if session.stop_reason else None,
                  _clean(session.stop_detail) if session.stop_detail else None, session.turns,
-                 session.finished_at, json.dumps({k: u.model_dump() for k, u in session.usage.items()}), session.id),
+                 session.finished_at, json.dumps({k: u.model_dump() for k, u in session.usage.items()}),
+                 json.dumps(session.replayed_turns), session.id),
             )
         )
 
@@ -737,7 +742,7 @@ class Store:
             rows.append((s.id, run_id, i, s.repeat, s.stop_reason.value if s.stop_reason else None,
                          _clean(s.stop_detail) if s.stop_detail else None, s.turns, s.started_at, s.finished_at,
                          _clean(json.dumps({k: u.model_dump() for k, u in s.usage.items()})),
-                         _clean(json.dumps(s.metadata))))
+                         _clean(json.dumps(s.metadata)), json.dumps(s.replayed_turns)))
             messages += [(s.id, seq, _clean(m.model_dump_json(exclude_defaults=True)), now)
                          for seq, m in enumerate(s.messages)]
         with self._db:
@@ -745,7 +750,7 @@ class Store:
             self._db.executemany("INSERT INTO test_cases (run_id, idx, data) VALUES (?, ?, ?)", cases)
             self._db.executemany(
                 "INSERT INTO sessions (id, run_id, case_index, repeat, stop_reason, stop_detail, turns, started_at,"
-                " finished_at, usage, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                " finished_at, usage, metadata, replayed_turns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self._db.executemany("INSERT INTO messages (session_id, seq, data, created_at) VALUES (?, ?, ?, ?)",
                                  messages)
 
@@ -759,10 +764,6 @@ class Store:
 
 
 INTERRUPTED_ERROR = "the process running it exited before it finished"
-
-# Added to `runs` since databases were first created: how often, and when last, a run was resumed.
-RESUME_COLUMNS = (("resumed", "INTEGER NOT NULL DEFAULT 0"), ("resumed_at", "REAL"))
-
 
 def _chunks(items: Sequence[T], size: int = MAX_SQL_PARAMS) -> Iterator[Sequence[T]]:
     for i in range(0, len(items), size):
@@ -788,6 +789,7 @@ def _session(row: sqlite3.Row, case: TestCase | None, messages: list[Message]) -
         finished_at=row["finished_at"],
         usage={k: Usage.model_validate(v) for k, v in json.loads(row["usage"]).items()},
         metadata=json.loads(row["metadata"]),
+        replayed_turns=json.loads(row["replayed_turns"]),
     )
 
 
