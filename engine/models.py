@@ -488,6 +488,8 @@ class Issue(BaseModel):
     session_ids: list[str] = Field(default_factory=list)
     signature: str = Field("", description="The root cause without per-session details (exception type and masked "
                                            "message, the reply kind, or judge:label); the id hashes it.")
+    signatures: list[str] = Field(default_factory=list, description="The signatures of its failures: one, unless the "
+                                  "model grouped several root causes into this issue. Re-runs match on these.")
     also_seen: list[str] = Field(default_factory=list, description="Other signals at the failing turns (or after a "
                                                                    "crash), explained by this issue's cause.")
     reproduction_shrunk_from: int | None = Field(

@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from mcp import Client
 
+from convsim_mcp.server import build_server
 from engine import Message, OfflineBackend, Session, TestCase
 from engine.issues.discovery import discover_issues
 from engine.judging import parse_scorers
@@ -212,3 +214,16 @@ async def test_no_offline_example_run_is_flagged_as_a_role_break(store, agent, m
     sessions = await store.get_sessions(report.run_id)
     assert [(s.id, role_breaks(s)) for s in sessions if role_breaks(s)] == []
     assert report.untested == 0 and report.simulator_issues == []
+
+
+@pytest.mark.anyio
+async def test_the_mcp_score_result_says_how_each_scorer_judged(store):
+    async with Client(build_server(store)) as client:
+        run = (await client.call_tool("simulate_conversations", {
+            "target": "examples/support_agent.py:support_agent", "test_cases": "examples/support_cases.yaml",
+            "max_turns": 3})).structured_content
+        result = await client.call_tool("score_sessions", {
+            "run_id": run["run_id"], "scorers": ["tests.code_scorers:mentions_order", "latency", "goal_achievement"]})
+    assert not result.is_error, result.content
+    assert {s["scorer"]: s["judged_by"] for s in result.structured_content["scorers"]} == {
+        "mentions_order": "code", "latency": "code", "goal_achievement": "offline"}
