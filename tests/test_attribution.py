@@ -190,6 +190,7 @@ def test_a_model_user_that_drifts_off_its_goal_makes_the_session_untestable_and_
     assert report["issues"] == [] and report["untested"] == 1
     assert [i["signals"] for i in report["simulator_issues"]] == [[OFF_GOAL]]
     assert all(s["pass_rate"] is None and s["passed"] == s["failed"] == 0 for s in report["scores"])
+    assert {s["scorer"]: s["judged_by"] for s in report["scores"]}["goal_achievement"] == "offline"
     assert "the simulated user broke its role" in report["untested_sessions"][0]["reason"]
     sections = {part.split("\n", 1)[0]: part for part in proc.stdout.split("\n## ")[1:]}
     assert "The simulated user wandered off its goal" in sections["Simulator issues (test harness, not the agent)"]

@@ -23,6 +23,7 @@ from ..limits import MAX_TRANSCRIPTS
 from ..llm import LLM, resolve_llm
 from ..models import Assessment, FailingSession, Role, ScorerSummary, ScoreSummary, Session, StopReason, Usage, add_usage
 from ..judging import Scorer, parse_scorers
+from ..judging.judges import DETERMINISTIC_JUDGES
 from ..simulation.role import role_breaks
 from ..store import PAGE_SESSIONS, Store
 from ..workspace import WorkspaceArg, as_workspace
@@ -50,8 +51,7 @@ async def judge_session(session: Session, scorer: Scorer, llm: LLM) -> list[Asse
     breaks = role_breaks(session)
     if breaks:  # could not test: no verdict on the agent, never a pass (counted untested, error_kind "simulator")
         return [Assessment(session_id=session.id, scorer=scorer.name, error=f"not judged: {breaks[0].rationale}",
-                           error_kind="simulator", judged_by="code" if scorer.kind == "code" else None,
-                           created_at=time.time())]
+                           error_kind="simulator", judged_by=judged_by(scorer, llm), created_at=time.time())]
     try:
         assessments = await scorer.score(session, llm)
     except anyio.get_cancelled_exc_class():
@@ -59,9 +59,16 @@ async def judge_session(session: Session, scorer: Scorer, llm: LLM) -> list[Asse
     except Exception as e:
         log.exception("scorer %s failed on %s", scorer.name, session.id)
         assessments = [Assessment(session_id=session.id, scorer=scorer.name, error=f"{type(e).__name__}: {e}",
-                                  error_kind="scorer", judged_by="code" if scorer.kind == "code" else None)]
+                                  error_kind="scorer", judged_by=judged_by(scorer, llm))]
     now = time.time()
     return [a.model_copy(update={"created_at": now}) for a in assessments]
+
+
+def judged_by(scorer: Scorer, llm: LLM) -> str:
+    """How `scorer` judges with `llm`: as code (code scorers, the checks that never ask a model), offline, or a model."""
+    if scorer.kind == "code" or scorer.name in DETERMINISTIC_JUDGES:
+        return "code"
+    return "offline" if llm.offline else "model"
 
 
 class _VerdictWriter:

@@ -99,9 +99,9 @@ def role_breaks(session: Session) -> list[RoleBreak]:
     return sorted(out, key=lambda b: b.turn)
 
 
-def _own_user_messages(session: Session) -> list[tuple[int, int, str]]:
-    """(message index, turn, text) of each user message the simulator wrote (not a scripted one)."""
-    return [(i, t, m.content or "") for i, (m, t) in enumerate(zip(session.messages, turn_numbers(session)))
+def _own_user_messages(session: Session) -> list[tuple[int, str]]:
+    """(turn, text) of each user message the simulator wrote (not a scripted one)."""
+    return [(t, m.content or "") for m, t in zip(session.messages, turn_numbers(session))
             if m.role == "user" and not m.scripted]
 
 
@@ -124,7 +124,7 @@ def _played(session: Session) -> bool:
 
 def _persona_break(session: Session) -> RoleBreak | None:
     case_speaks_of_tests = not _played(session) or bool(_DISCLOSURE_TOPIC.search(_case_text(session)))
-    for _, turn, text in _own_user_messages(session):
+    for turn, text in _own_user_messages(session):
         if SIMULATOR_PERSONA_BREAK.search(text):
             return RoleBreak(PERSONA_BREAK, turn, text, f"Turn {turn}: the simulated user wrote as if it were the "
                                                         "assistant.")
@@ -145,13 +145,13 @@ def _off_goal(session: Session) -> RoleBreak | None:
     anchor: set[str] = set()  # the words before the current run of off-goal messages began
     run: list[tuple[int, str]] = []
     last_reply = ""
-    firsts = 0
+    users = 0
     for m, turn in zip(session.messages, turn_numbers(session)):
         text = m.content or ""
         if m.role == "user":
-            firsts += 1
+            users += 1
             words = content_words(text)
-            if firsts == 1 or m.scripted or len(words) < MIN_CONTENT_WORDS or words & content_words(last_reply):
+            if users == 1 or m.scripted or len(words) < MIN_CONTENT_WORDS or words & content_words(last_reply):
                 run = []
             else:
                 if not run:
