@@ -232,7 +232,8 @@ def _untested_exit(untested: int, total: int, allowed: float) -> int:
     """EXIT_UNTESTED when more than `allowed` of `total` sessions could not be tested, saying so on stderr."""
     if untested and untested > allowed * total:
         print(f"{untested} of {total} session(s) could not be tested (the simulated user or a judge's model "
-              f"failed, or the simulated user broke its role; see the report): exit {EXIT_UNTESTED}. --allow-untested FRACTION tolerates a share.",
+              f"failed, or the simulated user broke its role; see the report): exit {EXIT_UNTESTED}. "
+              "--allow-untested FRACTION tolerates a share.",
               file=sys.stderr)
         return EXIT_UNTESTED
     return EXIT_OK
