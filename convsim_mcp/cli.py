@@ -264,8 +264,9 @@ def _add_allow_untested(p: argparse.ArgumentParser) -> None:
 def _untested_exit(untested: int, total: int, allowed: float) -> int:
     """EXIT_UNTESTED when more than `allowed` of `total` sessions could not be tested, saying so on stderr."""
     if untested and untested > allowed * total:
-        print(f"{untested} of {total} session(s) could not be tested (the simulated user's or a judge's model "
-              f"failed; see the report): exit {EXIT_UNTESTED}. --allow-untested FRACTION tolerates a share.",
+        print(f"{untested} of {total} session(s) could not be tested (the simulated user or a judge's model "
+              f"failed, or the simulated user broke its role; see the report): exit {EXIT_UNTESTED}. "
+              "--allow-untested FRACTION tolerates a share.",
               file=sys.stderr)
         return EXIT_UNTESTED
     return EXIT_OK
@@ -615,7 +616,7 @@ def _kinds(failures: dict[str, int]) -> str:
 def render_scores(scores: list[ScorerSummary], note: str | None = None) -> str:
     """Per scorer a line of counts, then its failing sessions with the turn and a one-line rationale."""
     rows = [[x.scorer, "-" if x.pass_rate is None else f"{x.pass_rate:.0%}", str(x.passed), str(x.failed),
-             str(x.unscored), "heuristic" if x.heuristic else "model"] for x in scores]
+             str(x.unscored), x.judged_by] for x in scores]
     lines = [_table(["scorer", "pass rate", "passed", "failed", "unscored", "judged by"], rows)]
     for x in scores:
         for f in x.failing:

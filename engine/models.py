@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .limits import MAX_COUNT, MAX_DATA_CHARS, MAX_JSON_DEPTH, MAX_LIST_ITEMS, MAX_MESSAGES, MAX_TEXT_CHARS, json_depth
 
@@ -353,6 +353,9 @@ class UntestedSession(BaseModel):
     reason: str = Field(description="What failed, in one line.")
 
 
+JudgedBy = Literal["model", "offline", "code"]
+
+
 class Evidence(BaseModel):
     """Where a verdict comes from: a turn of the conversation and a short quote from it."""
 
@@ -372,10 +375,15 @@ class Assessment(BaseModel):
     evidence: list[Evidence] = Field(default_factory=list)
     turn: int | None = Field(None, description="Set for per-turn scorers: the agent turn scored.")
     heuristic: bool = Field(False, description="Produced by the offline heuristic, not by a model.")
+    judged_by: JudgedBy | None = Field(
+        None, description="How the verdict was reached: 'model' (a model judge), 'offline' (the offline heuristic "
+                          "standing in for a model), 'code' (a code scorer, or a check that never asks a model such "
+                          "as latency). None on verdicts stored before this field existed.")
     error: str | None = Field(None, description="Why the session is unscored (judge failure, scorer exception).")
-    error_kind: Literal["model", "scorer"] | None = Field(
+    error_kind: Literal["model", "scorer", "simulator"] | None = Field(
         None, description="'model': the judge's model failed or none is configured, so the session could not be "
-                          "tested; 'scorer': the scorer itself raised or returned something unusable.")
+                          "tested; 'scorer': the scorer itself raised or returned something unusable; 'simulator': "
+                          "not judged, the simulated user broke its role, so the session could not be tested.")
     usage: Usage | None = None
     created_at: float | None = None
 
@@ -398,8 +406,17 @@ class ScorerSummary(BaseModel):
     unscored: int = Field(description="Judge or scorer failures, recorded with their reason; never counted as passes.")
     pass_rate: float | None = Field(description="passed / (passed + failed); None when nothing was scored.")
     heuristic: bool = Field(False, description="Verdicts came from the offline heuristic, not a model.")
+    judged_by: JudgedBy = Field("model", description="'model', 'offline' (the offline heuristic) or 'code' (a code "
+                                                     "scorer or a check that never asks a model).")
     failing: list[FailingSession] = Field(default_factory=list)
     errors: list[FailingSession] = Field(default_factory=list, description="Unscored sessions with the reason.")
+
+    @model_validator(mode="after")
+    def _judged_by_from_heuristic(self) -> "ScorerSummary":
+        """A summary built (or stored) with only `heuristic` set was judged offline."""
+        if "judged_by" not in self.model_fields_set and self.heuristic:
+            self.judged_by = "offline"
+        return self
 
 
 class ScoreSummary(BaseModel):
@@ -478,6 +495,8 @@ class Issue(BaseModel):
     session_ids: list[str] = Field(default_factory=list)
     signature: str = Field("", description="The root cause without per-session details (exception type and masked "
                                            "message, the reply kind, or judge:label); the id hashes it.")
+    signatures: list[str] = Field(default_factory=list, description="The signatures of its failures: one, unless the "
+                                  "model grouped several root causes into this issue. Re-runs match on these.")
     also_seen: list[str] = Field(default_factory=list, description="Other signals at the failing turns (or after a "
                                                                    "crash), explained by this issue's cause.")
     reproduction_shrunk_from: int | None = Field(

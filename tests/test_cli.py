@@ -234,7 +234,7 @@ def test_score_prints_pass_rates_and_failures_for_a_run(db, convsim_home):
     proc = convsim("score", run_id, "--scorer", "knowledge_retention", "--scorer", "goal_achievement", "--db", db,
                    home=convsim_home)
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"knowledge_retention\s+83%\s+5\s+1\s+0\s+heuristic", proc.stdout), proc.stdout
+    assert re.search(r"knowledge_retention\s+83%\s+5\s+1\s+0\s+offline", proc.stdout), proc.stdout
     assert "FAIL knowledge_retention" in proc.stdout and "turn 4" in proc.stdout
     assert "offline heuristics" in proc.stdout
 

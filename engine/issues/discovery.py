@@ -134,6 +134,13 @@ async def discover_issues(sessions: list[Session], assessments: list[Assessment]
     return sort_issues(issues), usage
 
 
+def issue_signatures(issue: Issue) -> frozenset[str]:
+    """The failure signatures an issue stands for: its failures' own (several when a model grouped root causes
+    together, whose issue signature is then the cluster's), and its issue signature (all an issue stored before
+    `signatures` existed has). A re-run or a shrink reproduces the issue when any of them recurs."""
+    return frozenset([*issue.signatures, issue.signature]) - {""}
+
+
 def sort_issues(issues: list[Issue]) -> list[Issue]:
     """Agent issues before simulator ones; most severe first; within a severity, crashes and safety
     failures first (they need fixing whatever their frequency); then most sessions affected; then id."""
@@ -169,6 +176,7 @@ def _issue(g: _Group, run: RunView) -> Issue:
         signals=signals,
         session_ids=affected,
         signature=g.signature,
+        signatures=list(dict.fromkeys(f.signature for f in failures)),
         also_seen=also_seen,
     )
 

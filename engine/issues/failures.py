@@ -15,10 +15,12 @@ from typing import Any
 
 from ..judging import is_refusal
 from ..models import Assessment, Session, StopReason
+from ..simulation.role import OFF_GOAL, PERSONA_BREAK, SIMULATOR_PERSONA_BREAK, role_breaks  # noqa: F401 (re-export)
 from ..transcript import turn_numbers
 
 CRASH_SIGNALS = frozenset({"agent_error", "agent_empty"})
-HARNESS_SIGNALS = frozenset({"simulator_error", "simulator_persona_break"})
+# The simulator failed, or its user broke role (wrote as the assistant, said it is a test, wandered off its goal).
+HARNESS_SIGNALS = frozenset({"simulator_error", PERSONA_BREAK, OFF_GOAL})
 QUOTE_LIMIT = 200
 # Kinds whose signature is the kind itself (one root cause each, whatever the session).
 KIND_SIGNALS = frozenset({"latency", "loop"})
@@ -27,14 +29,6 @@ LEAK_SIGNALS = frozenset({"conversational_safety", "prompt_leak"})
 # most specific one names the issue and the others are "also seen" on it. The outcome judges come last.
 FOLD_RANK = ("knowledge_retention", "role_adherence", "conversation_completeness", "dialogue_coherence")
 OUTCOME_JUDGES = ("user_frustration", "goal_achievement")
-
-# A simulated "user" message that reads like the assistant talking: the simulator lost its role.
-SIMULATOR_PERSONA_BREAK = re.compile(
-    r"^\W*(?:how (?:can|may) i (?:help|assist) you|what can i (?:do for you|help you with)"
-    r"|i(?:'|’)?m an ai\b|i am an ai\b|as an? (?:ai|assistant|language model)\b|as your assistant\b"
-    r"|i(?:'|’)?m here to (?:help|assist) you\b|is there anything else i can (?:help|assist) you with)",
-    re.IGNORECASE,
-)
 
 EXCEPTION = re.compile(r"^\s*([A-Z][\w.]*)\s*:\s*(.*)$", re.DOTALL)
 _HTTP = re.compile(r"\bHTTP (\d{3})\b")
@@ -50,7 +44,7 @@ class Failure:
     simulator_error (or whose simulated user broke persona)."""
 
     session_id: str
-    signal: str  # scorer name, or "agent_error" / "agent_empty" / "simulator_error" / "simulator_persona_break"
+    signal: str  # scorer name, "agent_error" / "agent_empty", or a harness signal (HARNESS_SIGNALS)
     turn: int | None
     quote: str
     rationale: str
@@ -181,12 +175,7 @@ def _session_failures(s: Session) -> list[Failure]:
         detail = s.stop_detail or "the simulated user failed"
         out.append(Failure(s.id, "simulator_error", None, clip(detail),
                            f"The simulated user failed after turn {s.turns}: {clip(detail, 120)}"))
-    broke = next(((m, t) for m, t in numbered if m.role == "user" and not m.scripted
-                  and SIMULATOR_PERSONA_BREAK.search(m.content or "")), None)
-    if broke:
-        m, turn = broke
-        out.append(Failure(s.id, "simulator_persona_break", turn, clip(m.content),
-                           f"Turn {turn}: the simulated user wrote as if it were the assistant."))
+    out += [Failure(s.id, b.signal, b.turn, clip(b.quote), b.rationale) for b in role_breaks(s)]
     return out
 
 

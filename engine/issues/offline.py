@@ -49,10 +49,18 @@ TEMPLATES: dict[str, Wording] = {
         "check the simulator model and its API key, then re-run the affected cases"),
     "simulator_persona_break": Wording(
         "The simulated user wrote as the assistant", "correctness",
-        "A simulated user message reads like an assistant's reply, so the session stopped testing its goal. "
-        "This is a problem of the test harness, not of the agent.",
-        "the simulator model lost its role and answered as an assistant instead of playing the user",
+        "A simulated user message reads like an assistant's reply, or says the conversation is a test or a "
+        "simulation, so the session stopped testing its goal. This is a problem of the test harness, not of the agent.",
+        "the simulator model lost its role and answered as an assistant (or as itself) instead of playing the user",
         "use a stronger simulator model or a more specific persona, then re-run the affected cases"),
+    "simulator_off_goal": Wording(
+        "The simulated user wandered off its goal", "correctness",
+        "Several simulated user messages in a row had nothing to do with the test case's goal or with what the "
+        "agent had said, so the session stopped testing the goal. This is a problem of the test harness, not of "
+        "the agent.",
+        "the simulator model lost track of its goal and talked about something unrelated",
+        "use a stronger simulator model, or state the goal and its details more concretely in the case, then "
+        "re-run the affected cases"),
     "goal_achievement": Wording(
         "Users do not reach their goal", "correctness",
         "By the end of the conversation the agent had not delivered what the test case's goal asks for.",

@@ -71,7 +71,7 @@ class CodeScorer(Scorer):
 
     async def _assess(self, scored: Session, at_turn: int | None, /, **offered: Any) -> Assessment:
         """Call the scorer with `offered` (its own keywords may include session and turn) and wrap the result."""
-        base = Assessment(session_id=scored.id, scorer=self.name, turn=at_turn)
+        base = Assessment(session_id=scored.id, scorer=self.name, turn=at_turn, judged_by="code")
         try:
             raw = await self._call(**offered)
         except Exception as e:

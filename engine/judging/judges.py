@@ -244,7 +244,7 @@ class _ModelJudge(Scorer):
         raise NotImplementedError
 
     def heuristic(self, session: Session) -> Assessment | None:
-        return Assessment(session_id=session.id, scorer=self.name, heuristic=True,
+        return Assessment(session_id=session.id, scorer=self.name, heuristic=True, judged_by="offline",
                           error=f"'{self.name}' needs a model: the offline backend has no heuristic for custom judges",
                           error_kind="model")
 
@@ -262,13 +262,14 @@ class _ModelJudge(Scorer):
             result = await llm.complete(self.messages(session), schema, role=Role.JUDGE)
         except LLMError as e:  # unscored with the reason; a latched (refused) backend raises without a call
             return [Assessment(session_id=session.id, scorer=self.name, error=f"unscored: {e}", error_kind="model",
+                               judged_by="model",
                                usage=e.usage if e.usage.calls else None)]
         verdict = result.output
         passed = self.output.passed(verdict.value)
         return [Assessment(
             session_id=session.id, scorer=self.name, value=verdict.value, passed=passed,
             rationale=verdict.rationale.strip(), evidence=clean_evidence(verdict.evidence, n_turns(session)),
-            usage=result.usage,
+            usage=result.usage, judged_by="model",
             error=None if passed is not None else f"unscored: value {verdict.value} is outside the output range",
             error_kind=None if passed is not None else "model",
         )]
@@ -322,9 +323,10 @@ class BuiltinJudge(_ModelJudge):
         verdict = HEURISTICS[self.name](session, self.params)
         if verdict is None:
             return None
+        code = self.name in DETERMINISTIC_JUDGES  # a check written in code, whatever the backend
         return Assessment(session_id=session.id, scorer=self.name, value=verdict.value, passed=verdict.passed,
                           rationale=verdict.rationale, evidence=clean_evidence(verdict.evidence, n_turns(session)),
-                          heuristic=True)
+                          heuristic=not code, judged_by="code" if code else "offline")
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "description": JUDGE_DESCRIPTIONS[self.name],

@@ -44,8 +44,9 @@ def check_range(name: str, value: int, low: int, high: int) -> None:
 class UntestedTally:
     """The sessions that could not test the agent, counted over streams of sessions and verdicts.
 
-    A session could not be tested when the simulated user failed (`simulator_error`) or a judge's
-    model could not give a verdict (`error_kind == "model"`). Neither is a pass or an agent issue.
+    A session could not be tested when the simulated user failed (`simulator_error`), broke its role
+    (its verdicts say `error_kind == "simulator"`), or a judge's model could not give a verdict
+    (`error_kind == "model"`). None of these is a pass or an agent issue.
     Keeps the ids (to count each session once) and the first `limit` reasons.
     """
 
@@ -73,3 +74,6 @@ class UntestedTally:
         for a in assessments:
             if a.error_kind == "model":
                 self._note(a.session_id, f"judge {a.scorer} could not give a verdict: {one_line(a.error, 200)}")
+            elif a.error_kind == "simulator":
+                why = (a.error or "").removeprefix("not judged: ")
+                self._note(a.session_id, f"the simulated user broke its role: {one_line(why, 200)}")

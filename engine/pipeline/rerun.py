@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ..errors import CouldNotTest, InvalidOption, InvalidTarget
-from ..issues import Failure, collect_failures, discover_issues, primary_causes, untestable_sessions
+from ..issues import Failure, collect_failures, discover_issues, issue_signatures, primary_causes, untestable_sessions
 from ..judging import DEFAULT_SCORERS, parse_scorers
 from ..llm import LLM, resolve_llm
 from ..models import Issue, RunStatus, Session, TargetSpec
@@ -136,9 +136,9 @@ async def rerun_issues(
     failures = primary_causes([f for f in everything if f.session_id not in spoiled])
     checks = [_check(issue, [s for s in sessions if s.case_index in case_of.get(issue.id, [])], failures,
                      failing_turn, spoiled) for issue in issues]
-    known = {i.signature for i in report.issues + report.simulator_issues}
+    known = set().union(*(issue_signatures(i) for i in report.issues + report.simulator_issues))
     found, _ = await discover_issues(sessions, assessments, judge_llm)
-    new_issues = [i for i in found if i.source == "agent" and i.signature not in known]
+    new_issues = [i for i in found if i.source == "agent" and not issue_signatures(i) & known]
     return RerunOutcome(run_id=new_run, rerun_of=run_id, issues=checks, new_issues=new_issues)
 
 
@@ -161,14 +161,15 @@ def _check(issue: Issue, sessions: list[Session], failures: list[Failure],
     by_session: dict[str, list[Failure]] = {}
     for f in failures:
         by_session.setdefault(f.session_id, []).append(f)
-    recurred = [(s, f) for s in sessions for f in by_session.get(s.id, []) if f.signature == issue.signature]
+    signatures = issue_signatures(issue)
+    recurred = [(s, f) for s in sessions for f in by_session.get(s.id, []) if f.signature in signatures]
     if recurred:
         s, f = recurred[0]
         n = len({s.id for s, _ in recurred})
         where = f"turn {f.turn}" if f.turn else "the session"
         return IssueCheck(**check, status="reproduces",
                           reason=f"the same failure recurred in {n} of {len(sessions)} re-run session(s): "
-                                 f"{issue.signature} at {where}")
+                                 f"{f.signature} at {where}")
     clean, blocked = 0, []
     for s in sessions:
         turn = failing_turn.get((issue.id, s.case_index), 1)

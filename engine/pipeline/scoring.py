@@ -23,6 +23,8 @@ from ..limits import MAX_TRANSCRIPTS
 from ..llm import LLM, resolve_llm
 from ..models import Assessment, FailingSession, Role, ScorerSummary, ScoreSummary, Session, StopReason, Usage, add_usage
 from ..judging import Scorer, parse_scorers
+from ..judging.judges import DETERMINISTIC_JUDGES
+from ..simulation.role import role_breaks
 from ..store import PAGE_SESSIONS, Store
 from ..workspace import WorkspaceArg, as_workspace
 from ..text import one_line
@@ -42,9 +44,14 @@ async def score_one(store: Store, session: Session, scorers: list[Scorer], llm: 
 
 async def judge_session(session: Session, scorer: Scorer, llm: LLM) -> list[Assessment]:
     """One scorer's verdicts on one session. A session the agent never answered is not judged: there is
-    nothing of the agent's to judge (it ended before the agent's first turn)."""
+    nothing of the agent's to judge (it ended before the agent's first turn). Nor is one whose simulated user
+    broke its role (`simulation.role`): it gets one unscored verdict saying so, and counts as could-not-test."""
     if not any(m.role == "assistant" for m in session.messages):
         return []
+    breaks = role_breaks(session)
+    if breaks:  # could not test: no verdict on the agent, never a pass (counted untested, error_kind "simulator")
+        return [Assessment(session_id=session.id, scorer=scorer.name, error=f"not judged: {breaks[0].rationale}",
+                           error_kind="simulator", judged_by=judged_by(scorer, llm), created_at=time.time())]
     try:
         assessments = await scorer.score(session, llm)
     except anyio.get_cancelled_exc_class():
@@ -52,9 +59,16 @@ async def judge_session(session: Session, scorer: Scorer, llm: LLM) -> list[Asse
     except Exception as e:
         log.exception("scorer %s failed on %s", scorer.name, session.id)
         assessments = [Assessment(session_id=session.id, scorer=scorer.name, error=f"{type(e).__name__}: {e}",
-                                  error_kind="scorer")]
+                                  error_kind="scorer", judged_by=judged_by(scorer, llm))]
     now = time.time()
     return [a.model_copy(update={"created_at": now}) for a in assessments]
+
+
+def judged_by(scorer: Scorer, llm: LLM) -> str:
+    """How `scorer` judges with `llm`: as code (code scorers, the checks that never ask a model), offline, or a model."""
+    if scorer.kind == "code" or scorer.name in DETERMINISTIC_JUDGES:
+        return "code"
+    return "offline" if llm.offline else "model"
 
 
 class _VerdictWriter:
@@ -259,12 +273,16 @@ class _ScorerTally:
     failed: int = 0
     unscored: int = 0
     heuristic: bool = False
+    judged_by: set[str] = field(default_factory=set)
     failing: list[FailingSession] = field(default_factory=list)
     errors: list[FailingSession] = field(default_factory=list)
 
     def add(self, session_id: str, verdicts: list[Assessment]) -> None:
         self.sessions += 1
         self.heuristic = self.heuristic or any(v.heuristic for v in verdicts)
+        # verdicts stored before `judged_by` existed say only whether they were heuristic
+        self.judged_by |= {v.judged_by or ("offline" if v.heuristic else "model") for v in verdicts
+                           if v.judged_by or v.error_kind != "scorer"}
         bad = next((v for v in verdicts if v.passed is False), None)
         if bad:
             self.failed += 1
@@ -288,6 +306,7 @@ class _ScorerTally:
         return ScorerSummary(
             scorer=self.name, sessions=self.sessions, passed=self.passed, failed=self.failed, unscored=self.unscored,
             pass_rate=round(self.passed / scored, 4) if scored else None, heuristic=self.heuristic,
+            judged_by=next((k for k in ("code", "offline") if k in self.judged_by), "model"),
             failing=self.failing, errors=self.errors,
         )
 

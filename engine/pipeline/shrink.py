@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from ..issues import collect_failures, primary_causes
+from ..issues import collect_failures, issue_signatures, primary_causes
 from ..judging import Scorer
 from ..llm import LLM
 from ..models import Issue, Message, Session, TestCase
@@ -53,13 +53,14 @@ async def _shrink(issue: Issue, target: Target, user: SimulatedUser, scorers: li
         return issue
     turns = list(case.scripted_turns)
     runs = 1
-    if not await _reproduces(case, issue.signature, target, user, scorers, llm):
+    signatures = issue_signatures(issue)
+    if not await _reproduces(case, signatures, target, user, scorers, llm):
         return issue  # the whole repro does not fail every time: nothing to shrink against
     i = 0
     while i < len(turns) and len(turns) > 1 and runs < MAX_SHRINK_RUNS:
         candidate = turns[:i] + turns[i + 1:]
         runs += 1
-        if await _reproduces(case.model_copy(update={"scripted_turns": candidate}), issue.signature,
+        if await _reproduces(case.model_copy(update={"scripted_turns": candidate}), signatures,
                              target, user, scorers, llm):
             turns = candidate
         else:
@@ -70,7 +71,7 @@ async def _shrink(issue: Issue, target: Target, user: SimulatedUser, scorers: li
     return issue.model_copy(update={"reproduction": shrunk, "reproduction_shrunk_from": len(case.scripted_turns)})
 
 
-async def _reproduces(case: TestCase, signature: str, target: Target, user: SimulatedUser,
+async def _reproduces(case: TestCase, signatures: frozenset[str], target: Target, user: SimulatedUser,
                       scorers: list[Scorer], llm: LLM) -> bool:
     session = Session(id=new_session_id(), run_id="shrink", case_index=0, test_case=case, started_at=None)
     runner = ConversationRunner(target, user, len(case.scripted_turns), _Discard())
@@ -78,4 +79,4 @@ async def _reproduces(case: TestCase, signature: str, target: Target, user: Simu
     assessments = []
     for scorer in scorers:
         assessments += await judge_session(session, scorer, llm)
-    return any(f.signature == signature for f in primary_causes(collect_failures([session], assessments)))
+    return any(f.signature in signatures for f in primary_causes(collect_failures([session], assessments)))

@@ -127,13 +127,17 @@ def _header(report: Report) -> str:
     lines = [f"# {_inline(report.target)}: {verdict(report)}", "",
              f"Run `{report.run_id}`, {when}."]
     if report.untested:
-        lines += ["", f"**{report.untested} session(s) could not be tested** (the simulated user's or a judge's model "
-                      "failed): they are neither passes nor agent issues. Fix the model setup and run again."]
+        lines += ["", f"**{report.untested} session(s) could not be tested** (the simulated user or a judge's model "
+                      "failed, or the simulated user broke its role): they are neither passes nor agent issues. "
+                      "Fix the model setup and run again."]
         lines += [f"- `{u.session_id}`: {_inline(u.reason, QUOTE_CHARS)}" for u in report.untested_sessions[:5]]
     if report.offline and (report.note or OFFLINE_NOTE) == OFFLINE_NOTE:
         lines.append(f"Produced by {OFFLINE_NOTE}")
     elif report.note:
         lines.append(report.note)
+    code = [s.scorer for s in report.scores if s.judged_by == "code"]
+    if code:
+        lines.append(f"Code scorers (run as code, no model asked): {', '.join(_inline(c) for c in code)}.")
     if report.simulator_sessions:
         lines += ["", f"{report.simulator_sessions} session(s) could not test the agent because the simulated user "
                       "failed or broke its role; they are counted apart, never as agent issues."]
@@ -155,9 +159,13 @@ def _numbers(report: Report) -> str:
         lines.append(f"- Usage, {role}: {_usage(u)}")
     if report.scores:
         lines += ["", "| scorer | pass rate | passed | failed | unscored |", "|---|---|---|---|---|"]
-        lines += [f"| {_cell(s.scorer)}{' (heuristic)' if s.heuristic else ''} | {_rate(s.pass_rate)} | {s.passed} "
+        lines += [f"| {_cell(s.scorer)}{JUDGED_BY_SUFFIX.get(s.judged_by, '')} | {_rate(s.pass_rate)} | {s.passed} "
                   f"| {s.failed} | {s.unscored} |" for s in report.scores]
     return "\n".join(lines)
+
+
+# How a scorer judged, after its name in the scores table: a model's verdicts carry no mark.
+JUDGED_BY_SUFFIX = {"offline": " (heuristic)", "code": " (code)"}
 
 
 def _issues_section(report: Report) -> str:
