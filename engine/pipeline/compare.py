@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import InvalidOption, NotFound
 from ..ids import check_run_id
-from ..issues import Failure, collect_failures, discover_issues, untestable_sessions
+from ..issues import Failure, collect_failures, discover_issues, issue_signatures, untestable_sessions
 from ..issues.failures import HARNESS_SIGNALS
 from ..llm import resolve_llm
 from ..models import Assessment, Issue, RunStatus, Session, Usage
@@ -209,16 +209,20 @@ def _verdicts(sessions: list[Session], assessments: list[Assessment],
 
 
 def _issue_changes(base: list[Issue], candidate: list[Issue]) -> IssueChanges:
-    in_base = {i.signature: i for i in base}
-    in_cand = {i.signature: i for i in candidate}
+    """Two issues are the same when they share a failure signature (`issue_signatures`: a model may have
+    grouped several root causes into one issue in either run)."""
     out = IssueChanges()
-    for sig, i in in_cand.items():
-        old = in_base.get(sig)
-        change = IssueChange(id=i.id, signature=sig, title=i.title, severity=i.severity,
+    matched: set[int] = set()
+    for i in candidate:
+        sigs = issue_signatures(i)
+        old = next((b for b in base if issue_signatures(b) & sigs), None)
+        if old is not None:
+            matched.add(id(old))
+        change = IssueChange(id=i.id, signature=i.signature, title=i.title, severity=i.severity,
                              base_sessions=old.affected_sessions if old else 0, candidate_sessions=i.affected_sessions)
         (out.persisting if old else out.new).append(change)
-    out.fixed = [IssueChange(id=i.id, signature=sig, title=i.title, severity=i.severity,
-                             base_sessions=i.affected_sessions) for sig, i in in_base.items() if sig not in in_cand]
+    out.fixed = [IssueChange(id=i.id, signature=i.signature, title=i.title, severity=i.severity,
+                             base_sessions=i.affected_sessions) for i in base if id(i) not in matched]
     return out
 
 
