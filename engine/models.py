@@ -344,7 +344,8 @@ class CaseTrials(BaseModel):
 
     A trial passes when the agent never crashed or went silent and every verdict given on it passed. A trial
     that could not test the agent (the simulated user failed or broke its role, a judge's model gave no
-    verdict, or it was cancelled or never finished) is not counted in `trials`; it is counted in `untested`.
+    verdict, or it was cancelled) is not counted in `trials`; it is counted in `untested`. A session still running
+    is not a trial yet.
     """
 
     case_index: int | None = None

@@ -89,6 +89,12 @@ def test_trial_outcome(session, verdicts, outcome):
     assert trial_outcome(session, verdicts) == outcome
 
 
+def test_a_session_still_running_is_not_a_trial_yet():
+    trials = summarize_trials([_session("a1"), _session("a2", None)], [], repeats=2)
+    (case,) = trials.case_results
+    assert (case.trials, case.passed, case.untested, trials.untested) == (1, 1, 0, 0)
+
+
 def test_untested_trials_are_left_out_of_n_and_counted():
     sessions = [_session("a1"), _session("a2", StopReason.AGENT_ERROR, reply=None, error="KeyError: 'x'"),
                 _session("a3", StopReason.SIMULATOR_ERROR), _session("a4"),

@@ -6,7 +6,8 @@ A trial is one of three outcomes (`trial_outcome`), decided in this order:
               failure was seen but a judge's model could not give a verdict;
     fail      the agent crashed or returned an empty reply, or a verdict on it failed;
     pass      otherwise: no agent failure, and every verdict given on it passed (unscored ones say nothing).
-Untested trials are left out of a case's n and counted apart: "could not test" is never a pass.
+Untested trials are left out of a case's n and counted apart: "could not test" is never a pass. A session
+still running is not tallied at all (`TrialTally`) until it ends.
 
 Per case, `pass_hat(n, c, k)` is tau-bench's unbiased estimator C(c, k) / C(n, k) of the chance that k
 fresh trials all pass; over the run, pass^j is its mean over the cases with at least j counted trials.
@@ -76,7 +77,8 @@ class _Case:
 class TrialTally:
     """Trial outcomes per test case, fed one session at a time (a big run is read a page at a time).
 
-    Sessions without a test case to group them by (imported conversations) are not trials and are skipped.
+    Sessions without a test case to group them by (imported conversations) are not trials, and sessions still
+    running are not trials yet: both are skipped.
     """
 
     def __init__(self) -> None:
@@ -84,7 +86,7 @@ class TrialTally:
 
     def add(self, session: Session, verdicts: list[Assessment]) -> Outcome | None:
         key = case_key(session)
-        if key is None:
+        if key is None or session.stop_reason is None:
             return None
         case = self._cases.get(key)
         if case is None:
