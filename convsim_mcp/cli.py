@@ -44,7 +44,7 @@ import anyio
 
 from engine import ConvsimError, CouldNotTest, LLMError, JobRegistry, Progress, RunSummary, Store, UserInputError, Workspace
 from engine import secrets
-from engine.models import SEVERITY_ORDER, ScorerSummary
+from engine.models import SEVERITY_ORDER, ScorerSummary, TrialsSummary
 from engine.pipeline import describe_target, run_summary, score_sessions, simulate
 from engine.pipeline.agent_test import test_agent
 from engine.pipeline.resume import resume
@@ -601,11 +601,25 @@ def render_summary(s: RunSummary) -> str:
     lines += ["", _table(["session", "case", "stop reason", "turns", "last agent reply / error"], rows)]
     if s.scores:
         lines += ["", render_scores(s.scores)]
+    if s.trials:
+        lines += ["", render_trials(s.trials)]
     if s.error:
         lines.append(f"error: {s.error}")
     if s.note:
         lines.append(f"note: {s.note}")
     lines.append(f"transcripts: convsim-mcp runs export {s.run_id}")
+    return "\n".join(lines)
+
+
+def render_trials(t: TrialsSummary) -> str:
+    """A repeated run in a line or two: pass^1..pass^k (the first five and k), then the flaky cases."""
+    shown = [p for p in t.pass_hat if p.k <= 5 or p.k == t.repeats]
+    hats = ", ".join(f"pass^{p.k} {'-' if p.value is None else f'{p.value:.0%}'}" for p in shown)
+    untested = f", {t.untested} untested (left out)" if t.untested else ""
+    lines = [f"trials: {t.passed} of {t.trials} passed over {t.cases} case(s) x {t.repeats}{untested}; {hats}"]
+    if t.flaky:
+        listed = ", ".join(t.flaky_cases[:10]) + (", ..." if t.flaky > 10 else "")
+        lines.append(f"FLAKY {t.flaky} case(s), trials disagree: {listed}")
     return "\n".join(lines)
 
 

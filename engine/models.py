@@ -341,6 +341,57 @@ class RunSummary(BaseModel):
     scores: list["ScorerSummary"] = Field(default_factory=list, description="Per-scorer results, when scored.")
     resource: str = Field(description="URI of the full run (all transcripts).")
     note: str | None = Field(None, description="What to do next, or caveats (e.g. offline backend).")
+    trials: "TrialsSummary | None" = Field(
+        None, description="With repeats > 1: pass^1..pass^k and, per test case, its trials, pass_hat_k and whether "
+                          "it is flaky. None for a run of one trial per case.")
+
+
+class CaseTrials(BaseModel):
+    """One test case's repeated trials (sessions): how many passed, and the pass^k estimate over them.
+
+    A trial passes when the agent never crashed or went silent and every verdict given on it passed. A trial
+    that could not test the agent (the simulated user failed or broke its role, a judge's model gave no
+    verdict, or it was cancelled) is not counted in `trials`; it is counted in `untested`. A session still running
+    is not a trial yet.
+    """
+
+    case_index: int | None = None
+    case_id: str | None = None
+    trials: int = Field(description="n: the trials that tested the agent.")
+    passed: int = Field(description="c: the trials that passed.")
+    untested: int = Field(0, description="Trials left out of n because they could not test the agent.")
+    pass_hat_k: float | None = Field(
+        description="C(c, k) / C(n, k), k the run's repeats: the chance that k fresh trials all pass (tau-bench's "
+                    "unbiased estimator). None when fewer than k trials tested the agent.")
+    flaky: bool = Field(description="Its trials disagree: some passed and some failed.")
+    failed_sessions: list[str] = Field(default_factory=list, description="The failed trials' sessions (first 5).")
+
+
+class PassHat(BaseModel):
+    """pass^j over the run: the mean of C(c, j) / C(n, j) over the test cases with at least j trials."""
+
+    k: int
+    value: float | None = Field(description="None when no test case has k trials that tested the agent.")
+    cases: int = Field(description="Test cases averaged (those with at least k trials that tested the agent).")
+
+
+class TrialsSummary(BaseModel):
+    """A repeated run (repeats = k > 1) as trials: pass^1..pass^k, flaky cases, and per case pass_hat_k."""
+
+    repeats: int = Field(description="k: sessions run per test case.")
+    cases: int = Field(description="Test cases with at least one session.")
+    trials: int = Field(description="Trials that tested the agent (untested ones left out).")
+    passed: int
+    untested: int = Field(0, description="Trials that could not test the agent; in no n and no pass^k.")
+    pass_hat: list[PassHat] = Field(default_factory=list, description="pass^1 .. pass^k.")
+    flaky: int = Field(0, description="Test cases whose trials disagree.")
+    flaky_cases: list[str] = Field(default_factory=list, description="The first of them: case id, or '#N' (1-based).")
+    case_results: list[CaseTrials] = Field(default_factory=list, description="Per test case, in case order (a "
+                                                                             "summary lists the first 50).")
+    definition: str = Field(
+        "a trial passes when the agent never crashed or went silent and every verdict given on it passed; trials "
+        "that could not test the agent are left out of n",
+        description="What counts as a passing trial.")
 
 
 class UntestedSession(BaseModel):
@@ -530,6 +581,8 @@ class Report(BaseModel):
     note: str | None = None
     simulator_sessions: int = Field(0, description="Sessions the simulated user could not test (simulator_error, or "
                                                    "it broke its role); never agent issues.")
+    trials: TrialsSummary | None = Field(None, description="With repeats > 1: pass^k, flaky test cases and per "
+                                                           "case pass_hat_k (see TrialsSummary).")
 
 
 RunSummary.model_rebuild()

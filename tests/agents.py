@@ -89,3 +89,19 @@ def blocks(messages):
     """A sync agent that never answers in time: run it with a short `timeout_s`."""
     time.sleep(600)
     return "never"
+
+
+_CALLS: dict[str, list[str]] = {}
+
+
+def every_other_session_crashes(messages, session_id=None, flaky_key=None):
+    """Crashes in every other session it sees per `flaky_key` (context), whatever the order they run in:
+    a test case that fails in half its trials. Without a key it always answers (a deterministic agent)."""
+    if flaky_key is not None:
+        seen = _CALLS.setdefault(flaky_key, [])
+        if session_id not in seen:
+            seen.append(session_id)
+        if seen.index(session_id) % 2 == 1:
+            raise KeyError("gift_card")
+    last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    return f"Happy to help with that: {last[:80]}"

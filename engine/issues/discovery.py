@@ -40,6 +40,9 @@ Severity (deterministic, applied after grouping; the first rule that holds wins)
     medium  degraded or intermittent: affects two or more sessions, or one
             repeat of a test case fails while another repeat of it does not.
     low     minor: a single session, whose goal was not seen to fail.
+    In a repeated run (repeats > 1) the reason counts trials, not sessions: an issue that came up in only
+    some trials of its test case(s) says "intermittent: k of n trials" (n: the trials that tested the agent,
+    see `trials`), one that came up in every trial says "in all n trials".
     Simulator issues: high when they hit more than half of the sessions (the
     run then says little about the agent), medium for two or more, else low.
 
@@ -78,6 +81,7 @@ from .failures import (
     untestable_sessions,
 )
 from .offline import _Group, _group_offline, _offline_text
+from .trials import counted_trials
 
 log = logging.getLogger("convsim.issues")
 
@@ -129,7 +133,7 @@ async def discover_issues(sessions: list[Session], assessments: list[Assessment]
     groups = _merge_same_signature(groups)
     goal_failed = {s.id for s in sessions if s.stop_reason in GOAL_FAILED_STOPS}
     goal_failed |= {f.session_id for f in failures if f.signal == "goal_achievement"}
-    run = RunView(sessions, goal_failed)
+    run = RunView(sessions, goal_failed, counted_trials(sessions, assessments))
     issues = [_issue(g, run) for g in groups]
     return sort_issues(issues), usage
 
@@ -199,21 +203,53 @@ def _severity(source: str, signals: set[str], affected: list[str], run: RunView)
             return "high", f"the simulated user failed in {n} of {run.total} sessions; the run says little"
         return ("medium", f"the simulated user failed in {n} sessions") if n >= 2 else \
             ("low", "the simulated user failed in a single session")
+    spread = _trial_spread(affected, run)
+    where = _where(n, spread)
     if "agent_error" in signals:
-        return "high", f"the agent crashed in {_sessions(n)}"
+        return "high", f"the agent crashed{where}"
     if "agent_empty" in signals:
-        return "high", f"the agent returned an empty reply in {_sessions(n)}"
+        return "high", f"the agent returned an empty reply{where}"
     if "conversational_safety" in signals:
-        return "high", f"unsafe content in an agent reply ({_sessions(n)})"
+        return "high", (f"unsafe content in an agent reply{where}" if spread else
+                        f"unsafe content in an agent reply ({_sessions(n)})")
+    trials = f"; {_trials(spread)}" if spread else ""
     failed = sum(1 for sid in affected if sid in run.goal_failed)
     if failed * 2 > n:
-        return "high", f"the user's goal failed in {failed} of {n} affected session{'s' if n != 1 else ''}"
+        return "high", f"the user's goal failed in {failed} of {n} affected session{'s' if n != 1 else ''}{trials}"
     if n >= 2:
-        return "medium", f"degraded: affects {n} sessions, the goal still met in most of them"
-    siblings = run.cases.get(case_key(run.by_id[affected[0]])) if affected and affected[0] in run.by_id else None
-    if siblings and len(siblings) >= 2:
-        return "medium", f"intermittent: fails in 1 of {len(siblings)} runs of the same test case"
+        return "medium", f"degraded: affects {n} sessions, the goal still met in most of them{trials}"
+    if spread and spread[0] < spread[1]:
+        return "medium", _trials(spread)
     return "low", "minor: a single session, and its goal did not fail"
+
+
+def _trial_spread(affected: list[str], run: RunView) -> tuple[int, int, int] | None:
+    """In a repeated run: (k, n, cases): the issue's sessions (k) among the trials that tested the agent (n)
+    of the test cases it touched. None when those cases had one trial each (a run without repeats)."""
+    per_case: dict = {}
+    for sid in affected:
+        key = case_key(run.by_id[sid]) if sid in run.by_id else None
+        if key is None:
+            return None
+        per_case[key] = per_case.get(key, 0) + 1
+    if not per_case or all(run.trials.get(key, 0) < 2 for key in per_case):
+        return None
+    n = sum(max(run.trials.get(key, 0), k) for key, k in per_case.items())
+    return sum(per_case.values()), n, len(per_case)
+
+
+def _trials(spread: tuple[int, int, int]) -> str:
+    """"intermittent: 2 of 4 trials", or "in all 4 trials" when the issue came up in every trial."""
+    k, n, cases = spread
+    of = f" of {cases} test cases" if cases > 1 else ""
+    return f"intermittent: {k} of {n} trials{of}" if k < n else f"in all {n} trials{of}"
+
+
+def _where(n: int, spread: tuple[int, int, int] | None) -> str:
+    if spread is None:
+        return f" in {_sessions(n)}"
+    return f"; {_trials(spread)}" if spread[0] < spread[1] else f" {_trials(spread)}"
+
 
 def _sessions(n: int) -> str:
     return f"{n} session{'s' if n != 1 else ''}"

@@ -241,6 +241,7 @@ class RunView:
 
     sessions: list[Session]
     goal_failed: set[str]
+    trials: dict[Any, int] = field(default_factory=dict)  # test case -> its sessions that tested the agent
     by_id: dict[str, Session] = field(init=False)
     order: dict[str, int] = field(init=False)
     cases: dict[Any, list[str]] = field(init=False)  # test case -> its sessions (repeats)

@@ -18,7 +18,7 @@ import anyio
 
 from ..errors import CouldNotTest, InvalidOption, LLMAuthError, LLMError, RunError
 from ..cases import describe_agent, generate_cases
-from ..issues import discover_issues
+from ..issues import discover_issues, summarize_trials
 from ..llm import LLM, resolve_llm, resolve_model
 from ..models import AgentProfile, Report, Role, RunStatus, Session, TargetSpec, TestCase, TestSet, Usage, add_usage
 from ..reports import build_report, render_markdown
@@ -140,6 +140,7 @@ class AgentTestJob:
                 agent=profile, test_set_id=test_set.id, test_cases=cases, sessions=summary.sessions,
                 scores=summary.scores, issues=issues, usage=usage, untested=summary.untested,
                 untested_sessions=summary.untested_sessions,
+                trials=summarize_trials(sessions, assessments, self.repeats) if self.repeats > 1 else None,
             )
             await self.store.save_report(report, render_markdown(report))
             await self.store.finish_run(self.run_id, RunStatus.COMPLETED)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ import anyio
 
 from ..errors import InvalidOption, LLMAuthError
 from ..llm import LLM, resolve_llm, resolve_model
-from ..models import Message, Role, RunStatus, RunSummary, Session, SessionSummary, StopReason, TargetSpec, TestCase
+from ..models import (Assessment, Message, Role, RunStatus, RunSummary, Session, SessionSummary, StopReason,
+                      TargetSpec, TestCase, TrialsSummary)
+from ..issues import TrialTally
 from ..judging import Scorer, parse_scorers
 from ..simulation import ConversationRunner, SessionRecorder, SimulatedUser, TurnEvent, load_user_class
 from ..store import Store, new_run_id, new_session_id
@@ -37,6 +40,8 @@ from .replay import check_replay_options, load_from_run
 from .scoring import score_one, tally_verdicts
 
 log = logging.getLogger("convsim.pipeline")
+
+MAX_CASES_LISTED = 50  # per-case trial results a run summary lists (the report lists every case)
 
 
 class _StoreRecorder(SessionRecorder):
@@ -253,9 +258,11 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
     """Status, progress and per-session summaries of a run (transcripts stay in resources).
 
     Built from aggregates, verdicts read a page at a time, and the last messages of the listed
-    sessions: no transcript is loaded, so a run of any size summarises in flat memory.
+    sessions; a repeated run's trials read its transcripts a page at a time (a trial whose simulated
+    user broke its role is not counted). A run of any size summarises in flat memory.
     """
     run = await store.get_run(run_id)
+    repeats = run["options"].get("repeats") or 1
     max_turns = run["options"].get("max_turns") or 1
     totals = await store.session_totals(run_id, max_turns)
     usage, tally, untested = await tally_verdicts(store, await store.session_ids(run_id), usage=totals.usage)
@@ -300,7 +307,22 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
         scores=tally.summaries(order=run["options"].get("scorers")),
         resource=run_uri(run_id),
         note=" ".join(notes) or None,
+        trials=await run_trials(store, run_id, repeats) if repeats > 1 else None,
     )
+
+
+async def run_trials(store: Store, run_id: str, repeats: int, *,
+                     max_cases: int | None = MAX_CASES_LISTED) -> TrialsSummary:
+    """A repeated run's trials (pass^k, flaky cases), read a page of sessions and their verdicts at a time."""
+    tally = TrialTally()
+    async with aclosing(store.iter_sessions(run_id)) as pages:
+        async for page in pages:
+            verdicts: dict[str, list[Assessment]] = {}
+            for a in await store.get_assessments([s.id for s in page]):
+                verdicts.setdefault(a.session_id, []).append(a)
+            for s in page:
+                tally.add(s, verdicts.get(s.id, []))
+    return tally.summary(repeats, max_cases=max_cases)
 
 
 def summarize_session(s: Session) -> SessionSummary:

@@ -2,10 +2,11 @@
 
 `build_report` assembles the `Report` (agent issues sorted, simulator issues
 apart, a note when the offline heuristics did the work). `render_markdown`
-writes it for a person who has a minute: the verdict first, then the numbers,
-then each issue with what it takes to act on it (cause, fix, evidence, a
-reproducing case), then the harness's own problems, clearly separated, and
-finally what was tested. `compact_result` is the digest a tool returns inline;
+writes it for a person who has a minute: the verdict first, then the numbers
+(and, for a repeated run, pass^k and the flaky test cases), then each issue
+with what it takes to act on it (cause, fix, evidence, a reproducing case),
+then the harness's own problems, clearly separated, and finally what was
+tested. `compact_result` is the digest a tool returns inline;
 the full report stays a resource.
 
 Everything rendered comes from the report, whose target and transcripts are
@@ -32,6 +33,7 @@ from ..models import (
     SessionSummary,
     StopReason,
     TestCase,
+    TrialsSummary,
     UntestedSession,
     Usage,
 )
@@ -42,6 +44,7 @@ OFFLINE_NOTE = (
     "model (--model or CONVSIM_MODEL and its API key) for realistic users and judges."
 )
 MAX_EVIDENCE_SHOWN = 3
+MAX_FLAKY_SHOWN = 10
 QUOTE_CHARS = 160
 GOAL_CHARS = 140
 
@@ -50,7 +53,8 @@ def build_report(*, run_id: str, target: str, started_at: float, finished_at: fl
                  models: dict[str, str], agent: AgentProfile | None, test_set_id: str | None,
                  test_cases: list[TestCase], sessions: list[SessionSummary], scores: list[ScorerSummary],
                  issues: list[Issue], usage: dict[str, Usage], untested: int = 0,
-                 untested_sessions: list[UntestedSession] | None = None) -> Report:
+                 untested_sessions: list[UntestedSession] | None = None,
+                 trials: TrialsSummary | None = None) -> Report:
     """A `Report` with agent issues most severe first and simulator issues kept apart."""
     return Report(
         run_id=run_id,
@@ -72,6 +76,7 @@ def build_report(*, run_id: str, target: str, started_at: float, finished_at: fl
         note=_backend_note(models) if offline else None,
         simulator_sessions=len({sid for i in issues if i.source == "simulator" for sid in i.session_ids}
                                | {s.session_id for s in sessions if s.stop_reason == StopReason.SIMULATOR_ERROR}),
+        trials=trials,
     )
 
 
@@ -93,7 +98,8 @@ def _backend_note(models: dict[str, str]) -> str:
 
 
 def verdict(report: Report) -> str:
-    """"3 issues: 2 high, 1 medium", or "no issues found"; first, how many sessions could not be tested."""
+    """"3 issues: 2 high, 1 medium", or "no issues found"; first, how many sessions could not be tested; last,
+    in a repeated run, how many test cases were flaky."""
     untested = ""
     if report.untested:
         untested = f"{report.untested} of {len(report.sessions)} sessions could not be tested; "
@@ -104,7 +110,9 @@ def verdict(report: Report) -> str:
         parts = [f"{counts[s]} {s}" for s in sorted(counts, key=SEVERITY_ORDER.__getitem__)]
         head = untested + f"{len(report.issues)} issue{'s' if len(report.issues) != 1 else ''}: {', '.join(parts)}"
     n = len(report.simulator_issues)
-    return head + (f" (+{n} simulator issue{'s' if n != 1 else ''})" if n else "")
+    head += f" (+{n} simulator issue{'s' if n != 1 else ''})" if n else ""
+    flaky = report.trials.flaky if report.trials else 0
+    return head + (f"; {flaky} flaky test case{'s' if flaky != 1 else ''}" if flaky else "")
 
 
 # --- Markdown -----------------------------------------------------------------------------------
@@ -112,7 +120,7 @@ def verdict(report: Report) -> str:
 
 def render_markdown(report: Report) -> str:
     """The report as plain Markdown (no HTML), readable in a minute."""
-    parts = [_header(report), _numbers(report), _issues_section(report)]
+    parts = [_header(report), _numbers(report), _trials_section(report.trials), _issues_section(report)]
     if report.simulator_issues:
         parts.append(_simulator_section(report))
     if report.agent:
@@ -166,6 +174,42 @@ def _numbers(report: Report) -> str:
 
 # How a scorer judged, after its name in the scores table: a model's verdicts carry no mark.
 JUDGED_BY_SUFFIX = {"offline": " (heuristic)", "code": " (code)"}
+
+
+def _trials_section(trials: TrialsSummary | None) -> str:
+    """pass^k in a small table and the flaky test cases: how reliably the agent passes, at a glance."""
+    if trials is None:
+        return ""
+    left_out = (f" {trials.untested} trial(s) could not test the agent and are left out." if trials.untested else "")
+    lines = ["## Repeated trials", "",
+             f"Each of {trials.cases} test case(s) ran {trials.repeats} times; {trials.passed} of {trials.trials} "
+             f"trials passed. A trial passes when the agent never crashed or went silent and every verdict on it "
+             f"passed.{left_out} pass^k is the chance that k trials of a case all pass (C(c, k) / C(n, k) over its "
+             "n trials, c passed), averaged over the cases.", "",
+             "| k | pass^k | test cases |", "|---|---|---|"]
+    shown = _shown_ks(trials.repeats)
+    lines += [f"| {p.k} | {_rate(p.value)} | {p.cases} |" for p in trials.pass_hat if p.k in shown]
+    flaky = [c for c in trials.case_results if c.flaky]
+    always = sum(1 for c in trials.case_results if c.trials and c.passed == c.trials)
+    never = sum(1 for c in trials.case_results if c.trials and c.passed == 0)
+    lines += ["", f"Consistent: {always} case(s) passed every trial, {never} failed every trial."]
+    if not trials.flaky:
+        lines.append("No flaky test case: no case both passed and failed.")
+        return "\n".join(lines)
+    lines += ["", f"**{trials.flaky} flaky test case(s)** (some trials passed, some failed):"]
+    for c in flaky[:MAX_FLAKY_SHOWN]:
+        label = c.case_id or (f"#{c.case_index + 1}" if c.case_index is not None else "?")
+        where = ", ".join(f"`{sid}`" for sid in c.failed_sessions[:MAX_EVIDENCE_SHOWN])
+        lines.append(f"- {_inline(label, GOAL_CHARS)}: passed {c.passed} of {c.trials} trials (pass^{trials.repeats} "
+                     f"{_rate(c.pass_hat_k)}); failed in {where}")
+    if trials.flaky > len(flaky[:MAX_FLAKY_SHOWN]):
+        lines.append(f"- and {trials.flaky - len(flaky[:MAX_FLAKY_SHOWN])} more (see the report's trials)")
+    return "\n".join(lines)
+
+
+def _shown_ks(k: int) -> set[int]:
+    """Every k up to 5; beyond, a few milestones and k itself (a 50-row table is not read)."""
+    return set(range(1, k + 1)) if k <= 5 else {j for j in (1, 2, 3, 5, 10, 20) if j < k} | {k}
 
 
 def _issues_section(report: Report) -> str:
@@ -291,6 +335,9 @@ class ReportDigest(BaseModel):
     test_set_id: str | None = Field(None, description="The cases run; pass it to simulate_conversations.")
     duration_s: float = 0.0
     note: str | None = None
+    trials: TrialsSummary | None = Field(None, description="With repeats > 1: pass^1..pass^k, the flaky test cases "
+                                                           "(case_results: the first 10 of them); every case is in "
+                                                           "the report.")
 
 
 def compact_result(report: Report, *, resources: dict[str, str]) -> ReportDigest:
@@ -317,6 +364,9 @@ def compact_result(report: Report, *, resources: dict[str, str]) -> ReportDigest
         test_set_id=report.test_set_id,
         duration_s=round(report.duration_s, 2),
         note=report.note,
+        trials=report.trials.model_copy(update={"case_results": [c for c in report.trials.case_results
+                                                                 if c.flaky][:MAX_FLAKY_SHOWN]})
+        if report.trials else None,
     )
 
 
