@@ -7,6 +7,7 @@
     convsim-mcp rerun RUN_ID [--issue ISSUE_ID] [--target TARGET]
     convsim-mcp generate [--description D] [--target T] [--from-run RUN_ID | --file F] [-o cases.yaml]
     convsim-mcp simulate TARGET CASES_FILE [--max-turns N --model M --concurrency N --repeats N]
+    (test-agent, generate, simulate, score: [--cache | --no-cache] [--temperature T] [--seed N])
     convsim-mcp score (RUN_ID | --file FILE | --session ID ...) [--scorer NAME ...] [--model M]
     convsim-mcp runs list | show RUN_ID | export RUN_ID [-o FILE] | import FILE
     convsim-mcp demo
@@ -128,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     ta.add_argument("--fail-on", choices=["high", "medium", "low"],
                     help="exit 1 when an agent issue of this severity or worse is found")
     _add_allow_untested(ta)
+    _add_sampling(ta)
     ta.add_argument("--db")
     _add_root(ta)
     ta.set_defaults(func=_test_agent)
@@ -157,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--adversarial", type=float, default=0.0)
     gen.add_argument("--model")
     gen.add_argument("-o", "--output", help="also write the cases to this .yaml, .json or .jsonl file")
+    _add_sampling(gen)
     gen.add_argument("--db")
     _add_root(gen)
     gen.set_defaults(func=_generate)
@@ -177,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--concurrency", type=int, default=8)
     score.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_allow_untested(score)
+    _add_sampling(score)
     score.add_argument("--db")
     _add_root(score)
     score.set_defaults(func=_score)
@@ -249,8 +253,22 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge-model", help="judges' model (default: the user's model)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON instead of a table")
     _add_allow_untested(p)
+    _add_sampling(p)
     p.add_argument("--db", help="SQLite file (default $CONVSIM_HOME/convsim.sqlite)")
     _add_root(p)
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="answer model requests seen before from the database's response cache and store new replies "
+                        "(default: $CONVSIM_CACHE, off)")
+    p.add_argument("--temperature", type=float, help="sampling temperature of every model call, 0-2 "
+                                                     "(default: $CONVSIM_TEMPERATURE, else the provider's)")
+    p.add_argument("--seed", type=int, help="sampling seed sent with every model call (default: $CONVSIM_SEED)")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {"cache": args.cache, "temperature": args.temperature, "seed": args.seed}
 
 
 def _add_root(p: argparse.ArgumentParser) -> None:
@@ -320,7 +338,8 @@ def _demo(args: argparse.Namespace) -> int:
                             adversarial=0.0, max_turns=args.max_turns, model=model, user_model=None,
                             judge_model=None, generator_model=None, scorers=None, repeats=1, concurrency=8,
                             no_ask_agent=False, shrink=None, report=args.report, json_path=None, fail_on=None, db=args.db,
-                            root=[*args.root, str(EXAMPLES)], allow_untested=0.0)
+                            root=[*args.root, str(EXAMPLES)], allow_untested=0.0, cache=None, temperature=None,
+                            seed=None)
     return _test_agent(ns)
 
 
@@ -333,7 +352,7 @@ def _test_agent(args: argparse.Namespace) -> int:
         max_turns=args.max_turns, repeats=args.repeats, concurrency=args.concurrency, scorers=args.scorers,
         model=args.model, user_model=args.user_model, judge_model=args.judge_model,
         generator_model=args.generator_model, ask_agent=not args.no_ask_agent, shrink=args.shrink,
-        workspace=_workspace(args),
+        workspace=_workspace(args), **_sampling(args),
     ))
     bar.close()
     _, markdown = anyio.run(lambda: store.get_report(report.run_id))
@@ -380,7 +399,7 @@ def _generate(args: argparse.Namespace) -> int:
     test_set = anyio.run(lambda: build_test_set(
         store, description=args.description, target=args.target, run_id=args.run_id, file=args.file,
         num_test_cases=args.num_test_cases, guidance=args.guidance, adversarial=args.adversarial,
-        model=args.model, workspace=_workspace(args),
+        model=args.model, workspace=_workspace(args), **_sampling(args),
     ))
     if args.output:
         export_test_set(test_set, args.output)
@@ -398,7 +417,7 @@ def _run_simulation(db: str | None, target: str, cases: str, opts: argparse.Name
     summary = anyio.run(lambda: simulate(
         store, target, cases, progress=bar.update, max_turns=opts.max_turns, model=opts.model,
         concurrency=opts.concurrency, repeats=opts.repeats, user_agent=opts.user_agent, scorers=opts.scorers,
-        judge_model=opts.judge_model, workspace=_workspace(opts),
+        judge_model=opts.judge_model, workspace=_workspace(opts), **_sampling(opts),
     ))
     bar.close()
     return summary
@@ -410,6 +429,7 @@ def _score(args: argparse.Namespace) -> int:
     result = anyio.run(lambda: score_sessions(
         store, progress=bar.update, run_id=args.run_id, session_ids=args.session_ids, file=args.file,
         scorers=args.scorers, model=args.model, concurrency=args.concurrency, workspace=_workspace(args),
+        **_sampling(args),
     ))
     bar.close()
     print(result.model_dump_json(indent=2) if args.json else render_scores(result.scorers, result.note))
@@ -488,10 +508,14 @@ def render_summary(s: RunSummary) -> str:
         lines += [f"  {u.session_id}: {one_line(u.reason, 110)}" for u in s.untested_sessions[:5]]
     lines.append(f"sessions {s.sessions_done}/{s.sessions_total} ({s.progress:.0%}), turns {s.turns_done}; "
                  f"stop reasons: {counts}")
+    if s.cache or s.temperature is not None or s.seed is not None:
+        lines.append(f"sampling: temperature {'default' if s.temperature is None else s.temperature}, seed "
+                     f"{'none' if s.seed is None else s.seed}, cache {'on' if s.cache else 'off'}")
     for role, u in s.usage.items():
         cost = f", ${u.cost_usd:.4f}" if u.cost_usd else ""
         failed = f", {u.failed_calls} failed ({_kinds(u.failures)})" if u.failed_calls else ""
-        lines.append(f"usage {role}: {u.calls} calls{failed}, {u.prompt_tokens} prompt + {u.completion_tokens} "
+        hits = f", {u.cache_hits} cache hits" if u.cache_hits else ""
+        lines.append(f"usage {role}: {u.calls} calls{failed}{hits}, {u.prompt_tokens} prompt + {u.completion_tokens} "
                      f"completion tokens{cost}")
     rows = []
     for x in s.sessions:

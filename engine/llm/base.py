@@ -49,6 +49,7 @@ class LLMSettings:
     backoff_s: float = 1.0
     max_concurrency: int = 64
     temperature: float | None = None
+    seed: int | None = None
 
 
 class LLM:
@@ -62,6 +63,16 @@ class LLM:
     model: str = ""
     offline: bool = False
     auth_error: LLMAuthError | None = None  # set once the provider refused the credentials: no more calls
+    temperature: float | None = None  # sent with every request (None: the provider's default)
+    seed: int | None = None  # sent with every request (None: none)
+
+    def cache_identity(self) -> dict[str, Any]:
+        """What, besides the messages and the schema, decides this backend's reply: part of a cache key.
+
+        Never a credential: keys and tokens are not what a reply depends on, and the key must not hold them.
+        """
+        return {"backend": type(self).__name__, "model": self.model, "temperature": self.temperature,
+                "seed": self.seed}
 
     async def complete(
         self,

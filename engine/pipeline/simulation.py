@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 
 from ..errors import LLMAuthError
-from ..llm import LLM, resolve_llm, resolve_model
+from ..llm import CACHE_TRIAL, LLM, resolve_llm, resolve_model
 from ..models import Message, RunStatus, RunSummary, Session, SessionSummary, StopReason, TargetSpec, TestCase
 from ..judging import Scorer, parse_scorers
 from ..simulation import ConversationRunner, SessionRecorder, SimulatedUser, TurnEvent, load_user_class
@@ -32,7 +32,8 @@ from ..simulation import Target, redacted_spec, resolve_target
 from ..cases import load_test_cases
 from ..workspace import WorkspaceArg, as_workspace
 from ..text import one_line
-from ._shared import MAX_CONCURRENCY, MAX_REPEATS, MAX_TURNS_LIMIT, Progress, ProgressFn, check_range, run_uri, session_uri
+from ._shared import (MAX_CONCURRENCY, MAX_REPEATS, MAX_TURNS_LIMIT, Progress, ProgressFn, cache_enabled, check_range,
+                      run_uri, sampling_options, session_uri, with_cache)
 from .scoring import score_one, tally_verdicts
 
 log = logging.getLogger("convsim.pipeline")
@@ -93,6 +94,7 @@ class SimulationJob:
                 await progress(Progress(sum(steps.values()), self.total_steps, f"{event.session_id} {what}"))
 
         async def play(session: Session, stop: anyio.CancelScope) -> None:
+            CACHE_TRIAL.set(session.repeat)  # this task's own context: each repeat is its own cached trial
             async with limiter:
                 if self.stopped_by():  # left for _close to end as not run
                     stop.cancel()
@@ -155,24 +157,37 @@ async def prepare_simulation(
     api_base: str | None = None,
     api_key: str | None = None,
     llm: LLM | None = None,
+    cache: bool | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
 ) -> SimulationJob:
-    """Validate every input, then create the run. Raises UserInputError naming what to fix."""
+    """Validate every input, then create the run. Raises UserInputError naming what to fix.
+
+    `cache` (default CONVSIM_CACHE) answers repeated model requests from the store (engine/llm/cache.py);
+    `temperature` and `seed` (default CONVSIM_TEMPERATURE, CONVSIM_SEED) go with every model call and are
+    recorded with the run.
+    """
     check_range("max_turns", max_turns, 1, MAX_TURNS_LIMIT)
     check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
     check_range("repeats", repeats, 1, MAX_REPEATS)
+    use_cache = cache_enabled(cache)
     workspace = as_workspace(workspace)
     cases = await resolve_cases(store, test_cases, workspace=workspace)
     resolved = resolve_target(target, workspace=workspace)
     resolved.check_cases(cases)
     user_class = load_user_class(user_agent, workspace=workspace)
     scorer_list = parse_scorers(scorers, workspace=workspace) if scorers else []
-    llm = llm or resolve_llm(model, api_base=api_base, api_key=api_key, max_concurrency=concurrency)
+    llm = llm or resolve_llm(model, api_base=api_base, api_key=api_key, max_concurrency=concurrency,
+                             temperature=temperature, seed=seed)
     same_model = not judge_model or resolve_model(judge_model) == llm.model  # one backend: one key check, one latch
     judge_llm = llm if same_model else resolve_llm(judge_model, api_base=api_base, api_key=api_key,
-                                                   max_concurrency=concurrency)
+                                                   max_concurrency=concurrency, temperature=temperature, seed=seed)
+    llm = with_cache(llm, store, use_cache)
+    judge_llm = llm if same_model else with_cache(judge_llm, store, use_cache)
     run_id = new_run_id()
     options = {"max_turns": max_turns, "concurrency": concurrency, "repeats": repeats, "user_agent": user_agent,
-               "scorers": [sc.name for sc in scorer_list], "judge_model": judge_llm.model}
+               "scorers": [sc.name for sc in scorer_list], "judge_model": judge_llm.model,
+               **sampling_options(llm, use_cache)}
     await store.create_run(
         run_id=run_id, kind="simulate", target=redacted_spec(resolved.spec), options=options, model=llm.model,
         offline=llm.offline, test_cases=cases, sessions_total=len(cases) * repeats,
@@ -231,6 +246,9 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
         target=describe_target(run["target"]),
         model=run["model"],
         offline=run["offline"],
+        temperature=run["options"].get("temperature"),
+        seed=run["options"].get("seed"),
+        cache=bool(run["options"].get("cache")),
         sessions_total=run["sessions_total"],
         sessions_done=totals.done,
         turns_done=totals.turns,
