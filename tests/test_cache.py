@@ -14,13 +14,19 @@ from pathlib import Path
 
 import pytest
 from mcp import Client
+from pydantic import BaseModel
 
 from convsim_mcp.server import build_server
 from engine import secrets
 from engine.errors import InvalidOption
+from engine.llm import CachedLLM, LiteLLMBackend
+from engine.llm.base import LLMSettings
+from engine.llm.cache import request_key
+from engine.models import Role
 from engine.pipeline import score_sessions, simulate
 from engine.pipeline.agent_test import test_agent as run_test_agent
 from engine.pipeline.generation import build_test_set
+from engine.pipeline.rerun import rerun_issues
 from tests.conftest import agent
 from tests.fake_llm import FakeReply, _default_handler
 
@@ -29,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.anyio
 
 MODEL = "openai/fake-model"
-CASES = [{"goal": "Ask about refunds. Then ask about shipping.", "id": "refund"}, {"goal": "Track order A1.", "id": "track"}]
+CASES = [{"goal": "Ask about refunds. Then ask about shipping.", "id": "refund"},
+         {"goal": "Track order A1.", "id": "track"}]
 
 
 def scripted(request: dict) -> FakeReply:
@@ -221,6 +228,10 @@ async def test_a_cached_test_agent_rerun_makes_no_model_calls(store, fake):
     assert {r: u.cache_hits for r, u in second.usage.items()} == {r: u.calls for r, u in first.usage.items()}
     assert [i.title for i in second.issues] == [i.title for i in first.issues]
     assert await transcripts(store, second.run_id) == await transcripts(store, first.run_id)
+    outcome = await rerun_issues(store, first.run_id, repeats=1)  # cached like its run, with its temperature and seed
+    assert fake.calls == calls
+    assert (await store.get_run(outcome.run_id))["options"]["cache"] is True
+    assert await transcripts(store, outcome.run_id) == await transcripts(store, first.run_id)
 
 
 async def test_the_mcp_tools_take_cache_temperature_and_seed(store, fake):
@@ -270,7 +281,8 @@ def test_the_cli_caches_with_the_flag_or_the_environment(tmp_path, fake, how):
     assert fake.calls == calls
     summary = json.loads(second.stdout)
     assert summary["cache"] is True and summary["usage"]["simulated_user"]["calls"] == 0
-    assert summary["usage"]["simulated_user"]["cache_hits"] == json.loads(first.stdout)["usage"]["simulated_user"]["calls"]
+    hits, calls_before = summary["usage"]["simulated_user"]["cache_hits"], json.loads(first.stdout)["usage"]
+    assert hits == calls_before["simulated_user"]["calls"] > 0
     off = cli(tmp_path, fake, "--no-cache", **env)  # the flag beats the environment
     assert off.returncode == 0 and fake.calls > calls
 
@@ -282,3 +294,67 @@ def test_the_cli_refuses_a_bad_convsim_cache_or_seed(tmp_path, fake):
     bad_seed = cli(tmp_path, fake, "--seed", "-3")
     assert bad_seed.returncode == 2 and "seed" in bad_seed.stderr and "Traceback" not in bad_seed.stderr
     assert fake.calls == 0
+
+
+def backend(**settings) -> LiteLLMBackend:
+    return LiteLLMBackend(LLMSettings(**{"model": MODEL, "api_base": "http://127.0.0.1:9/v1", "api_key": "sk-a-0000000",
+                                         **settings}))
+
+
+class Reply(BaseModel):
+    text: str
+
+
+class OtherReply(BaseModel):
+    text: str
+    extra: int = 0
+
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda: (backend(model="openai/other-model"), MESSAGES, Reply, 0), id="model"),
+    pytest.param(lambda: (backend(api_base="http://127.0.0.1:10/v1"), MESSAGES, Reply, 0), id="endpoint"),
+    pytest.param(lambda: (backend(temperature=0.3), MESSAGES, Reply, 0), id="temperature"),
+    pytest.param(lambda: (backend(seed=1), MESSAGES, Reply, 0), id="seed"),
+    pytest.param(lambda: (backend(), [{"role": "user", "content": "hi!"}], Reply, 0), id="messages"),
+    pytest.param(lambda: (backend(), MESSAGES, OtherReply, 0), id="schema"),
+    pytest.param(lambda: (backend(), MESSAGES, Reply, 1), id="trial"),
+])
+def test_the_key_changes_with_each_part_of_the_request(change):
+    llm, messages, schema, trial = change()
+    base = request_key(backend().cache_identity(), MESSAGES, Reply, 0)
+    assert request_key(llm.cache_identity(), messages, schema, trial) != base
+
+
+def test_the_api_key_is_not_part_of_the_key():
+    a, b = backend(api_key="sk-first-key-000"), backend(api_key="sk-second-key-00")
+    assert request_key(a.cache_identity(), MESSAGES, Reply) == request_key(b.cache_identity(), MESSAGES, Reply)
+    assert "sk-first-key-000" not in json.dumps(a.cache_identity())
+
+
+class BrokenCache:
+    async def cache_get(self, key):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async def cache_put(self, key, output, **info):
+        raise sqlite3.OperationalError("database is locked")
+
+
+async def test_an_unusable_cache_costs_calls_not_the_run(fake):
+    llm = CachedLLM(LiteLLMBackend(LLMSettings(model=MODEL, api_base=fake.url, api_key="test-key")), BrokenCache())
+    fake.set_handler(lambda request: FakeReply(content={"text": "hello"}))
+    result = await llm.complete(MESSAGES, Reply, role=Role.JUDGE)
+    assert result.output.text == "hello" and result.usage.calls == 1 and fake.calls == 1
+
+
+async def test_a_stored_reply_that_no_longer_validates_is_asked_again(store, fake):
+    llm = CachedLLM(LiteLLMBackend(LLMSettings(model=MODEL, api_base=fake.url, api_key="test-key")), store)
+    await store.cache_put(request_key(llm.cache_identity(), MESSAGES, Reply), '{"wrong": 1}', model=MODEL,
+                          role="judge", schema="Reply")
+    fake.set_handler(lambda request: FakeReply(content={"text": "fresh"}))
+    result = await llm.complete(MESSAGES, Reply, role=Role.JUDGE)
+    assert result.output.text == "fresh" and result.usage.cache_hits == 0 and fake.calls == 1
+    again = await llm.complete(MESSAGES, Reply, role=Role.JUDGE)  # the fresh reply replaced the stale one
+    assert again.output.text == "fresh" and again.usage.cache_hits == 1 and fake.calls == 1

@@ -619,9 +619,9 @@ class Store:
         return await self._run(read)
 
     async def cache_put(self, key: str, output: str, *, model: str, role: str, schema: str) -> None:
-        """Store a validated reply; a key stored already (a concurrent identical request) keeps the first."""
+        """Store a validated reply, replacing what the key held (a stale entry that no longer validates)."""
         await self._run(lambda: self._db.execute(
-            "INSERT OR IGNORE INTO llm_cache (key, output, model, role, schema, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO llm_cache (key, output, model, role, schema, created_at) VALUES (?, ?, ?, ?, ?, ?)",
             (key, _clean(output), _clean(model), role, schema, time.time())))
 
     async def cache_stats(self) -> dict[str, int]:
