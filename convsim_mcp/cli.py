@@ -10,6 +10,7 @@
     (test-agent, generate, simulate, score: [--cache | --no-cache] [--temperature T] [--seed N])
     convsim-mcp score (RUN_ID | --file FILE | --session ID ...) [--scorer NAME ...] [--model M]
     convsim-mcp runs list | show RUN_ID | export RUN_ID [-o FILE] | import FILE
+    convsim-mcp cache stats | clear
     convsim-mcp demo
 
 Results go to stdout, progress and logs to stderr (with `serve --transport
@@ -205,6 +206,14 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--db")
     _add_root(imp)
     imp.set_defaults(func=_runs_import)
+
+    cache = sub.add_parser("cache", help="the response cache (--cache, CONVSIM_CACHE=1)").add_subparsers(metavar="ACTION")
+    stats = cache.add_parser("stats", help="how many replies are cached and how often they were served")
+    stats.add_argument("--db")
+    stats.set_defaults(func=_cache_stats)
+    clear = cache.add_parser("clear", help="delete every cached reply (the next runs ask the models again)")
+    clear.add_argument("--db")
+    clear.set_defaults(func=_cache_clear)
 
     demo = sub.add_parser("demo", help="test_agent on the bundled example agent (offline unless --model)")
     demo.add_argument("--model", help="model for every role (default: offline, no API key needed)")
@@ -473,6 +482,18 @@ def _runs_import(args: argparse.Namespace) -> int:
     path = _workspace(args).resolve_file(args.file, what="file to import")
     run_id = anyio.run(lambda: Store(args.db).import_file(path, source=str(path)))
     print(run_id)
+    return 0
+
+
+def _cache_stats(args: argparse.Namespace) -> int:
+    stats = anyio.run(lambda: Store(args.db).cache_stats())
+    print(f"{stats['entries']} cached replies, served {stats['hits']} times")
+    return 0
+
+
+def _cache_clear(args: argparse.Namespace) -> int:
+    n = anyio.run(lambda: Store(args.db).clear_cache())
+    print(f"deleted {n} cached replies")
     return 0
 
 

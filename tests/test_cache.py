@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from convsim_mcp.server import build_server
 from engine import secrets
-from engine.errors import InvalidOption
+from engine.errors import InvalidOption, LLMOutputError
 from engine.llm import CachedLLM, LiteLLMBackend
 from engine.llm.base import LLMSettings
 from engine.llm.cache import request_key
@@ -141,13 +141,15 @@ async def test_bad_sampling_options_are_refused_before_anything_runs(store, fake
 @pytest.mark.parametrize("failure", [
     pytest.param(FakeReply(status=500, content="upstream overloaded", headers={"Retry-After": "0"}), id="http-500"),
     pytest.param(FakeReply(content="this is not JSON at all"), id="garbage"),
+    pytest.param(FakeReply(content={"message": " ", "goal_achieved": False, "end_conversation": False, "reason": ""}),
+                 id="valid-but-empty-message"),
 ])
 async def test_a_failed_call_is_not_cached(store, fake, failure):
     fake.set_handler(lambda request: failure)
     broken = await run(store, cache=True)
     assert set(broken.stop_reasons) == {"simulator_error"}
     failed_calls = fake.calls
-    assert broken.usage["simulated_user"].failed_calls > 0
+    assert broken.untested == len(CASES)
     fake.set_handler(scripted)
     healthy = await run(store, cache=True)
     assert fake.calls > failed_calls and healthy.usage["simulated_user"].cache_hits == 0
@@ -156,6 +158,22 @@ async def test_a_failed_call_is_not_cached(store, fake, failure):
     assert entries > 0
     rows = sqlite3.connect(store.path).execute("SELECT output FROM llm_cache").fetchall()
     assert not any("not JSON" in r[0] or "overloaded" in r[0] for r in rows)
+
+
+async def test_a_reply_its_caller_cannot_use_is_not_cached(store, fake):
+    def no_cases(request: dict) -> FakeReply:
+        reply = scripted(request)
+        if isinstance(reply.content, dict) and "cases" in reply.content:
+            reply.content["cases"] = []  # valid JSON, but no test case in it
+        return reply
+
+    fake.set_handler(no_cases)
+    for calls in (2, 3):  # the profile, then the generation; the second time the profile is a hit
+        with pytest.raises(LLMOutputError, match="no usable test case"):
+            await build_test_set(store, description="A shop's support bot.", num_test_cases=2, model=MODEL,
+                                 cache=True)
+        assert fake.calls == calls
+    assert (await store.cache_stats())["entries"] == 1  # the profile only
 
 
 async def test_repeats_of_a_case_are_separate_trials_not_copies(store, fake):
@@ -255,6 +273,13 @@ async def test_the_mcp_tools_take_cache_temperature_and_seed(store, fake):
     assert bad.is_error and "seed must be an integer" in bad.content[0].text
 
 
+def cli_command(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSIM_") and k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(ROOT), CONVSIM_HOME=str(tmp_path / "home"))
+    return subprocess.run([sys.executable, "-m", "convsim_mcp", *args, "--db", str(tmp_path / "db.sqlite")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
 def cli(tmp_path: Path, fake, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items()
             if not k.endswith("_API_KEY") and not k.startswith("CONVSIM_") and k != "PYTHONPATH"}
@@ -285,6 +310,12 @@ def test_the_cli_caches_with_the_flag_or_the_environment(tmp_path, fake, how):
     assert hits == calls_before["simulated_user"]["calls"] > 0
     off = cli(tmp_path, fake, "--no-cache", **env)  # the flag beats the environment
     assert off.returncode == 0 and fake.calls > calls
+    stats = cli_command(tmp_path, "cache", "stats")
+    served = sum(u["cache_hits"] for u in summary["usage"].values())
+    assert stats.returncode == 0 and f"served {served} times" in stats.stdout, stats.stderr
+    cleared = cli_command(tmp_path, "cache", "clear")
+    assert cleared.returncode == 0 and "deleted" in cleared.stdout
+    assert "0 cached replies" in cli_command(tmp_path, "cache", "stats").stdout
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ class LLMResult(Generic[T]):
     usage: Usage
     model: str
     heuristic: bool = False
+    cache_key: str | None = None  # set by a cache: the entry `LLM.discard` drops
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,10 @@ class LLM:
         """
         return {"backend": type(self).__name__, "model": self.model, "temperature": self.temperature,
                 "seed": self.seed}
+
+    async def discard(self, result: LLMResult[Any]) -> None:
+        """Forget a reply that parsed but that the caller could not use (no test case, an out-of-range verdict,
+        an empty message): a cache drops it, so the next run asks the model again. Others have nothing to do."""
 
     async def complete(
         self,

@@ -18,7 +18,9 @@ The key is a SHA-256 over everything that decides a reply and nothing secret:
 
 Only a reply that was parsed and validated is stored: a failed call (an error after retries, an
 invalid reply after the repair attempt, a refused key) raises through and leaves nothing behind, so
-the next run asks the model again. What is stored is the validated reply as JSON, and only when
+the next run asks the model again. A reply that parsed but that its caller could not use (no usable
+test case, a verdict outside the judge's range, an empty user message) is dropped again by the caller
+(`LLM.discard`), for the same reason. What is stored is the validated reply as JSON, and only when
 redaction leaves it unchanged: a reply that holds a known secret is not stored at all. Storing it
 redacted would keep the secret out of the database but make a hit differ from the reply the first run
 acted on (the agent would see '***' where it saw the text), breaking "a re-run reproduces the run".
@@ -60,6 +62,9 @@ class ResponseCache(Protocol):
 
     async def cache_put(self, key: str, output: str, *, model: str, role: str, schema: str) -> None:
         """Store a validated reply (JSON) under `key`; `model`, `role` and `schema` are for people reading it."""
+
+    async def cache_delete(self, key: str) -> None:
+        """Drop the entry of `key`, if any."""
 
 
 @functools.lru_cache(maxsize=512)
@@ -116,11 +121,21 @@ class CachedLLM(LLM):
             except ValidationError:  # written by another version of a schema with the same digest: ask again
                 log.warning("cached %s reply no longer validates; asking the model", schema.__name__)
             else:
-                return LLMResult(output=output, usage=Usage(cache_hits=1), model=self.inner.model)
+                return LLMResult(output=output, usage=Usage(cache_hits=1), model=self.inner.model, cache_key=key)
         result = await self.inner.complete(messages, schema, role=role, offline=offline)  # failures raise: not cached
-        if not result.heuristic:
-            await self._put(key, result, role=getattr(role, "value", str(role)), schema=schema.__name__)
+        if not result.heuristic and await self._put(key, result, role=getattr(role, "value", str(role)),
+                                                    schema=schema.__name__):
+            result.cache_key = key
         return result
+
+    async def discard(self, result: LLMResult[Any]) -> None:
+        if result.cache_key is None:
+            return
+        try:
+            await self.cache.cache_delete(result.cache_key)
+        except Exception as e:
+            log.warning("could not drop an unusable reply from the response cache: %s", e)
+        result.cache_key = None
 
     async def _get(self, key: str) -> str | None:
         try:
@@ -129,15 +144,18 @@ class CachedLLM(LLM):
             log.warning("response cache unreadable, asking the model: %s", e)
             return None
 
-    async def _put(self, key: str, result: LLMResult, *, role: str, schema: str) -> None:
+    async def _put(self, key: str, result: LLMResult, *, role: str, schema: str) -> bool:
+        """Store the reply; False when it was not stored (it holds a secret, or the store failed)."""
         output = result.output.model_dump_json()
         if secrets.redact(output) != output:
             log.info("a %s reply holds a secret: not cached (a redacted copy would not replay the run)", schema)
-            return
+            return False
         try:
             await self.cache.cache_put(key, output, model=self.inner.model, role=role, schema=schema)
         except Exception as e:
             log.warning("could not store a reply in the response cache: %s", e)
+            return False
+        return True
 
 
 def cached(llm: LLM, cache: ResponseCache | None) -> LLM:

@@ -624,6 +624,9 @@ class Store:
             "INSERT OR REPLACE INTO llm_cache (key, output, model, role, schema, created_at) VALUES (?, ?, ?, ?, ?, ?)",
             (key, _clean(output), _clean(model), role, schema, time.time())))
 
+    async def cache_delete(self, key: str) -> None:
+        await self._run(lambda: self._db.execute("DELETE FROM llm_cache WHERE key = ?", (key,)))
+
     async def cache_stats(self) -> dict[str, int]:
         """Entries and hits served, for people deciding whether to clear it."""
         row = await self._run(lambda: self._db.execute(
