@@ -11,7 +11,9 @@ counts in `Usage.cache_hits` (not in `calls`; no tokens, no cost), under the rol
 The key is a SHA-256 over everything that decides a reply and nothing secret:
 - the backend's `cache_identity()`: backend, model, temperature, seed (and, for litellm, the endpoint);
   never an API key, so rotating a key keeps the cache and no key is derivable from the table;
-- the messages as sent, before redaction: two requests that differ only in a secret are two requests;
+- the messages as sent, before redaction: two requests that differ only in a secret are two requests
+  (hashing the redacted text would let one answer stand in for the other). The digest gives nothing
+  away: testing a guess at a secret needs the whole rest of the request, and a key is high-entropy;
 - the JSON schema of the reply (the strict one the model is asked for);
 - the trial (`CACHE_TRIAL`, a session's repeat index): the repeats of one test case send identical
   first requests, and must stay independent trials rather than copies of trial 0.
