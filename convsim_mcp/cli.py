@@ -9,8 +9,10 @@
     convsim-mcp generate [--description D] [--target T] [--from-run RUN_ID | --file F] [-o cases.yaml]
     convsim-mcp simulate TARGET CASES_FILE [--max-turns N --model M --concurrency N --repeats N]
     convsim-mcp simulate TARGET --from-run RUN_ID [--replay [--continue-after-replay]]   (test-agent too)
+    (test-agent, generate, simulate, score: [--cache | --no-cache] [--temperature T] [--seed N])
     convsim-mcp score (RUN_ID | --file FILE | --session ID ...) [--scorer NAME ...] [--model M]
     convsim-mcp runs list | show RUN_ID | export RUN_ID [-o FILE] | import FILE | resume RUN_ID
+    convsim-mcp cache stats | clear
     convsim-mcp demo
 
 Results go to stdout, progress and logs to stderr (with `serve --transport
@@ -135,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="exit 1 when an agent issue of this severity or worse is found")
     _add_replay_options(ta)
     _add_allow_untested(ta)
+    _add_sampling(ta)
     ta.add_argument("--db")
     _add_root(ta)
     ta.set_defaults(func=_test_agent)
@@ -175,6 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--adversarial", type=float, default=0.0)
     gen.add_argument("--model")
     gen.add_argument("-o", "--output", help="also write the cases to this .yaml, .json or .jsonl file")
+    _add_sampling(gen)
     gen.add_argument("--db")
     _add_root(gen)
     gen.set_defaults(func=_generate)
@@ -197,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--concurrency", type=int, default=8)
     score.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_allow_untested(score)
+    _add_sampling(score)
     score.add_argument("--db")
     _add_root(score)
     score.set_defaults(func=_score)
@@ -234,6 +239,14 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--db")
     _add_root(imp)
     imp.set_defaults(func=_runs_import)
+
+    cache = sub.add_parser("cache", help="the response cache (--cache, CONVSIM_CACHE=1)").add_subparsers(metavar="ACTION")
+    stats = cache.add_parser("stats", help="how many replies are cached and how often they were served")
+    stats.add_argument("--db")
+    stats.set_defaults(func=_cache_stats)
+    clear = cache.add_parser("clear", help="delete every cached reply (the next runs ask the models again)")
+    clear.add_argument("--db")
+    clear.set_defaults(func=_cache_clear)
 
     demo = sub.add_parser("demo", help="test_agent on the bundled example agent (offline unless --model)")
     demo.add_argument("--model", help="model for every role (default: offline, no API key needed)")
@@ -283,6 +296,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge-model", help="judges' model (default: the user's model)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON instead of a table")
     _add_allow_untested(p)
+    _add_sampling(p)
     p.add_argument("--db", help="SQLite file (default $CONVSIM_HOME/convsim.sqlite)")
     _add_root(p)
 
@@ -295,6 +309,19 @@ def _add_replay_options(p: argparse.ArgumentParser) -> None:
                         "whose recorded messages run out first ends replay_end")
     p.add_argument("--continue-after-replay", action="store_true",
                    help="with --replay: when the recorded messages run out, the simulated user takes over")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="answer model requests seen before from the database's response cache and store new replies "
+                        "(default: $CONVSIM_CACHE, off)")
+    p.add_argument("--temperature", type=float, help="sampling temperature of every model call, 0-2 "
+                                                     "(default: $CONVSIM_TEMPERATURE, else the provider's)")
+    p.add_argument("--seed", type=int, help="sampling seed sent with every model call (default: $CONVSIM_SEED)")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {"cache": args.cache, "temperature": args.temperature, "seed": args.seed}
 
 
 def _add_root(p: argparse.ArgumentParser) -> None:
@@ -365,7 +392,8 @@ def _demo(args: argparse.Namespace) -> int:
                             judge_model=None, generator_model=None, scorers=None, repeats=1, concurrency=8,
                             no_ask_agent=False, shrink=None, report=args.report, json_path=None, fail_on=None, db=args.db,
                             root=[*args.root, str(EXAMPLES)], allow_untested=0.0, from_run=None, mode=None,
-                            continue_after_replay=False)
+                            continue_after_replay=False, cache=None, temperature=None,
+                            seed=None)
     return _test_agent(ns)
 
 
@@ -380,6 +408,7 @@ def _test_agent(args: argparse.Namespace) -> int:
         generator_model=args.generator_model, ask_agent=not args.no_ask_agent, shrink=args.shrink,
         workspace=_workspace(args), from_run=args.from_run, mode=args.mode,
         continue_after_replay=args.continue_after_replay,
+        **_sampling(args),
     ))
     bar.close()
     _, markdown = anyio.run(lambda: store.get_report(report.run_id))
@@ -451,7 +480,7 @@ def _generate(args: argparse.Namespace) -> int:
     test_set = anyio.run(lambda: build_test_set(
         store, description=args.description, target=args.target, run_id=args.run_id, file=args.file,
         num_test_cases=args.num_test_cases, guidance=args.guidance, adversarial=args.adversarial,
-        model=args.model, workspace=_workspace(args),
+        model=args.model, workspace=_workspace(args), **_sampling(args),
     ))
     if args.output:
         export_test_set(test_set, args.output)
@@ -471,6 +500,7 @@ def _run_simulation(db: str | None, target: str, cases: str | None, opts: argpar
         concurrency=opts.concurrency, repeats=opts.repeats, user_agent=opts.user_agent, scorers=opts.scorers,
         judge_model=opts.judge_model, workspace=_workspace(opts), from_run=opts.from_run, mode=opts.mode,
         continue_after_replay=opts.continue_after_replay,
+        **_sampling(opts),
     ))
     bar.close()
     return summary
@@ -482,6 +512,7 @@ def _score(args: argparse.Namespace) -> int:
     result = anyio.run(lambda: score_sessions(
         store, progress=bar.update, run_id=args.run_id, session_ids=args.session_ids, file=args.file,
         scorers=args.scorers, model=args.model, concurrency=args.concurrency, workspace=_workspace(args),
+        **_sampling(args),
     ))
     bar.close()
     print(result.model_dump_json(indent=2) if args.json else render_scores(result.scorers, result.note))
@@ -554,6 +585,18 @@ def _runs_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_stats(args: argparse.Namespace) -> int:
+    stats = anyio.run(lambda: Store(args.db).cache_stats())
+    print(f"{stats['entries']} cached replies, served {stats['hits']} times")
+    return 0
+
+
+def _cache_clear(args: argparse.Namespace) -> int:
+    n = anyio.run(lambda: Store(args.db).clear_cache())
+    print(f"deleted {n} cached replies")
+    return 0
+
+
 # --- output -------------------------------------------------------------------------------------
 
 
@@ -588,10 +631,14 @@ def render_summary(s: RunSummary) -> str:
         lines += [f"  {u.session_id}: {one_line(u.reason, 110)}" for u in s.untested_sessions[:5]]
     lines.append(f"sessions {s.sessions_done}/{s.sessions_total} ({s.progress:.0%}), turns {s.turns_done}; "
                  f"stop reasons: {counts}")
+    if s.cache or s.temperature is not None or s.seed is not None:
+        lines.append(f"sampling: temperature {'default' if s.temperature is None else s.temperature}, seed "
+                     f"{'none' if s.seed is None else s.seed}, cache {'on' if s.cache else 'off'}")
     for role, u in s.usage.items():
         cost = f", ${u.cost_usd:.4f}" if u.cost_usd else ""
         failed = f", {u.failed_calls} failed ({_kinds(u.failures)})" if u.failed_calls else ""
-        lines.append(f"usage {role}: {u.calls} calls{failed}, {u.prompt_tokens} prompt + {u.completion_tokens} "
+        hits = f", {u.cache_hits} cache hits" if u.cache_hits else ""
+        lines.append(f"usage {role}: {u.calls} calls{failed}{hits}, {u.prompt_tokens} prompt + {u.completion_tokens} "
                      f"completion tokens{cost}")
     rows = []
     for x in s.sessions:

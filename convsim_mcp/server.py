@@ -96,6 +96,15 @@ ContinueArg = Annotated[bool, Field(description="With mode 'replay': when the re
                                                 "simulated user takes over from there instead of ending replay_end.")]
 
 
+CacheArg = Annotated[bool | None, Field(description="Answer model requests seen before from the response cache (no "
+                                                   "call, no cost; hits count in usage.cache_hits), and store new "
+                                                   "replies. Default: CONVSIM_CACHE (off).")]
+TemperatureArg = Annotated[float | None, Field(description="Sampling temperature of every model call, 0-2. Default: "
+                                                           "CONVSIM_TEMPERATURE, else the provider's.")]
+SeedArg = Annotated[int | None, Field(description="Sampling seed sent with every model call (providers that take one "
+                                                  "sample reproducibly). Default: CONVSIM_SEED, else none.")]
+
+
 class ScorerInfo(BaseModel):
     name: str
     kind: str
@@ -299,6 +308,9 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         continue_after_replay: ContinueArg = False,
         wait: Annotated[bool, Field(description="true: return when done, reporting progress per turn. false: "
                                                 "return the run id at once; poll get_run.")] = True,
+        cache: CacheArg = None,
+        temperature: TemperatureArg = None,
+        seed: SeedArg = None,
     ) -> RunSummary:
         """Play simulated users against an agent for many turns and store the conversations.
 
@@ -310,6 +322,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
             store, target, test_cases, max_turns=max_turns, model=model, concurrency=concurrency,
             repeats=repeats, user_agent=user_agent, scorers=scorers, judge_model=judge_model, workspace=workspace,
             from_run=from_run, mode=mode, continue_after_replay=continue_after_replay,
+            cache=cache, temperature=temperature, seed=seed,
         )
         if not wait:
             registry.start(job)
@@ -356,6 +369,9 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         continue_after_replay: ContinueArg = False,
         wait: Annotated[bool, Field(description="true: return the issues when done (progress per stage and turn). "
                                                 "false: return the run id at once; poll get_run, then get_report.")] = True,
+        cache: CacheArg = None,
+        temperature: TemperatureArg = None,
+        seed: SeedArg = None,
     ) -> TestAgentResult:
         """Test an agent end to end: describe it, generate cases, simulate users, judge, and report issues.
 
@@ -369,6 +385,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
             concurrency=concurrency, scorers=scorers, model=model, user_model=user_model,
             judge_model=judge_model, generator_model=generator_model, shrink=shrink, workspace=workspace,
             from_run=from_run, mode=mode, continue_after_replay=continue_after_replay,
+            cache=cache, temperature=temperature, seed=seed,
         )
         if not wait:
             registry.start(job)
@@ -459,6 +476,9 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         ask_agent: Annotated[bool, Field(description="Ask the target to describe itself.")] = True,
         model: Annotated[str | None, Field(description="Generator's model; 'offline' for templates.")] = None,
         name: Annotated[str | None, Field(description="A name for the test set.")] = None,
+        cache: CacheArg = None,
+        temperature: TemperatureArg = None,
+        seed: SeedArg = None,
     ) -> TestSetResult:
         """Write realistic test cases (goal, persona, guidelines, expectations) and store them as a test set.
 
@@ -467,7 +487,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         test_set = await build_test_set(store, description=description, target=target, run_id=run_id,
                                         session_ids=session_ids, file=file, num_test_cases=num_test_cases,
                                         guidance=guidance, adversarial=adversarial, ask_agent=ask_agent,
-                                        model=model, name=name, workspace=workspace)
+                                        model=model, name=name, workspace=workspace, cache=cache,
+                                        temperature=temperature, seed=seed)
         return TestSetResult(
             test_set_id=test_set.id, name=test_set.name, cases=test_set.cases, agent=test_set.profile,
             sources=test_set.sources, offline=test_set.offline, usage=test_set.usage,
@@ -492,6 +513,9 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         model: Annotated[str | None, Field(description="Judges' model ('provider/model'); 'offline' for the "
                                                        "deterministic heuristics. Default as for simulation.")] = None,
         concurrency: Annotated[int, Field(description="Judge calls at the same time.")] = 8,
+        cache: CacheArg = None,
+        temperature: TemperatureArg = None,
+        seed: SeedArg = None,
     ) -> ScoreSummary:
         """Judge whole conversations: per scorer, the pass rate and the failing sessions with one-line rationales.
 
@@ -500,7 +524,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         """
         job = await prepare_scoring(store, run_id=run_id, session_ids=session_ids, transcripts=transcripts,
                                     file=file, scorers=scorers, model=model, concurrency=concurrency,
-                                    workspace=workspace)
+                                    workspace=workspace, cache=cache, temperature=temperature, seed=seed)
 
         return await job.run(_forward(ctx))
 

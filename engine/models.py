@@ -67,6 +67,8 @@ class Usage(BaseModel):
         description="Failed calls by kind: rate_limit, server_error, timeout, connection, auth, invalid_output, "
                     "context_length, other.",
     )
+    cache_hits: int = Field(0, description="Replies served from the response cache: no request, no tokens, no cost "
+                                           "(not counted in calls).")
 
     def add(self, other: Usage) -> Usage:
         failures = dict(self.failures) if self.failures else {}  # never shared between two Usage objects
@@ -80,6 +82,7 @@ class Usage(BaseModel):
             cost_unknown_calls=self.cost_unknown_calls + other.cost_unknown_calls,
             failed_calls=self.failed_calls + other.failed_calls,
             failures=failures,
+            cache_hits=self.cache_hits + other.cache_hits,
         )
 
     def minus(self, earlier: Usage) -> Usage:
@@ -94,6 +97,7 @@ class Usage(BaseModel):
             cost_unknown_calls=self.cost_unknown_calls - earlier.cost_unknown_calls,
             failed_calls=self.failed_calls - earlier.failed_calls,
             failures=failures,
+            cache_hits=self.cache_hits - earlier.cache_hits,
         )
 
     @classmethod
@@ -325,6 +329,10 @@ class RunSummary(BaseModel):
     target: str = Field(description="The agent under test (secrets redacted).")
     model: str = Field(description="Model of the simulated user.")
     offline: bool = Field(description="True when the deterministic offline backend played the user (no real LLM).")
+    temperature: float | None = Field(None, description="Sampling temperature of the run's model calls (None: the "
+                                                         "provider's default).")
+    seed: int | None = Field(None, description="Sampling seed sent with the run's model calls (None: none sent).")
+    cache: bool = Field(False, description="Model calls went through the response cache (hits: usage.cache_hits).")
     sessions_total: int
     sessions_done: int
     turns_done: int

@@ -15,6 +15,9 @@ The variables, in one place:
     CONVSIM_LLM_TIMEOUT      seconds per model call (default 60)
     CONVSIM_LLM_RETRIES      retries on rate limits, server errors and timeouts (default 4)
     CONVSIM_LLM_CONCURRENCY  most model calls in flight (default: the run's concurrency)
+    CONVSIM_TEMPERATURE      sampling temperature of every model call, 0-2 (default: the provider's)
+    CONVSIM_SEED             sampling seed sent with every model call, 0-2147483647 (default: none)
+    CONVSIM_CACHE            1 to cache model replies in the database (default 0; see engine/llm/cache.py)
     CONVSIM_PROVIDERS        more model providers a model argument may name (comma-separated)
     CONVSIM_AUTH_TOKEN       bearer token for network transports
     CONVSIM_AGENT_ENV        the variables an HTTP target's headers may reference as ${NAME} (comma-separated);
@@ -61,6 +64,21 @@ def env_float(name: str, default: float, *, low: float, high: float) -> float:
         raise InvalidOption(f"environment variable {name}={_shown(raw)}: expected a number of seconds above {low:g} "
                             f"and at most {high:g}")
     return value
+
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    raw = env_str(name)
+    if raw is None:
+        return default
+    if raw.lower() in TRUE_WORDS:
+        return True
+    if raw.lower() in FALSE_WORDS:
+        return False
+    raise InvalidOption(f"environment variable {name}={_shown(raw)}: expected 1 or 0 (or true/false, yes/no, on/off)")
 
 
 def env_url(name: str) -> str | None:

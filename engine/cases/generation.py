@@ -293,6 +293,7 @@ async def generate_cases(
                                 offline=lambda: offline_cases(profile, num_test_cases, num_adv))
     cases = dedupe_cases(_to_cases(result.output.cases))[:num_test_cases]
     if not cases:
+        await llm.discard(result)
         raise LLMOutputError(f"model {llm.model} returned no usable test case (every goal was empty)",
                              usage=result.usage)
     return cases, result.usage
@@ -372,6 +373,8 @@ async def distill_cases(sessions: list[Session], llm: LLM) -> tuple[list[TestCas
             except LLMError as e:
                 results[i] = e
                 return
+        if not r.output.goal.strip():  # not distilled (below): not kept in a cache either
+            await llm.discard(r)
         results[i] = (r.output, r.usage)
 
     async with anyio.create_task_group() as tg:

@@ -77,28 +77,34 @@ class ClusterReply(BaseModel):
 
 
 def cluster_messages(failures: dict[str, Failure], sessions: list[Session]) -> list[dict[str, str]]:
-    """The analyst prompt: every failure once, with its short id, as data."""
+    """The analyst prompt: every failure once, with its short id, as data.
+
+    Sessions are named s1, s2, ... in run order, not by their random ids: the same failures of a re-run
+    then make the same request, which the response cache can answer (engine/llm/cache.py).
+    """
     involved = {f.session_id for f in failures.values()}
-    session_lines = [_session_line(s) for s in sessions if s.id in involved]
-    failure_lines = [_failure_line(fid, f) for fid, f in failures.items()]
+    listed = [s for s in sessions if s.id in involved]
+    labels = {s.id: f"s{i}" for i, s in enumerate(listed, 1)}
+    session_lines = [_session_line(labels[s.id], s) for s in listed]
+    failure_lines = [_failure_line(fid, f, labels.get(f.session_id, "-")) for fid, f in failures.items()]
     user = CLUSTER_INPUT.format(sessions=_defuse("\n".join(session_lines)), failures=_defuse("\n".join(failure_lines)))
     return [{"role": "system", "content": CLUSTER_PROMPT.format(categories=", ".join(CATEGORIES))},
             {"role": "user", "content": user}]
 
 
-def _failure_line(fid: str, f: Failure) -> str:
+def _failure_line(fid: str, f: Failure, session: str) -> str:
     rationale, quote = one_line(f.rationale, 300), one_line(f.quote, QUOTE_LIMIT)
-    line = f"{fid} | session {f.session_id} | turn {f.turn if f.turn is not None else '-'} | signal {f.signal} | " \
+    line = f"{fid} | session {session} | turn {f.turn if f.turn is not None else '-'} | signal {f.signal} | " \
            f"rationale: {rationale}"
     return line if quote in rationale else f'{line} | quote: "{quote}"'  # each text once
 
 
-def _session_line(s: Session) -> str:
+def _session_line(label: str, s: Session) -> str:
     case = s.test_case
     name = (case.id if case and case.id else None) or (f"#{s.case_index + 1}" if s.case_index is not None else "-")
     goal = one_line(case.goal, 200) if case else "(none)"
     ended = s.stop_reason.value if s.stop_reason else "unknown"
-    return f"{s.id}: case {name} | goal: {goal} | ended: {ended}"
+    return f"{label}: case {name} | goal: {goal} | ended: {ended}"
 
 
 def _defuse(text: str) -> str:

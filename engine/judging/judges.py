@@ -266,6 +266,8 @@ class _ModelJudge(Scorer):
                                usage=e.usage if e.usage.calls else None)]
         verdict = result.output
         passed = self.output.passed(verdict.value)
+        if passed is None:  # unscored: a re-run asks the model again rather than repeating this verdict
+            await llm.discard(result)
         return [Assessment(
             session_id=session.id, scorer=self.name, value=verdict.value, passed=passed,
             rationale=verdict.rationale.strip(), evidence=clean_evidence(verdict.evidence, n_turns(session)),

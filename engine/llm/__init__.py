@@ -27,21 +27,29 @@ A refused key stops the backend: the first authentication error is latched
 without a request. Until one reply has shown the credentials are not refused,
 requests go one at a time, so a bad key costs one request, not one per
 conversation; after that, calls run concurrently as usual.
+
+`CachedLLM` (cache.py) wraps any backend with a response cache keyed by the request (model, messages,
+schema, temperature, seed, trial); the jobs wrap theirs when asked (`cache=True`, CONVSIM_CACHE=1).
 """
 
 from __future__ import annotations
 
 from .base import LLM, LLMResult
+from .cache import CACHE_TRIAL, CachedLLM, ResponseCache, cached
 from .litellm_backend import LiteLLMBackend
 from .offline import OfflineBackend
 from .providers import resolve_model
 from .resolve import resolve_llm
 
 __all__ = [
+    "CACHE_TRIAL",
+    "CachedLLM",
     "LLM",
     "LLMResult",
     "LiteLLMBackend",
     "OfflineBackend",
+    "ResponseCache",
+    "cached",
     "resolve_llm",
     "resolve_model",
 ]

@@ -35,6 +35,7 @@ class LLMResult(Generic[T]):
     usage: Usage
     model: str
     heuristic: bool = False
+    cache_key: str | None = None  # set by a cache: the entry `LLM.discard` drops
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class LLMSettings:
     backoff_s: float = 1.0
     max_concurrency: int = 64
     temperature: float | None = None
+    seed: int | None = None
 
 
 class LLM:
@@ -62,6 +64,20 @@ class LLM:
     model: str = ""
     offline: bool = False
     auth_error: LLMAuthError | None = None  # set once the provider refused the credentials: no more calls
+    temperature: float | None = None  # sent with every request (None: the provider's default)
+    seed: int | None = None  # sent with every request (None: none)
+
+    def cache_identity(self) -> dict[str, Any]:
+        """What, besides the messages and the schema, decides this backend's reply: part of a cache key.
+
+        Never a credential: keys and tokens are not what a reply depends on, and the key must not hold them.
+        """
+        return {"backend": type(self).__name__, "model": self.model, "temperature": self.temperature,
+                "seed": self.seed}
+
+    async def discard(self, result: LLMResult[Any]) -> None:
+        """Forget a reply that parsed but that the caller could not use (no test case, an out-of-range verdict,
+        an empty message): a cache drops it, so the next run asks the model again. Others have nothing to do."""
 
     async def complete(
         self,

@@ -34,11 +34,17 @@ class LiteLLMBackend(LLM):
     def __init__(self, settings: LLMSettings):
         self.settings = settings
         self.model = settings.model
+        self.temperature, self.seed = settings.temperature, settings.seed
         secrets.refresh_from_env()
         secrets.register(settings.api_key)
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
         self._answered = False  # a request got an answer other than "bad credentials": no more gating
         self._first_call = anyio.Lock()
+
+    def cache_identity(self) -> dict[str, Any]:
+        """The endpoint counts too: one model name at two servers (a local `openai/...`) may be two models.
+        The endpoint is hashed into the key, never stored; the API key is left out."""
+        return {**super().cache_identity(), "api_base": self.settings.api_base}
 
     async def complete(self, messages, schema, *, role, offline=None):
         if self.auth_error is not None:
@@ -76,6 +82,8 @@ class LiteLLMBackend(LLM):
             kwargs["api_key"] = s.api_key
         if s.temperature is not None:
             kwargs["temperature"] = s.temperature
+        if s.seed is not None:
+            kwargs["seed"] = s.seed
         usage = Usage()
         for attempt in range(s.max_retries + 1):
             try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 from ..errors import InvalidOption
 from ..settings import env_float, env_int, env_str, env_url
 from .base import LLM, OFFLINE, LLMSettings
@@ -25,16 +28,22 @@ def resolve_llm(
     timeout_s: float | None = None,
     max_retries: int | None = None,
     max_concurrency: int | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
 ) -> LLM:
     """Build the backend for `model` (see `resolve_model`). Per-call options beat the environment
-    (CONVSIM_API_BASE, CONVSIM_API_KEY, CONVSIM_LLM_TIMEOUT, CONVSIM_LLM_RETRIES, CONVSIM_LLM_CONCURRENCY).
+    (CONVSIM_API_BASE, CONVSIM_API_KEY, CONVSIM_LLM_TIMEOUT, CONVSIM_LLM_RETRIES, CONVSIM_LLM_CONCURRENCY,
+    CONVSIM_TEMPERATURE, CONVSIM_SEED).
 
     `max_concurrency` caps model calls in flight; a job passes its own concurrency, since
     each conversation has at most one call in flight.
     """
     name = resolve_model(model)
+    temperature, seed = sampling(temperature, seed)
     if name == OFFLINE:
-        return OfflineBackend()
+        backend = OfflineBackend()
+        backend.temperature, backend.seed = temperature, seed  # recorded with the run; the heuristics ignore them
+        return backend
     if "/" not in name:
         raise InvalidOption(
             f"model '{name}' needs a provider prefix, e.g. 'openai/{name}' or 'openai:/{name}' (or 'offline')"
@@ -54,5 +63,50 @@ def resolve_llm(
         max_retries=max_retries if max_retries is not None else env_int("CONVSIM_LLM_RETRIES", 4, low=0, high=20),
         max_concurrency=min(max_concurrency or 64,
                             env_int("CONVSIM_LLM_CONCURRENCY", 100_000, low=1, high=100_000)),
+        temperature=temperature,
+        seed=seed,
     )
     return LiteLLMBackend(settings)
+
+
+MAX_TEMPERATURE = 2.0
+MAX_SEED = 2**31 - 1  # what every provider that takes a seed accepts
+
+
+def sampling(temperature: float | None = None, seed: int | None = None) -> tuple[float | None, int | None]:
+    """The temperature and seed of a run's model calls, checked: the arguments, else CONVSIM_TEMPERATURE and
+    CONVSIM_SEED, else None (the provider's default temperature, no seed). Raises InvalidOption."""
+    if temperature is None:
+        raw = env_str("CONVSIM_TEMPERATURE")
+        if raw is not None:
+            temperature = _temperature(raw, "environment variable CONVSIM_TEMPERATURE")
+    else:
+        temperature = _temperature(temperature, "temperature")
+    if seed is None:
+        raw = env_str("CONVSIM_SEED")
+        if raw is not None:
+            seed = _seed(raw, "environment variable CONVSIM_SEED")
+    else:
+        seed = _seed(seed, "seed")
+    return temperature, seed
+
+
+def _temperature(value: object, what: str) -> float:
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and 0.0 <= number <= MAX_TEMPERATURE):
+        raise InvalidOption(f"{what} must be a number from 0 to {MAX_TEMPERATURE:g}, got {str(value)[:40]!r}")
+    return number
+
+
+def _seed(value: object, what: str) -> int:
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]{1,10}", value.strip()):
+        number = int(value.strip())
+    if number is None or not 0 <= number <= MAX_SEED:
+        raise InvalidOption(f"{what} must be an integer from 0 to {MAX_SEED}, got {str(value)[:40]!r}")
+    return number

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
 
 from ..errors import InvalidOption
+from ..llm import LLM, cached
 from ..models import Assessment, UntestedSession
+from ..settings import env_bool
+from ..store import Store
 from ..text import one_line
 
 MAX_TURNS_LIMIT = 100
@@ -39,6 +42,25 @@ def scores_uri(run_id: str) -> str:
 def check_range(name: str, value: int, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidOption(f"{name} must be an integer from {low} to {high}, got {value!r}")
+
+
+def cache_enabled(cache: bool | None) -> bool:
+    """The job's `cache` option, else CONVSIM_CACHE (default off). Raises InvalidOption for a non-boolean."""
+    if cache is None:
+        return env_bool("CONVSIM_CACHE")
+    if not isinstance(cache, bool):
+        raise InvalidOption(f"cache must be true or false, got {cache!r}")
+    return cache
+
+
+def with_cache(llm: LLM, store: Store, enabled: bool) -> LLM:
+    """`llm` behind the store's response cache when `enabled` (the offline backend never is: see llm/cache.py)."""
+    return cached(llm, store) if enabled else llm
+
+
+def sampling_options(llm: LLM, enabled: bool) -> dict[str, object]:
+    """What a run records of how its model calls were made: temperature, seed, and whether they were cached."""
+    return {"temperature": llm.temperature, "seed": llm.seed, "cache": enabled}
 
 
 class UntestedTally:

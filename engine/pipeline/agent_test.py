@@ -27,7 +27,8 @@ from ..simulation import SimulatedUser, load_user_class
 from ..store import Store, new_run_id, new_test_set_id
 from ..simulation import Target, redacted_spec, resolve_target
 from ..workspace import WorkspaceArg, as_workspace
-from ._shared import MAX_CONCURRENCY, MAX_REPEATS, MAX_TURNS_LIMIT, Progress, ProgressFn, check_range
+from ._shared import (MAX_CONCURRENCY, MAX_REPEATS, MAX_TURNS_LIMIT, Progress, ProgressFn, cache_enabled, check_range,
+                      sampling_options, with_cache)
 from .generation import MAX_TEST_CASES
 from .shrink import shrink_reproductions
 from .replay import check_replay_options, load_from_run
@@ -206,11 +207,16 @@ async def prepare_agent_test(
     from_run: str | None = None,
     mode: str | None = None,
     continue_after_replay: bool = False,
+    cache: bool | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
 ) -> AgentTestJob:
     """Validate everything a test_agent run needs, then create its run. Raises UserInputError.
 
     `from_run` plays an earlier run's test cases (by `mode`, see replay.py) and generates none.
+    `cache`, `temperature` and `seed`: as for `prepare_simulation`, for every role's model calls.
     """
+    use_cache = cache_enabled(cache)
     check_range("max_turns", max_turns, 1, MAX_TURNS_LIMIT)
     check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
     check_range("repeats", repeats, 1, MAX_REPEATS)
@@ -241,13 +247,14 @@ async def prepare_agent_test(
 
     def model_for(specific: str | None) -> LLM:
         """One backend per model name, so that roles sharing a model share one key check and one latch."""
-        if llm is not None and specific is None:
-            return llm
+        if llm is not None and (specific is None or resolve_model(specific) == llm.model):
+            name = llm.model
+            backends.setdefault(name, with_cache(llm, store, use_cache))
+            return backends[name]
         name = resolve_model(specific or model)
-        if llm is not None and name == llm.model:
-            return llm
         if name not in backends:
-            backends[name] = resolve_llm(name, max_concurrency=concurrency)
+            backends[name] = with_cache(resolve_llm(name, max_concurrency=concurrency, temperature=temperature,
+                                                    seed=seed), store, use_cache)
         return backends[name]
 
     user_llm, judge_llm, generator_llm = model_for(user_model), model_for(judge_model), model_for(generator_model)
@@ -255,7 +262,7 @@ async def prepare_agent_test(
     options = {"max_turns": max_turns, "concurrency": concurrency, "repeats": repeats, "user_agent": user_agent,
                "scorers": [s.name for s in scorer_list], "num_test_cases": num_test_cases, "guidance": guidance,
                "adversarial": adversarial, "judge_model": judge_llm.model, "generator_model": generator_llm.model,
-               **(source.options() if source else {})}
+               **(source.options() if source else {}), **sampling_options(user_llm, use_cache)}
     options["resume"] = {"scorers": scorers, "description": description, "ask_agent": ask_agent,
                          "introspect": introspect, "shrink": (user_llm.offline and judge_llm.offline)
                          if shrink is None else shrink}  # what resume_run needs besides the options above

@@ -27,7 +27,7 @@ from ..simulation import load_user_class, redacted_spec, resolve_target
 from ..store import Store, new_run_id
 from ..transcript import turn_numbers
 from ..workspace import WorkspaceArg, as_workspace
-from ._shared import MAX_REPEATS, ProgressFn, check_range
+from ._shared import MAX_REPEATS, ProgressFn, cache_enabled, check_range, sampling_options, with_cache
 from .simulation import SimulationJob
 
 CLEAN_RUNS_FOR_INTERMITTENT = 3  # clean re-runs before an issue seen in only some sessions counts as fixed
@@ -71,11 +71,14 @@ async def rerun_issues(
     workspace: WorkspaceArg = None,
     llm: LLM | None = None,
     progress: ProgressFn | None = None,
+    cache: bool | None = None,
 ) -> RerunOutcome:
     """Re-run one issue's reproducing case, or every case of the run, against the (changed) agent.
 
     `repeats` defaults to the run's; when an issue was intermittent it is raised to
-    CLEAN_RUNS_FOR_INTERMITTENT so that "fixed" rests on enough clean sessions.
+    CLEAN_RUNS_FOR_INTERMITTENT so that "fixed" rests on enough clean sessions. The run's temperature and
+    seed are used again; `cache` defaults to the run's, or CONVSIM_CACHE (where the changed agent replies
+    as before, the cached users and judges answer as before).
     """
     if repeats is not None:
         check_range("repeats", repeats, 1, MAX_REPEATS)
@@ -114,13 +117,17 @@ async def rerun_issues(
     resolved.check_cases(cases)
     scorers = parse_scorers(options.get("scorers") or list(DEFAULT_SCORERS), workspace=workspace)
     # the original run's models unless told otherwise, so a re-run plays the same users and judges
-    user_llm = llm or resolve_llm(model or ("offline" if run["offline"] else run["model"]))
-    judge_llm = llm or resolve_llm(model or options.get("judge_model") or user_llm.model)
+    use_cache = cache_enabled(cache) if cache is not None else bool(options.get("cache")) or cache_enabled(None)
+    sampling = {"temperature": options.get("temperature"), "seed": options.get("seed")}
+    user_llm = with_cache(llm or resolve_llm(model or ("offline" if run["offline"] else run["model"]), **sampling),
+                          store, use_cache)
+    judge_llm = with_cache(llm or resolve_llm(model or options.get("judge_model") or user_llm.model, **sampling),
+                           store, use_cache)
     new_run = new_run_id()
     turns = max_turns or options.get("max_turns") or 8
     await store.create_run(run_id=new_run, kind="rerun", target=redacted_spec(resolved.spec),
                            options={**options, "rerun_of": run_id, "issue_id": issue_id, "max_turns": turns,
-                                    "repeats": repeats},
+                                    "repeats": repeats, **sampling_options(user_llm, use_cache)},
                            model=user_llm.model, offline=user_llm.offline, test_cases=cases,
                            sessions_total=len(cases) * repeats)
     user_class = load_user_class(options.get("user_agent"), workspace=workspace)

@@ -34,7 +34,7 @@ from ..simulation import load_user_class, resolve_target
 from ..simulation.resume import resume_point
 from ..store import Store, new_session_id
 from ..workspace import WorkspaceArg, as_workspace
-from ._shared import ProgressFn
+from ._shared import ProgressFn, with_cache
 from .agent_test import AgentTestJob, _give_instructions
 from .scoring import score_one
 from .simulation import SimulationJob
@@ -128,8 +128,10 @@ async def prepare_resume(store: Store, run_id: str, *, target: str | dict[str, A
         if llm is not None:
             return llm
         name = resolve_model(name)
-        if name not in backends:
-            backends[name] = resolve_llm(name, max_concurrency=concurrency)
+        if name not in backends:  # sampled and cached as the run recorded (sampling_options)
+            backends[name] = with_cache(resolve_llm(name, max_concurrency=concurrency,
+                                                    temperature=options.get("temperature"), seed=options.get("seed")),
+                                        store, bool(options.get("cache")))
         return backends[name]
 
     user_llm = model_for("offline" if run["offline"] else run["model"])

@@ -20,7 +20,7 @@ import anyio.lowlevel
 
 from ..errors import InvalidOption, NotFound
 from ..limits import MAX_TRANSCRIPTS
-from ..llm import LLM, resolve_llm
+from ..llm import CACHE_TRIAL, LLM, resolve_llm
 from ..models import Assessment, FailingSession, Role, ScorerSummary, ScoreSummary, Session, StopReason, Usage, add_usage
 from ..judging import Scorer, parse_scorers
 from ..judging.judges import DETERMINISTIC_JUDGES
@@ -28,7 +28,8 @@ from ..simulation.role import role_breaks
 from ..store import PAGE_SESSIONS, Store
 from ..workspace import WorkspaceArg, as_workspace
 from ..text import one_line
-from ._shared import MAX_CONCURRENCY, Progress, ProgressFn, UntestedTally, check_range, scores_uri
+from ._shared import (MAX_CONCURRENCY, Progress, ProgressFn, UntestedTally, cache_enabled, check_range, scores_uri,
+                      with_cache)
 
 log = logging.getLogger("convsim.pipeline")
 
@@ -111,6 +112,7 @@ class ScoringJob:
         async def worker(pairs: Iterator[tuple[Session, Scorer]]) -> None:
             nonlocal done
             for session, scorer in pairs:  # shared by the page's workers: each pair is taken once
+                CACHE_TRIAL.set(session.repeat)  # as when the session was scored as it finished
                 await writer.add(await judge_session(session, scorer, self.llm))
                 done += 1
                 if progress:
@@ -143,8 +145,14 @@ async def prepare_scoring(
     concurrency: int = 8,
     workspace: WorkspaceArg = None,
     llm: LLM | None = None,
+    cache: bool | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
 ) -> ScoringJob:
-    """Validate scorers and find the sessions (importing inline or file transcripts as a new run)."""
+    """Validate scorers and find the sessions (importing inline or file transcripts as a new run).
+
+    `cache`, `temperature` and `seed`: as for `prepare_simulation`, for the judges' model calls.
+    """
     given = [name for name, v in (("run_id", run_id), ("session_ids", session_ids), ("transcripts", transcripts),
                                   ("file", file)) if v]
     if len(given) != 1:
@@ -153,7 +161,8 @@ async def prepare_scoring(
     check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
     workspace = as_workspace(workspace)
     scorer_list = parse_scorers(scorers, workspace=workspace)
-    llm = llm or resolve_llm(model, max_concurrency=concurrency)
+    llm = with_cache(llm or resolve_llm(model, max_concurrency=concurrency, temperature=temperature, seed=seed),
+                     store, cache_enabled(cache))
     ids, run_ids = await collect_session_ids(store, run_id=run_id, session_ids=session_ids, transcripts=transcripts,
                                              file=file, workspace=workspace)
     if not ids:

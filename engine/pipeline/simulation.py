@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 
 from ..errors import InvalidOption, LLMAuthError
-from ..llm import LLM, resolve_llm, resolve_model
+from ..llm import CACHE_TRIAL, LLM, resolve_llm, resolve_model
 from ..models import (Assessment, Message, Role, RunStatus, RunSummary, Session, SessionSummary, StopReason,
                       TargetSpec, TestCase, TrialsSummary)
 from ..issues import TrialTally
@@ -35,7 +35,8 @@ from ..simulation import Target, redacted_spec, resolve_target
 from ..cases import load_test_cases
 from ..workspace import WorkspaceArg, as_workspace
 from ..text import one_line
-from ._shared import MAX_CONCURRENCY, MAX_REPEATS, MAX_TURNS_LIMIT, Progress, ProgressFn, check_range, run_uri, session_uri
+from ._shared import (MAX_CONCURRENCY, MAX_REPEATS, MAX_TURNS_LIMIT, Progress, ProgressFn, cache_enabled, check_range,
+                      run_uri, sampling_options, session_uri, with_cache)
 from .replay import check_replay_options, load_from_run
 from .scoring import score_one, tally_verdicts
 
@@ -117,6 +118,7 @@ class SimulationJob:
                 await progress(Progress(sum(steps.values()), self.total_steps, f"{event.session_id} {what}"))
 
         async def play(session: Session, stop: anyio.CancelScope) -> None:
+            CACHE_TRIAL.set(session.repeat)  # this task's own context: each repeat is its own cached trial
             async with limiter:
                 if self.stopped_by():  # left for _close to end as not run
                     stop.cancel()
@@ -187,15 +189,22 @@ async def prepare_simulation(
     from_run: str | None = None,
     mode: str | None = None,
     continue_after_replay: bool = False,
+    cache: bool | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
 ) -> SimulationJob:
     """Validate every input, then create the run. Raises UserInputError naming what to fix.
 
     `from_run` plays an earlier run's test cases instead of `test_cases`, by `mode` (see replay.py).
+    `cache` (default CONVSIM_CACHE) answers repeated model requests from the store (engine/llm/cache.py);
+    `temperature` and `seed` (default CONVSIM_TEMPERATURE, CONVSIM_SEED) go with every model call and are
+    recorded with the run.
     """
     check_range("max_turns", max_turns, 1, MAX_TURNS_LIMIT)
     check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
     check_range("repeats", repeats, 1, MAX_REPEATS)
     check_replay_options(from_run, mode, continue_after_replay)
+    use_cache = cache_enabled(cache)
     workspace = as_workspace(workspace)
     source = None
     if from_run is not None:
@@ -215,14 +224,17 @@ async def prepare_simulation(
     resolved.check_cases(cases)
     user_class = load_user_class(user_agent, workspace=workspace)
     scorer_list = parse_scorers(scorers, workspace=workspace) if scorers else []
-    llm = llm or resolve_llm(model, api_base=api_base, api_key=api_key, max_concurrency=concurrency)
+    llm = llm or resolve_llm(model, api_base=api_base, api_key=api_key, max_concurrency=concurrency,
+                             temperature=temperature, seed=seed)
     same_model = not judge_model or resolve_model(judge_model) == llm.model  # one backend: one key check, one latch
     judge_llm = llm if same_model else resolve_llm(judge_model, api_base=api_base, api_key=api_key,
-                                                   max_concurrency=concurrency)
+                                                   max_concurrency=concurrency, temperature=temperature, seed=seed)
+    llm = with_cache(llm, store, use_cache)
+    judge_llm = llm if same_model else with_cache(judge_llm, store, use_cache)
     run_id = new_run_id()
     options = {"max_turns": max_turns, "concurrency": concurrency, "repeats": repeats, "user_agent": user_agent,
                "scorers": [sc.name for sc in scorer_list], "judge_model": judge_llm.model,
-               **(source.options() if source else {})}
+               **(source.options() if source else {}), **sampling_options(llm, use_cache)}
     options["resume"] = {"scorers": scorers}  # the scorers as given (names alone lose custom judges)
     job = SimulationJob(store, run_id, resolved, cases, llm, user_class, max_turns, concurrency, repeats,
                         scorer_list, judge_llm, replay=source.replay if source else None,
@@ -291,6 +303,9 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
         target=describe_target(run["target"]),
         model=run["model"],
         offline=run["offline"],
+        temperature=run["options"].get("temperature"),
+        seed=run["options"].get("seed"),
+        cache=bool(run["options"].get("cache")),
         sessions_total=run["sessions_total"],
         sessions_done=totals.done,
         turns_done=totals.turns,

@@ -407,6 +407,8 @@ def _duration(seconds: float) -> str:
 
 def _usage(u: Usage) -> str:
     text = f"{u.calls} call{'s' if u.calls != 1 else ''}"
+    if u.cache_hits:
+        text += f" (+{u.cache_hits} answered from the cache)"
     tokens = u.prompt_tokens + u.completion_tokens
     if tokens:
         text += f", {tokens:,} tokens ({u.prompt_tokens:,} in, {u.completion_tokens:,} out)"

@@ -104,7 +104,8 @@ class ConversationRunner:
             spent = self.user.usage.minus(used_before)
             user_msg = Message(
                 role="user", content=move.message.strip(), turn=turn, scripted=scripted,
-                latency_ms=round((time.perf_counter() - started) * 1000, 2), usage=spent if spent.calls else None,
+                latency_ms=round((time.perf_counter() - started) * 1000, 2),
+                usage=spent if spent.calls or spent.cache_hits else None,
                 history_omitted=None if scripted else (self.user.history_omitted or None),
             )
             if not resend:

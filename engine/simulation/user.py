@@ -148,7 +148,10 @@ class SimulatedUser:
             self.usage = self.usage.add(e.usage)
             raise
         self.usage = self.usage.add(result.usage)
-        return result.output
+        move = result.output
+        if not move.message.strip() and not (move.goal_achieved or move.end_conversation):
+            await self.llm.discard(result)  # an empty message ends the session simulator_error: never replayed
+        return move
 
 
 def _history_start(messages: list[dict[str, Any]]) -> int:

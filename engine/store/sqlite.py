@@ -1,4 +1,4 @@
-"""SQLite storage for runs, test cases, sessions and messages.
+"""SQLite storage for runs, test cases, sessions and messages, and the response cache.
 
 Every message is written as its turn completes, so a crashed agent, a failed
 model call or a cancelled job keeps every completed turn. One connection, in
@@ -9,6 +9,8 @@ Nothing secret is stored: target specs arrive already redacted
 (`targets.redacted_spec`), model API keys never reach this module, and every
 text written passes through `secrets.redact` (`_clean`) on its way in, so a
 key that an agent or a provider echoed is masked in the tables and the WAL.
+The response cache (`llm_cache`, see engine/llm/cache.py) keeps a hash of each
+request, never the request, and only replies that hold no known secret.
 
 Big runs stay in constant memory: imports stream a file line by line and
 insert in batches (a file over MAX_TRANSCRIPTS is refused after a counting
@@ -144,6 +146,16 @@ CREATE TABLE IF NOT EXISTS reports (
     data TEXT NOT NULL,            -- Report JSON
     markdown TEXT NOT NULL,
     created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS llm_cache (
+    key TEXT PRIMARY KEY,          -- SHA-256 of the request (engine/llm/cache.py); the request is not kept
+    output TEXT NOT NULL,          -- the validated reply JSON (only replies that hold no secret are stored)
+    model TEXT NOT NULL,
+    role TEXT NOT NULL,            -- the role that first asked
+    schema TEXT NOT NULL,          -- the reply's schema name
+    created_at REAL NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0,
+    last_hit_at REAL
 );
 """
 
@@ -641,6 +653,43 @@ class Store:
             await self.get_run(run_id)  # NotFound for an unknown run
             raise NotFound(f"run '{run_id}' has no report yet: reports come from test_agent runs once they finish")
         return Report.model_validate_json(row["data"]), row["markdown"]
+
+    # --- response cache (engine.llm.ResponseCache) ----------------------------------------------
+
+    async def cache_get(self, key: str) -> str | None:
+        """The cached reply for a request key, counting the hit; None when there is none."""
+
+        def read() -> str | None:
+            row = self._db.execute("SELECT output FROM llm_cache WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                return None
+            try:
+                self._db.execute("UPDATE llm_cache SET hits = hits + 1, last_hit_at = ? WHERE key = ?",
+                                 (time.time(), key))
+            except sqlite3.Error as e:  # a read-only database still serves its hits
+                log.debug("could not count a cache hit: %s", e)
+            return row["output"]
+
+        return await self._run(read)
+
+    async def cache_put(self, key: str, output: str, *, model: str, role: str, schema: str) -> None:
+        """Store a validated reply, replacing what the key held (a stale entry that no longer validates)."""
+        await self._run(lambda: self._db.execute(
+            "INSERT OR REPLACE INTO llm_cache (key, output, model, role, schema, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (key, _clean(output), _clean(model), role, schema, time.time())))
+
+    async def cache_delete(self, key: str) -> None:
+        await self._run(lambda: self._db.execute("DELETE FROM llm_cache WHERE key = ?", (key,)))
+
+    async def cache_stats(self) -> dict[str, int]:
+        """Entries and hits served, for people deciding whether to clear it."""
+        row = await self._run(lambda: self._db.execute(
+            "SELECT COUNT(*) AS entries, COALESCE(SUM(hits), 0) AS hits FROM llm_cache").fetchone())
+        return {"entries": row["entries"], "hits": row["hits"]}
+
+    async def clear_cache(self) -> int:
+        """Delete every cached reply; returns how many there were."""
+        return await self._run(lambda: self._db.execute("DELETE FROM llm_cache").rowcount)
 
     # --- JSONL export / import ------------------------------------------------------------------
 
