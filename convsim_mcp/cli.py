@@ -46,7 +46,7 @@ import anyio
 
 from engine import ConvsimError, CouldNotTest, LLMError, JobRegistry, Progress, RunSummary, Store, UserInputError, Workspace
 from engine import secrets
-from engine.models import SEVERITY_ORDER, ScorerSummary, TrialsSummary
+from engine.models import SEVERITY_ORDER, Report, ScorerSummary, TrialsSummary
 from engine.pipeline import describe_target, run_summary, score_sessions, simulate
 from engine.pipeline.agent_test import test_agent
 from engine.pipeline.resume import resume
@@ -411,6 +411,11 @@ def _test_agent(args: argparse.Namespace) -> int:
         **_sampling(args),
     ))
     bar.close()
+    return _finish_report(store, report, args)
+
+
+def _finish_report(store: Store, report: Report, args: argparse.Namespace) -> int:
+    """Print and write a test_agent run's report; the exit code of --fail-on and --allow-untested."""
     _, markdown = anyio.run(lambda: store.get_report(report.run_id))
     print(markdown)
     if args.report:
@@ -564,18 +569,7 @@ def _runs_resume(args: argparse.Namespace) -> int:
         if args.json_path:
             _write(args.json_path, outcome.model_dump_json(indent=2))
         return _untested_exit(outcome.untested, outcome.sessions_total, args.allow_untested)
-    _, markdown = anyio.run(lambda: store.get_report(outcome.run_id))
-    print(markdown)
-    if args.report:
-        _write(args.report, markdown)
-    if args.json_path:
-        _write(args.json_path, outcome.model_dump_json(indent=2))
-    if args.fail_on:
-        worst = [i for i in outcome.issues if SEVERITY_ORDER[i.severity] <= SEVERITY_ORDER[args.fail_on]]
-        if worst:
-            print(f"{len(worst)} issue(s) at or above '{args.fail_on}': failing (--fail-on)", file=sys.stderr)
-            return EXIT_FAILED
-    return _untested_exit(outcome.untested, len(outcome.sessions), args.allow_untested)
+    return _finish_report(store, outcome, args)
 
 
 def _runs_import(args: argparse.Namespace) -> int:
