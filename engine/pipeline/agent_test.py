@@ -75,6 +75,7 @@ class AgentTestJob:
     sessions: list[Session] | None = None
     replay: dict[tuple[int, int], list[str]] | None = None  # from_run in mode 'replay' (see replay.py)
     continue_after_replay: bool = False
+    profile: AgentProfile | None = None  # from_run: the earlier run's reading of the agent
 
     async def run(self, progress: ProgressFn | None = None) -> Report:
         started = time.time()
@@ -88,7 +89,7 @@ class AgentTestJob:
                 await progress(Progress(min(done, total), total, message))
 
         try:
-            profile: AgentProfile | None = self.test_set.profile if self.test_set else None
+            profile: AgentProfile | None = self.test_set.profile if self.test_set else self.profile
             cases = list(self.given_cases)
             if self.num_test_cases:
                 await stage(0, "describe: reading the agent (description, self-description, source)")
@@ -274,7 +275,8 @@ async def prepare_agent_test(
                         repeats, concurrency, scorer_list, user_llm, judge_llm, generator_llm, user_class,
                         ask_agent, introspect, workspace,
                         shrink=(user_llm.offline and judge_llm.offline) if shrink is None else shrink,
-                        replay=replay, continue_after_replay=continue_after_replay)
+                        replay=replay, continue_after_replay=continue_after_replay,
+                        profile=source.profile if source else None)
 
 
 INSTRUCTION_JUDGES = ("prompt_leak", "role_adherence")  # built-in judges that read the agent's instructions

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidOption, NotFound
-from ..models import RunStatus, TestCase
+from ..models import AgentProfile, RunStatus, TestCase
 from ..store import Store
 from ._shared import MAX_REPEATS
 
@@ -32,6 +32,7 @@ class FromRun:
     cases: list[TestCase]
     continue_after_replay: bool = False
     recorded: dict[tuple[int, int], list[str]] = field(default_factory=dict)
+    profile: AgentProfile | None = None  # a test_agent run's reading of the agent (its system prompt, for the judges)
 
     @property
     def replay(self) -> dict[tuple[int, int], list[str]] | None:
@@ -83,6 +84,12 @@ async def load_from_run(store: Store, from_run: str, *, mode: str | None = None,
     if not cases:
         raise InvalidOption(f"from_run: run '{from_run}' has no test cases to play (it ended before any were made)")
     source = FromRun(from_run, mode, cases, continue_after_replay)
+    set_id = (run.get("options") or {}).get("test_set_id")
+    if set_id:
+        try:
+            source.profile = (await store.get_test_set(set_id)).profile
+        except NotFound:  # deleted since: the judges then get the description only
+            pass
     if mode != "replay":
         return source
     for s in await store.get_sessions(from_run):
