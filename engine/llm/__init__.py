@@ -22,6 +22,10 @@ required, no other keys) and its reply is parsed with the same schema, so
 `{"totally": "wrong"}` is an invalid reply (repair retry, then LLMOutputError)
 rather than a model full of defaults. The Python classes keep their defaults.
 
+An endpoint that refuses `response_format: json_schema` (a 400, 422 or 500 naming it) gets the same call
+again in `json_object` mode, then as plain text, with the schema at the end of the system message; the
+mode that worked is remembered per (api_base, model) in-process. Such a refusal is never retried.
+
 A refused key stops the backend: the first authentication error is latched
 (`auth_error`) and every later `complete()` raises `LLMAuthError` at once
 without a request. Until one reply has shown the credentials are not refused,

@@ -1,14 +1,15 @@
-"""The model path: any litellm provider, with our retries, auth latch and strict parsing."""
+"""The model path: any litellm provider, with our retries, auth latch, response-format fallback and strict parsing."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import random
 import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 import anyio
 from pydantic import BaseModel, ValidationError
@@ -22,6 +23,11 @@ from .providers import key_variable
 REPAIR_PROMPT = """\
 Your previous reply could not be used: {error}
 Reply again with only a JSON object that matches the required schema. No prose, no code fences."""
+
+
+SCHEMA_INSTRUCTIONS = """\
+Reply with only a JSON object that matches this JSON schema. No prose, no code fences.
+JSON schema: {schema}"""
 
 
 AUTH_ERROR = ("model {model}: the provider refused the credentials ({detail}). Set {variable} to a valid API key, "
@@ -40,6 +46,7 @@ class LiteLLMBackend(LLM):
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
         self._answered = False  # a request got an answer other than "bad credentials": no more gating
         self._first_call = anyio.Lock()
+        self._endpoint = (settings.api_base, settings.model)
 
     def cache_identity(self) -> dict[str, Any]:
         """The endpoint counts too: one model name at two servers (a local `openai/...`) may be two models.
@@ -70,12 +77,18 @@ class LiteLLMBackend(LLM):
         raise LLMOutputError(f"model {self.model} did not return a valid {schema.__name__} after a repair attempt: "
                              f"{last_error}", usage=usage)
 
-    async def _call_with_retries(self, messages: list[dict[str, Any]], schema: type[BaseModel]) -> tuple[str, Usage]:
-        litellm = _import_litellm()
+    def _kwargs(self, messages: list[dict[str, Any]], schema: type[BaseModel]) -> tuple[dict[str, Any], str]:
+        """The request in the structured-output mode this endpoint is known to accept, and that mode.
+
+        Built right before sending, so a call that waited behind the first one uses what that one learnt."""
         s = self.settings
-        kwargs: dict[str, Any] = dict(
-            model=s.model, messages=messages, response_format=schema, timeout=s.timeout_s, num_retries=0
-        )
+        mode = _working_modes.get(self._endpoint, JSON_SCHEMA)
+        kwargs: dict[str, Any] = dict(model=s.model, messages=_with_schema(messages, schema, mode), timeout=s.timeout_s,
+                                      num_retries=0)
+        if mode == JSON_SCHEMA:
+            kwargs["response_format"] = schema
+        elif mode == JSON_OBJECT:
+            kwargs["response_format"] = {"type": "json_object"}
         if s.api_base:
             kwargs["api_base"] = s.api_base
         if s.api_key:
@@ -84,10 +97,27 @@ class LiteLLMBackend(LLM):
             kwargs["temperature"] = s.temperature
         if s.seed is not None:
             kwargs["seed"] = s.seed
+        return kwargs, mode
+
+    async def _call_with_retries(self, messages: list[dict[str, Any]], schema: type[BaseModel]) -> tuple[str, Usage]:
+        litellm = _import_litellm()
+        s = self.settings
         usage = Usage()
-        for attempt in range(s.max_retries + 1):
+        attempt = 0
+        while True:
             try:
-                resp = await self._attempt(litellm, kwargs)
+                resp = await self._attempt(litellm, lambda: self._kwargs(messages, schema))
+            except _FormatRefused as err:  # not transient: ask again at once in the next mode, no retry spent
+                usage = usage.add(Usage.failed(err.kind))
+                if err.mode == TEXT:
+                    err.usage = usage
+                    raise
+                fallback = _MODES[_MODES.index(err.mode) + 1]
+                if _MODES.index(_working_modes.get(self._endpoint, JSON_SCHEMA)) < _MODES.index(fallback):
+                    _working_modes[self._endpoint] = fallback
+                    log.warning("model %s at %s refused response_format %s (%s); using %s from now on",
+                                s.model, s.api_base or "its provider", err.mode, err, fallback)
+                continue
             except LLMError as err:  # the provider answered with an error (or never answered)
                 usage = usage.add(Usage.failed(err.kind))
                 if not err.retryable or attempt == s.max_retries:
@@ -98,6 +128,7 @@ class LiteLLMBackend(LLM):
                     delay = s.backoff_s * (2**attempt) * (0.5 + random.random() / 2)
                 log.warning("model %s: %s; retry %d/%d in %.1fs", s.model, err, attempt + 1, s.max_retries, delay)
                 await anyio.sleep(min(delay, 60.0))
+                attempt += 1
                 continue
             if resp is None:  # refused without a request: another call found the credentials bad
                 raise self._refusal(usage)
@@ -107,30 +138,37 @@ class LiteLLMBackend(LLM):
             except LLMError as err:
                 err.usage = usage.add(Usage.failed(err.kind, calls=0))
                 raise
-        raise AssertionError("unreachable")
 
-    async def _attempt(self, litellm: Any, kwargs: dict[str, Any]) -> Any:
+    async def _attempt(self, litellm: Any, build: Callable[[], tuple[dict[str, Any], str]]) -> Any:
         """One request, or None when the credentials were refused meanwhile. Raises the classified LLMError."""
         if self._answered:
-            return await self._request(litellm, kwargs)
+            return await self._request(litellm, build)
         async with self._first_call:  # until a first answer, one request at a time (a bad key costs one)
             if self.auth_error is not None:
                 return None
             if not self._answered:
-                return await self._request(litellm, kwargs)
-        return await self._request(litellm, kwargs)  # answered while this call waited: no more gating
+                return await self._request(litellm, build)
+        return await self._request(litellm, build)  # answered while this call waited: no more gating
 
-    async def _request(self, litellm: Any, kwargs: dict[str, Any]) -> Any:
+    async def _request(self, litellm: Any, build: Callable[[], tuple[dict[str, Any], str]]) -> Any:
+        mode = JSON_SCHEMA
         try:
             async with self._limiter:
+                kwargs, mode = build()
                 resp = await litellm.acompletion(**kwargs)
         except Exception as e:  # classify at the boundary, decide in the caller
             err = _classify(e)
+            if err.kind != "auth" and _refuses_format(e, err.status_code):
+                self._answered = True
+                raise _FormatRefused(str(err), mode=mode, status_code=err.status_code) from e
             if err.kind == "auth":
                 raise self._latch(err) from e
             self._answered = True
             raise err from e
         self._answered = True
+        if resp is None:  # litellm gives up this way after a 422 it retried with parameters dropped
+            raise LLMError(f"model {self.model}: the server refused the request (HTTP 422) and litellm returned no "
+                           "response", status_code=422, kind="other")
         return resp
 
     def _latch(self, err: LLMError) -> LLMAuthError:
@@ -171,6 +209,45 @@ def _import_litellm():
         log.debug("imported litellm in %.2fs", time.perf_counter() - started)
         _litellm = litellm
     return _litellm
+
+
+JSON_SCHEMA, JSON_OBJECT, TEXT = "json_schema", "json_object", "text"
+_MODES = (JSON_SCHEMA, JSON_OBJECT, TEXT)  # structured-output modes, best first
+
+
+_working_modes: dict[tuple[str | None, str], str] = {}  # (api_base, model) -> the mode it accepted; in-process
+
+
+class _FormatRefused(LLMError):
+    """The endpoint refused the request's `response_format` (`mode`): fall back to the next mode, never retry."""
+
+    def __init__(self, message: str, *, mode: str, status_code: int | None):
+        super().__init__(message, retryable=False, status_code=status_code, kind="other")
+        self.mode = mode
+
+
+_FORMAT_TEXT = re.compile(r"(?i)response_format|json_schema|json_object")
+
+
+def _refuses_format(e: Exception, status: int | None) -> bool:
+    """A 400, 422 or 500 naming the response format: llama-cpp-python answers 500, older vLLM and Ollama 400."""
+    return status in (400, 422, 500) and bool(_FORMAT_TEXT.search(str(e)))
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_instructions(schema: type[BaseModel]) -> str:
+    return SCHEMA_INSTRUCTIONS.format(schema=json.dumps(schema.model_json_schema(), separators=(",", ":")))
+
+
+def _with_schema(messages: list[dict[str, Any]], schema: type[BaseModel], mode: str) -> list[dict[str, Any]]:
+    """Without `json_schema`, the schema goes at the end of the system message, so the prefix stays cacheable."""
+    if mode == JSON_SCHEMA:
+        return messages
+    instructions = _schema_instructions(schema)
+    first = messages[0] if messages else None
+    if first and first.get("role") == "system" and isinstance(first.get("content"), str):
+        return [{**first, "content": f"{first['content']}\n\n{instructions}"}, *messages[1:]]
+    return [{"role": "system", "content": instructions}, *messages]
 
 
 _AUTH_TEXT = re.compile(r"(?i)invalid[ _-]?(?:x-)?api[ _-]?key|incorrect api key|api key not valid|missing credentials|"

@@ -1,0 +1,158 @@
+"""Servers without `response_format: json_schema`: fall back to json_object, then to plain text, once per endpoint."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import anyio
+import pytest
+
+from engine import LLMError, LLMOutputError, Role, UserTurn
+from engine.llm.base import LLMSettings
+from engine.llm.litellm_backend import LiteLLMBackend
+from tests.conftest import ROOT
+from tests.fake_llm import FakeReply, example_for_schema
+
+MESSAGES = [{"role": "system", "content": "You are a customer."}, {"role": "user", "content": "Hello"}]
+
+# What llama-cpp-python's server answers (HTTP 500) and what older vLLM builds answer (HTTP 400). A 422 is handled
+# inside litellm first (it drops parameters and asks again), so it is not tested here.
+LLAMA_CPP = (500, "1 validation error for CreateChatCompletionRequest\nresponse_format\n  Input tag 'json_schema' "
+                  "found using 'type' does not match any of the expected tags: 'text', 'json_object'")
+VLLM = (400, "[{'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+             "'msg': \"Input should be 'text' or 'json_object'\"}]")
+NO_JSON_OBJECT = (400, "response_format type json_object is not supported")
+
+
+def turn(message: str) -> dict:
+    return {"message": message, "goal_achieved": False, "end_conversation": False, "reason": "r"}
+
+
+def backend(fake, model="openai/fake-user", **settings) -> LiteLLMBackend:
+    settings = {"max_retries": 2, "backoff_s": 0.01, "timeout_s": 5, **settings}
+    return LiteLLMBackend(LLMSettings(model=model, api_base=fake.url, api_key="k", **settings))
+
+
+def mode_of(request: dict) -> str:
+    fmt = request.get("response_format")
+    return fmt["type"] if isinstance(fmt, dict) else "text"
+
+
+def schema_in_instructions(request: dict) -> dict:
+    """The JSON schema the fallback put at the end of the system message (fails if it is not there)."""
+    system = request["messages"][0]
+    assert system["role"] == "system", request["messages"]
+    line = next(x for x in system["content"].splitlines() if x.startswith("JSON schema: "))
+    return json.loads(line.removeprefix("JSON schema: "))
+
+
+def refusing(json_schema: tuple[int, str], json_object: tuple[int, str] | None = None, reply=None):
+    """A server that refuses json_schema (and json_object when given) and answers the rest from the schema it was
+    shown in the instructions."""
+    def handle(request: dict) -> FakeReply:
+        mode = mode_of(request)
+        refusal = {"json_schema": json_schema, "json_object": json_object}.get(mode)
+        if refusal:
+            return FakeReply(status=refusal[0], content=refusal[1])
+        content = reply if reply is not None else example_for_schema(schema_in_instructions(request))
+        return FakeReply(content=content)
+    return handle
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("refusal", [LLAMA_CPP, VLLM], ids=["llama-cpp-500", "vllm-400"])
+async def test_a_refused_json_schema_falls_back_to_json_object_once_per_endpoint(fake_llm, refusal):
+    fake_llm.set_handler(refusing(refusal, reply=turn("hi there")))
+    llm = backend(fake_llm)
+    result = await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+    assert result.output.message == "hi there"
+    assert [mode_of(r) for r in fake_llm.requests] == ["json_schema", "json_object"]  # the refusal is not retried
+    assert result.usage.calls == 2 and result.usage.failed_calls == 1
+    schema = schema_in_instructions(fake_llm.requests[1])
+    assert set(schema["required"]) == {"message", "goal_achieved", "end_conversation", "reason"}
+    assert fake_llm.requests[1]["messages"][0]["content"].startswith("You are a customer.\n\n")  # prefix unchanged
+    assert fake_llm.requests[1]["messages"][1:] == MESSAGES[1:]
+
+    await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+    await backend(fake_llm).complete(MESSAGES, UserTurn, role=Role.USER)  # another backend, same (api_base, model)
+    assert [mode_of(r) for r in fake_llm.requests] == ["json_schema", "json_object", "json_object", "json_object"]
+
+    await backend(fake_llm, model="openai/other-model").complete(MESSAGES, UserTurn, role=Role.USER)
+    assert [mode_of(r) for r in fake_llm.requests[4:]] == ["json_schema", "json_object"]  # per model too
+
+
+@pytest.mark.anyio
+async def test_a_server_refusing_json_object_too_gets_plain_text_parsed_strictly(fake_llm):
+    fake_llm.set_handler(refusing(LLAMA_CPP, NO_JSON_OBJECT, reply=f"```json\n{json.dumps(turn('plain'))}\n```"))
+    llm = backend(fake_llm)
+    result = await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+    assert result.output.message == "plain" and result.usage.calls == 3
+    assert [mode_of(r) for r in fake_llm.requests] == ["json_schema", "json_object", "text"]
+    assert "response_format" not in fake_llm.requests[2]
+    assert schema_in_instructions(fake_llm.requests[2])["additionalProperties"] is False
+
+    await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+    assert [mode_of(r) for r in fake_llm.requests[3:]] == ["text"]
+
+    fake_llm.set_handler(refusing(LLAMA_CPP, NO_JSON_OBJECT, reply={"message": "no other fields"}))
+    with pytest.raises(LLMOutputError, match="goal_achieved"):  # the same strict validation: repair, then refused
+        await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+    assert [mode_of(r) for r in fake_llm.requests[4:]] == ["text", "text"]
+
+
+@pytest.mark.anyio
+async def test_concurrent_first_calls_pay_the_refusal_once(fake_llm):
+    fake_llm.set_handler(refusing(LLAMA_CPP, reply=turn("ok")))
+    llm = backend(fake_llm)
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(functools.partial(llm.complete, MESSAGES, UserTurn, role=Role.USER))
+    assert sorted(mode_of(r) for r in fake_llm.requests) == ["json_object"] * 5 + ["json_schema"]
+
+
+@pytest.mark.anyio
+async def test_a_500_not_naming_the_response_format_is_still_retried(fake_llm):
+    fake_llm.set_handler(lambda req: FakeReply(status=500, content="upstream overloaded"))
+    llm = backend(fake_llm)
+    with pytest.raises(LLMError) as info:
+        await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+    assert info.value.retryable and info.value.kind == "server_error"
+    assert [mode_of(r) for r in fake_llm.requests] == ["json_schema"] * 3  # the call and its 2 retries, no fallback
+    fake_llm.set_handler(None)
+    await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+    assert mode_of(fake_llm.requests[-1]) == "json_schema"
+
+
+@pytest.mark.anyio
+async def test_a_refusal_in_the_last_mode_is_raised_without_retries(fake_llm):
+    fake_llm.set_handler(lambda req: FakeReply(status=400, content="response_format is required"))
+    with pytest.raises(LLMError) as info:
+        await backend(fake_llm).complete(MESSAGES, UserTurn, role=Role.USER)
+    assert not info.value.retryable and info.value.usage.failed_calls == 3
+    assert [mode_of(r) for r in fake_llm.requests] == ["json_schema", "json_object", "text"]
+
+
+@pytest.mark.slow
+def test_a_simulate_run_completes_against_a_server_without_json_schema(tmp_path, fake_llm):
+    fake_llm.set_handler(refusing(LLAMA_CPP))
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps([{"goal": "Ask about refunds."}, {"goal": "Ask where order A1 is."}]))
+    env = {k: v for k, v in os.environ.items()
+           if not k.endswith("_API_KEY") and not k.startswith("CONVSIM_") and k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(ROOT), CONVSIM_HOME=str(tmp_path / "home"), CONVSIM_ROOTS=str(tmp_path),
+               CONVSIM_API_BASE=fake_llm.url, CONVSIM_API_KEY="sk-test-not-a-real-key", CONVSIM_LLM_RETRIES="2")
+    proc = subprocess.run([sys.executable, "-m", "convsim_mcp", "simulate", "tests.agents:echo", str(cases),
+                           "--model", "openai/fake-model", "--max-turns", "2", "--json", "--scorer", "goal_achievement",
+                           "--db", str(tmp_path / "db.sqlite")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "completed", summary
+    modes = [mode_of(r) for r in fake_llm.requests]
+    models = {r["model"] for r in fake_llm.requests}
+    assert modes.count("json_schema") == len(models) and modes.count("json_object") >= 4, modes
+    assert "Traceback" not in proc.stderr
