@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Callable, TypeVar
 
 from ..errors import InvalidOption
 from ..settings import env_float, env_int, env_str, env_url
@@ -18,6 +19,8 @@ from .providers import (
     configured_providers,
     resolve_model,
 )
+
+T = TypeVar("T")
 
 
 def resolve_llm(
@@ -76,19 +79,16 @@ MAX_SEED = 2**31 - 1  # what every provider that takes a seed accepts
 def sampling(temperature: float | None = None, seed: int | None = None) -> tuple[float | None, int | None]:
     """The temperature and seed of a run's model calls, checked: the arguments, else CONVSIM_TEMPERATURE and
     CONVSIM_SEED, else None (the provider's default temperature, no seed). Raises InvalidOption."""
-    if temperature is None:
-        raw = env_str("CONVSIM_TEMPERATURE")
-        if raw is not None:
-            temperature = _temperature(raw, "environment variable CONVSIM_TEMPERATURE")
-    else:
-        temperature = _temperature(temperature, "temperature")
-    if seed is None:
-        raw = env_str("CONVSIM_SEED")
-        if raw is not None:
-            seed = _seed(raw, "environment variable CONVSIM_SEED")
-    else:
-        seed = _seed(seed, "seed")
-    return temperature, seed
+    return (_given_or_env(temperature, "temperature", "CONVSIM_TEMPERATURE", _temperature),
+            _given_or_env(seed, "seed", "CONVSIM_SEED", _seed))
+
+
+def _given_or_env(value: object, field: str, variable: str, check: Callable[[object, str], T]) -> T | None:
+    """`value` checked as `field`, else the environment variable checked as itself, else None."""
+    if value is not None:
+        return check(value, field)
+    raw = env_str(variable)
+    return None if raw is None else check(raw, f"environment variable {variable}")
 
 
 def _temperature(value: object, what: str) -> float:
