@@ -247,7 +247,7 @@ def _guarded(error: type[ToolError] | type[ResourceError]) -> Callable[[F], F]:
             except (ToolError, ResourceError) as e:
                 raise error(clip(redact(str(e)), MAX_ERROR_CHARS)) from e
             except ConvsimError as e:
-                raise error(clip(str(e), MAX_ERROR_CHARS)) from e
+                raise error(clip(redact(str(e)), MAX_ERROR_CHARS)) from e
             except Exception as e:
                 log.exception("%s failed", fn.__name__)
                 raise error(clip(redact(f"internal error in {fn.__name__}: {type(e).__name__}: {e}"), MAX_ERROR_CHARS)

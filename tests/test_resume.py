@@ -245,3 +245,25 @@ async def test_a_failed_run_is_not_resumed(store):
     with pytest.raises(InvalidOption, match="only an interrupted or cancelled run can be resumed"):
         await prepare_resume(store, job.run_id)
     assert (await store.get_run(job.run_id))["resumed"] == 0
+
+
+@pytest.mark.anyio
+async def test_a_resumed_replay_sends_the_recorded_turns_the_stop_cut_off(store, monkeypatch):
+    """A replay cut mid-session goes on sending its recorded user turns, each turn noted once."""
+    monkeypatch.setenv("RESUME_AGENT_DELAY_S", "0")
+    script = {"id": "four", "goal": "Ask four things.", "scripted_turns": ["one", "two", "three", "four"]}
+    first = await (await prepare_simulation(store, AGENT, [script], model="offline", workspace=ROOT,
+                                            max_turns=4)).run()
+    replay = await prepare_simulation(store, AGENT, None, from_run=first.run_id, mode="replay", model="offline",
+                                      workspace=ROOT, max_turns=4)
+    async with anyio.create_task_group() as tg:
+        async def cut_after_turn_2(p) -> None:
+            if p.done >= 2:
+                tg.cancel_scope.cancel()
+        tg.start_soon(replay.run, cut_after_turn_2)
+    [cut] = await store.get_sessions(replay.run_id)
+    assert [m.content for m in cut.messages if m.role == "user"] == ["one", "two"]
+    await (await prepare_resume(store, replay.run_id, workspace=ROOT)).run()
+    [done] = await store.get_sessions(replay.run_id)
+    assert [m.content for m in done.messages if m.role == "user"] == ["one", "two", "three", "four"]
+    assert done.replayed_turns == [1, 2, 3, 4] and done.stop_reason != StopReason.REPLAY_END

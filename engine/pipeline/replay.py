@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidOption, NotFound
+from ..ids import check_run_id
 from ..models import AgentProfile, RunStatus, TestCase
 from ..store import Store
 from ._shared import MAX_REPEATS
@@ -59,8 +60,7 @@ def check_replay_options(from_run: Any, mode: Any, continue_after_replay: Any) -
             what = f"mode '{mode}'" if mode is not None else "continue_after_replay"
             raise InvalidOption(f"{what} needs from_run: the id of the earlier run whose cases to play")
         return
-    if not isinstance(from_run, str) or not from_run.strip():
-        raise InvalidOption(f"from_run must be a run id such as 'run-...', got {from_run!r}")
+    check_run_id(from_run, "from_run")
     if continue_after_replay and (mode or "resimulate") != "replay":
         raise InvalidOption("continue_after_replay applies only with mode 'replay' (--replay): in 'resimulate' "
                             "the simulated user plays every turn anyway")

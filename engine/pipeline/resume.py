@@ -28,7 +28,7 @@ import anyio
 from ..errors import InvalidOption, InvalidTarget, RunError
 from ..ids import check_run_id
 from ..judging import DEFAULT_SCORERS, Scorer, parse_scorers
-from ..llm import LLM, resolve_llm, resolve_model
+from ..llm import CACHE_TRIAL, LLM, resolve_llm, resolve_model
 from ..models import Message, Report, Role, RunStatus, RunSummary, Session, StopReason, TargetSpec, Usage, add_usage
 from ..simulation import load_user_class, resolve_target
 from ..simulation.resume import resume_point
@@ -68,6 +68,7 @@ class ResumeJob:
             for s in self.ended:
                 await self.store.finish_session(s)
             for s in self.unscored:
+                CACHE_TRIAL.set(s.repeat)  # each repeat is its own cached trial, as in SimulationJob.play
                 await score_one(self.store, s, self.scorers, self.judge_llm)
         except BaseException as e:  # before the original job took over: end the run (a cancel leaves it resumable)
             cancelled = isinstance(e, anyio.get_cancelled_exc_class())
@@ -146,6 +147,7 @@ async def prepare_resume(store: Store, run_id: str, *, target: str | dict[str, A
         if test_set is not None:
             cases = test_set.cases
             _give_instructions(scorers, test_set.profile, extra.get("description"))  # before kept sessions are scored
+    resolved.check_cases(cases)  # a target given again must still fit every case, as at the start
     plan = _plan(run_id, stored, cases, repeats) if cases and (run["kind"] == "simulate" or test_set) else None
     replay, after_replay = None, bool(options.get("continue_after_replay"))
     if options.get("mode") == "replay":  # each stored session carries its recorded user turns as scripted turns
@@ -171,11 +173,12 @@ async def prepare_resume(store: Store, run_id: str, *, target: str | dict[str, A
             usage=dict(test_set.usage) if test_set else {}, test_set=test_set,
             sessions=plan.sessions if plan else None, replay=replay, continue_after_replay=after_replay)
     plan = plan or _Plan()
+    unscored = await _unscored(store, plan.finished, scorers)  # before the run is taken: a failure leaves it as it was
     if not await store.reopen_run(run_id, [s.id for s in plan.reopen], plan.drop):
         raise InvalidOption(f"run '{run_id}' was taken by another process while it was being resumed")
     return ResumeJob(store, run_id, run["kind"], inner, scorers, judge_llm, continued=plan.continued,
                      restarted=plan.restarted, kept=plan.kept, created=plan.created, ended=plan.ended,
-                     unscored=await _unscored(store, plan.finished, scorers))
+                     unscored=unscored)
 
 
 async def resume(store: Store, run_id: str, *, progress: ProgressFn | None = None, **options: Any) -> RunSummary | Report:

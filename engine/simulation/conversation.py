@@ -82,7 +82,7 @@ class ConversationRunner:
                 move = UserTurn(message=session.messages[-1].content or "")
             elif scripted:
                 move = UserTurn(message=case.scripted_turns[turn - 1])
-                if self.replay:
+                if self.replay and turn not in session.replayed_turns:  # a resumed turn is re-sent, not new
                     session.replayed_turns.append(turn)
             elif self.replay and not self.continue_after_replay:
                 return await self._finish(session, StopReason.REPLAY_END,
