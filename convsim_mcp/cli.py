@@ -12,6 +12,8 @@
     (test-agent, generate, simulate, score: [--cache | --no-cache] [--temperature T] [--seed N])
     convsim-mcp score (RUN_ID | --file FILE | --session ID ...) [--scorer NAME ...] [--model M]
     convsim-mcp runs list | show RUN_ID | export RUN_ID [-o FILE] | import FILE | resume RUN_ID
+    convsim-mcp runs export RUN_ID --format mlflow --tracking-uri URI --experiment NAME
+    convsim-mcp runs import --from-mlflow --tracking-uri URI --experiment NAME
     convsim-mcp cache stats | clear
     convsim-mcp demo
 
@@ -216,10 +218,15 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print the summary as JSON")
     show.add_argument("--db")
     show.set_defaults(func=_runs_show)
-    export = runs.add_parser("export", help="a run's sessions as JSONL (one session per line)")
+    export = runs.add_parser("export", help="a run's sessions as JSONL (one session per line), or as MLflow traces")
     export.add_argument("run_id")
     export.add_argument("-o", "--output", help="file to write (default stdout)")
+    export.add_argument("--format", choices=["jsonl", "mlflow"], default="jsonl",
+                        help="mlflow: one trace per turn, grouped by session, verdicts as assessments "
+                             "(needs convsim-mcp[mlflow], --tracking-uri and --experiment)")
+    _add_mlflow(export)
     export.add_argument("--db")
+    _add_root(export)
     export.set_defaults(func=_runs_export)
     res = runs.add_parser("resume", help="continue an interrupted or cancelled run from its last stored turns")
     res.add_argument("run_id")
@@ -234,8 +241,11 @@ def _parser() -> argparse.ArgumentParser:
     res.add_argument("--db")
     _add_root(res)
     res.set_defaults(func=_runs_resume)
-    imp = runs.add_parser("import", help="store sessions from a JSONL file as a new run")
-    imp.add_argument("file")
+    imp = runs.add_parser("import", help="store sessions from a JSONL file, or an MLflow experiment's traces, as a new run")
+    imp.add_argument("file", nargs="?", help="a JSONL file (export format or message lists)")
+    imp.add_argument("--from-mlflow", action="store_true",
+                     help="read traces grouped by session from --tracking-uri and --experiment instead")
+    _add_mlflow(imp)
     imp.add_argument("--db")
     _add_root(imp)
     imp.set_defaults(func=_runs_import)
@@ -539,8 +549,34 @@ def _runs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_mlflow(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", help="MLflow tracking URI: sqlite:///mlflow.db (under the roots), a "
+                                          "directory, or http(s)://server")
+    p.add_argument("--experiment", help="MLflow experiment name (created on export when missing)")
+
+
+def _mlflow_target(args: argparse.Namespace, *, must_exist: bool) -> str:
+    from engine.store.mlflow import check_tracking_uri
+
+    if not args.tracking_uri or not args.experiment:
+        raise UserInputError("MLflow needs --tracking-uri URI and --experiment NAME")
+    return check_tracking_uri(args.tracking_uri, _workspace(args), must_exist=must_exist)
+
+
 def _runs_export(args: argparse.Namespace) -> int:
     store = Store(args.db)
+    if args.format == "mlflow":
+        from engine.store.mlflow import export_run
+
+        if args.output:
+            raise UserInputError("--output is for JSONL; an MLflow export goes to --tracking-uri")
+        uri = _mlflow_target(args, must_exist=False)
+        n = anyio.run(lambda: export_run(store, args.run_id, tracking_uri=uri, experiment=args.experiment))
+        print(f"wrote {n['sessions']} sessions as {n['traces']} traces with {n['assessments']} assessments to "
+              f"MLflow experiment {args.experiment!r} at {args.tracking_uri}", file=sys.stderr)
+        return 0
+    if args.tracking_uri or args.experiment:
+        raise UserInputError("--tracking-uri and --experiment go with --format mlflow")
 
     async def export() -> int:  # a page of sessions at a time: a big run exports in flat memory
         await store.get_run(args.run_id)  # NotFound before any output file is created
@@ -573,6 +609,18 @@ def _runs_resume(args: argparse.Namespace) -> int:
 
 
 def _runs_import(args: argparse.Namespace) -> int:
+    if args.from_mlflow:
+        from engine.store.mlflow import import_experiment
+
+        if args.file:
+            raise UserInputError("give a FILE or --from-mlflow, not both")
+        uri = _mlflow_target(args, must_exist=True)
+        print(anyio.run(lambda: import_experiment(Store(args.db), tracking_uri=uri, experiment=args.experiment)))
+        return 0
+    if not args.file:
+        raise UserInputError("runs import needs a FILE (JSONL), or --from-mlflow with --tracking-uri and --experiment")
+    if args.tracking_uri or args.experiment:
+        raise UserInputError("--tracking-uri and --experiment go with --from-mlflow")
     path = _workspace(args).resolve_file(args.file, what="file to import")
     run_id = anyio.run(lambda: Store(args.db).import_file(path, source=str(path)))
     print(run_id)
