@@ -250,7 +250,8 @@ async def test_the_comparison_page_has_before_after_charts_and_the_flipped_cases
     assert [g.attrs["data-label"] for g in pairs] == [s.scorer for s in c.scorers]
     for g, s in zip(pairs, c.scorers):
         widths = {r.attrs["data-side"]: float(r.attrs["width"]) for r in g.find_all("rect", cls="bar")}
-        assert widths == pytest.approx({"base": s.base_pass_rate * html_report.BAR_W, "candidate": s.candidate_pass_rate * html_report.BAR_W},
+        full = html_report.BAR_W
+        assert widths == pytest.approx({"base": s.base_pass_rate * full, "candidate": s.candidate_pass_rate * full},
                                        abs=0.1)
     stop_rows = {g.attrs["data-label"] for g in doc.find("svg", id="cmp-stop-reasons").find_all("g", cls="chart-pair")}
     assert "agent_error" in stop_rows

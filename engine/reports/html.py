@@ -41,39 +41,47 @@ LABEL_W, BAR_W = 210, 180  # a chart's label column and full bar, in pixels
 STYLE = """
 :root{--fg:#1d2430;--muted:#5b6576;--line:#d9dee7;--bg:#f6f7f9;--card:#fff;--pass:#2f9e5b;--fail:#d64545;
 --base:#8a94a6;--cand:#3b6fd8;--high:#c62828;--medium:#e07b00;--low:#8d8d20;--hl:#fff1e0;--hlline:#e07b00}
-*{box-sizing:border-box}body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:var(--fg);
-background:var(--bg)}main{max-width:1180px;margin:0 auto;padding:24px}h1{font-size:22px;margin:0 0 4px}
-h2{font-size:18px;margin:28px 0 10px;border-bottom:1px solid var(--line);padding-bottom:4px}h3{font-size:15px;margin:0 0 6px}
-.muted{color:var(--muted)}code,pre{font:12.5px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:var(--fg);background:var(--bg)}
+main{max-width:1180px;margin:0 auto;padding:24px}h1{font-size:22px;margin:0 0 4px}
+h2{font-size:18px;margin:28px 0 10px;border-bottom:1px solid var(--line);padding-bottom:4px}
+h3{font-size:15px;margin:0 0 6px}.muted{color:var(--muted)}
+code,pre{font:12.5px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 pre{background:#f0f2f5;padding:8px;border-radius:4px;overflow-x:auto;white-space:pre-wrap;word-break:break-word}
-.cards{display:flex;flex-wrap:wrap;gap:10px}.card{background:var(--card);border:1px solid var(--line);border-radius:6px;
-padding:10px 14px;min-width:130px}.card .num{font-size:22px;font-weight:600}.card .label{color:var(--muted);font-size:12px}
-.charts{display:flex;flex-wrap:wrap;gap:16px}.chart{background:var(--card);border:1px solid var(--line);border-radius:6px;
-padding:10px}.chart-svg{max-width:100%;height:auto}svg text{font:12px system-ui,sans-serif;fill:var(--fg)}svg .track{fill:#edf0f4}svg .bar-pass{fill:var(--pass)}
-svg .bar-none{fill:#c9ced8}svg .bar-stop{fill:#6d7fa3}svg .bar-stop-agent_error,svg .bar-stop-agent_empty{fill:var(--fail)}
-svg .bar-stop-simulator_error{fill:#a06cd5}svg .bar-base{fill:var(--base)}svg .bar-candidate{fill:var(--cand)}
-.legend span{display:inline-block;margin-right:12px}.sw{display:inline-block;width:10px;height:10px;margin-right:4px}
-.sw-base{background:var(--base)}.sw-candidate{background:var(--cand)}
-table{border-collapse:collapse;background:var(--card)}th,td{border:1px solid var(--line);padding:4px 8px;text-align:left;
-vertical-align:top}th{background:#eef1f5}
-.issue{background:var(--card);border:1px solid var(--line);border-left:5px solid var(--low);border-radius:6px;padding:12px;
-margin:10px 0}.issue.sev-high{border-left-color:var(--high)}.issue.sev-medium{border-left-color:var(--medium)}
-.sev{display:inline-block;font-size:11px;font-weight:700;color:#fff;background:var(--low);border-radius:3px;padding:1px 6px;
-margin-right:6px}.sev-high .sev,.sev.sev-high{background:var(--high)}.sev-medium .sev,.sev.sev-medium{background:var(--medium)}
+.cards{display:flex;flex-wrap:wrap;gap:10px}
+.card{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:10px 14px;min-width:130px}
+.card .num{font-size:22px;font-weight:600}.card .label{color:var(--muted);font-size:12px}
+.charts{display:flex;flex-wrap:wrap;gap:16px}
+.chart{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:10px}
+.chart-svg{max-width:100%;height:auto}svg text{font:12px system-ui,sans-serif;fill:var(--fg)}
+svg .track{fill:#edf0f4}svg .bar-pass{fill:var(--pass)}svg .bar-none{fill:#c9ced8}svg .bar-stop{fill:#6d7fa3}
+svg .bar-stop-agent_error,svg .bar-stop-agent_empty{fill:var(--fail)}svg .bar-stop-simulator_error{fill:#a06cd5}
+svg .bar-base{fill:var(--base)}svg .bar-candidate{fill:var(--cand)}
+.legend span{display:inline-block;margin-right:12px}
+.sw{display:inline-block;width:10px;height:10px;margin-right:4px}.sw-base{background:var(--base)}
+.sw-candidate{background:var(--cand)}table{border-collapse:collapse;background:var(--card)}
+th,td{border:1px solid var(--line);padding:4px 8px;text-align:left;vertical-align:top}th{background:#eef1f5}
+.issue{background:var(--card);border:1px solid var(--line);border-left:5px solid var(--low);border-radius:6px;
+padding:12px;margin:10px 0}.issue.sev-high{border-left-color:var(--high)}
+.issue.sev-medium{border-left-color:var(--medium)}.sev{display:inline-block;font-size:11px;font-weight:700;
+color:#fff;background:var(--low);border-radius:3px;padding:1px 6px;margin-right:6px}
+.sev-high .sev,.sev.sev-high{background:var(--high)}.sev-medium .sev,.sev.sev-medium{background:var(--medium)}
 .issue dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:6px 0}.issue dt{color:var(--muted)}
-.issue dd{margin:0}.evidence li{margin:2px 0}
-.toolbar{margin:8px 0;display:flex;gap:10px;align-items:center}.toolbar[hidden]{display:none}
+.issue dd{margin:0}.evidence li{margin:2px 0}.toolbar{margin:8px 0;display:flex;gap:10px;align-items:center}
+.toolbar[hidden]{display:none}
 details.session{background:var(--card);border:1px solid var(--line);border-radius:6px;margin:8px 0}
 details.session>summary{cursor:pointer;padding:8px 12px;list-style-position:inside}
 details.session.failed>summary{background:#fdf0f0}.only-failing details.session:not(.failed){display:none}
 .status{font-weight:700;font-size:11px;border-radius:3px;padding:1px 6px;color:#fff;background:var(--pass)}
-.failed .status{background:var(--fail)}.untested .status{background:#a06cd5}
-.session-body{padding:4px 12px 12px}.turn{border-left:3px solid transparent;padding:2px 0 2px 10px;margin:6px 0}
+.failed .status{background:var(--fail)}.untested .status{background:#a06cd5}.session-body{padding:4px 12px 12px}
+.turn{border-left:3px solid transparent;padding:2px 0 2px 10px;margin:6px 0}
 .turn.failing{background:var(--hl);border-left-color:var(--hlline)}.flag{color:#8a3b00;font-weight:600;margin:4px 0}
-.msg{margin:4px 0}.msg .meta{font-size:12px;color:var(--muted)}.msg .content{white-space:pre-wrap;word-break:break-word;
-background:#f4f6fa;border-radius:6px;padding:6px 10px;display:block}.msg.role-assistant .content{background:#eaf1ff}
+.msg{margin:4px 0}.msg .meta{font-size:12px;color:var(--muted)}.msg .content{white-space:pre-wrap;
+word-break:break-word;background:#f4f6fa;border-radius:6px;padding:6px 10px;display:block}
+.msg.role-assistant .content{background:#eaf1ff}
 .msg.role-tool .content,.msg.role-system .content{background:#f3f0e8}.msg .error{color:var(--fail);font-weight:600}
-.latency{font-variant-numeric:tabular-nums}.note{background:#fffbe6;border:1px solid #eadfa8;padding:8px;border-radius:6px}
+.latency{font-variant-numeric:tabular-nums}
+.note{background:#fffbe6;border:1px solid #eadfa8;padding:8px;border-radius:6px}
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:10px}
 """
 
@@ -325,10 +333,11 @@ def _run_page(report: Report, transcripts: list[str], *, left_out: int, latencie
     head.append("</header>")
     parts = ["".join(head), _summary(report), _charts(report), _trials(report), _issues(report)]
     if report.untested_sessions:
+        items = "".join(f"<li><a href=\"#{_anchor(u.session_id)}\"><code>{_e(u.session_id)}</code></a>: "
+                        f"{_e(u.reason)}</li>" for u in report.untested_sessions)
         parts.append("<section id=\"untested\"><h2>Sessions that could not be tested</h2><p>The simulated user or a "
                      "judge's model failed, or the simulated user broke its role: neither passes nor agent issues."
-                     "</p><ul>" + "".join(f"<li><a href=\"#{_anchor(u.session_id)}\"><code>{_e(u.session_id)}</code>"
-                                          f"</a>: {_e(u.reason)}</li>" for u in report.untested_sessions) + "</ul></section>")
+                     f"</p><ul>{items}</ul></section>")
     parts.append(_transcripts_section(report, transcripts, left_out, latencies))
     if report.test_cases:
         parts.append("<section id=\"cases\"><h2>Test cases</h2><ol>" + "".join(
@@ -433,8 +442,9 @@ def _transcripts_section(report: Report, transcripts: list[str], left_out: int, 
         more = (f"<p class=\"note more\">{left_out} more sessions in the store, not shown here (this page shows "
                 f"{len(transcripts)}): <code>convsim-mcp runs export {_e(report.run_id)}</code> or the resource "
                 f"<code>convsim://runs/{_e(report.run_id)}</code> has every transcript.</p>")
-    tools = ("<div class=\"toolbar\" id=\"transcript-tools\" hidden><label><input type=\"checkbox\" id=\"only-failing\">"
-             " only failing sessions</label><button type=\"button\" id=\"expand-all\">expand all</button>"
+    tools = ("<div class=\"toolbar\" id=\"transcript-tools\" hidden><label><input type=\"checkbox\" "
+             "id=\"only-failing\"> only failing sessions</label>"
+             "<button type=\"button\" id=\"expand-all\">expand all</button>"
              "<button type=\"button\" id=\"collapse-all\">collapse all</button><span id=\"shown-count\" "
              "class=\"muted\"></span></div>")
     return (f"<section id=\"transcripts\"><h2>Transcripts ({len(transcripts)})</h2><p>Failing sessions are open; "
@@ -504,8 +514,8 @@ def _message(m: Message, *, replayed: bool = False) -> str:
         parts.append(f"<div class=\"content\">{_e(_cap(m.content))}</div>")
     for tc in m.tool_calls or []:
         fn = tc.function or {}
-        parts.append(f"<pre class=\"tool-call\">call {_e(fn.get('name', '?'))}({_e(_cap(str(fn.get('arguments', ''))))})"
-                     "</pre>")
+        args = _cap(str(fn.get("arguments", "")))
+        parts.append(f"<pre class=\"tool-call\">call {_e(fn.get('name', '?'))}({_e(args)})</pre>")
     if m.error:
         parts.append(f"<div class=\"error\">error: {_e(_cap(m.error))}</div>")
         if m.error_frames:
@@ -543,17 +553,24 @@ def render_comparison_html(c: Comparison, sessions: Iterable[Session] = (),
              + "".join(f"; {n} {_e(k.replace('_', ' '))}" for k, n in c.left_out.items() if n) + ".</p>"
              f"<p class=\"muted\">base <code>{_e(c.base)}</code>: {_e(base.target)} ({base.sessions} sessions); "
              f"candidate <code>{_e(c.candidate)}</code>: {_e(cand.target)} ({cand.sessions} sessions)</p></header>"]
-    worse = list(c.regression_reasons)
-    better = list(c.improvements)
+    worse = list(c.regression_reasons) + [
+        f"{s.scorer}: {_rate(s.base_pass_rate)} -> {_rate(s.candidate_pass_rate)} (not significant)"
+        for s in c.scorers if s.delta is not None and s.delta < 0 and s.verdict != "worse"] + [
+        f"new {i.severity} issue {i.id}: {i.title}" for i in c.issues.new if i.severity != "high"]
+    better = list(c.improvements) + [
+        f"{s.scorer}: {_rate(s.base_pass_rate)} -> {_rate(s.candidate_pass_rate)} (not significant)"
+        for s in c.scorers if s.delta is not None and s.delta > 0 and s.verdict != "better"]
     parts.append("<section id=\"changes\"><h2>Worse and better</h2><div class=\"pair\"><div><h3>Worse</h3><ul>"
-                 + ("".join(f"<li>{_e(x)}</li>" for x in worse) or "<li>nothing significant</li>") + "</ul></div>"
+                 + ("".join(f"<li>{_e(x)}</li>" for x in worse) or "<li>nothing</li>") + "</ul></div>"
                  "<div><h3>Better</h3><ul>" + ("".join(f"<li>{_e(x)}</li>" for x in better)
-                                                or "<li>nothing significant</li>") + "</ul></div></div></section>")
+                                                or "<li>nothing</li>") + "</ul></div></div></section>")
     legend = ("<p class=\"legend\"><span><i class=\"sw sw-base\"></i>base (before)</span><span><i class=\"sw "
               "sw-candidate\"></i>candidate (after)</span></p>")
     parts.append("<section id=\"charts\"><h2>Before and after</h2>" + legend + "<div class=\"charts\">"
-                 f"<div class=\"chart\"><h3>Pass rate per scorer</h3>{_paired_chart('cmp-pass-rates', 'Pass rate per scorer, before and after', rows)}</div>"
-                 f"<div class=\"chart\"><h3>Stop reasons</h3>{_paired_chart('cmp-stop-reasons', 'Sessions per stop reason, before and after', stop_rows)}</div>"
+                 "<div class=\"chart\"><h3>Pass rate per scorer</h3>"
+                 + _paired_chart("cmp-pass-rates", "Pass rate per scorer, before and after", rows) + "</div>"
+                 "<div class=\"chart\"><h3>Stop reasons</h3>"
+                 + _paired_chart("cmp-stop-reasons", "Sessions per stop reason, before and after", stop_rows) + "</div>"
                  "</div></section>")
     table = "".join(
         f"<tr><td>{_e(s.scorer)}</td><td>{_e(_rate(s.base_pass_rate))}</td><td>{_e(_rate(s.candidate_pass_rate))}</td>"
@@ -579,7 +596,8 @@ def render_comparison_html(c: Comparison, sessions: Iterable[Session] = (),
              _ms(c.changes.latency_p95_ms, signed=True))]
     parts.append("<section id=\"costs\"><h2>Cost, tokens, latency</h2><table><tr><th></th><th>base</th>"
                  "<th>candidate</th><th>change</th></tr>" + "".join(
-                     f"<tr><td>{_e(a)}</td><td>{_e(b)}</td><td>{_e(k)}</td><td>{_e(d)}</td></tr>" for a, b, k, d in cost)
+                     f"<tr><td>{_e(a)}</td><td>{_e(b)}</td><td>{_e(k)}</td><td>{_e(d)}</td></tr>"
+                     for a, b, k, d in cost)
                  + "</table></section>")
     return _page(f"convsim comparison: {c.base} -> {c.candidate}", "\n".join(parts))
 
@@ -596,8 +614,9 @@ def _flips_section(sid: str, title: str, flips: list[FlippedCase], by_id: dict[s
                     f"{_e(', '.join(f.failed))}</td></tr>")
         base_s, cand_s = by_id.get(f.base_session), by_id.get(f.candidate_session)
         if base_s and cand_s and len(pairs) < MAX_FLIPS_SHOWN:
-            pairs.append(f"<div class=\"pair\"><div><h3>base</h3>{_transcript(base_s, flags.get(base_s.id))}</div>"
-                         f"<div><h3>candidate</h3>{_transcript(cand_s, flags.get(cand_s.id))}</div></div>")
+            left, right = (_transcript(x, flags.get(x.id), open_=True) for x in (base_s, cand_s))
+            pairs.append(f"<div class=\"pair\"><div><h3>base</h3>{left}</div>"
+                         f"<div><h3>candidate</h3>{right}</div></div>")
     more = (f"<p class=\"muted\">Transcripts of the first {len(pairs)} shown; every flipped case is in the JSON "
             "comparison.</p>" if len(flips) > len(pairs) else "")
     return (f"<section id=\"{sid}\" class=\"flips\"><h2>{_e(title)} ({len(flips)})</h2><table><tr><th>case</th>"
