@@ -385,6 +385,17 @@ def chromium_or_skip(tmp_path: Path) -> list[str]:
     return cmd
 
 
+def test_without_chromium_the_browser_test_is_skipped_saying_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(pytest.skip.Exception, match="chromium is not installed"):
+        chromium_or_skip(tmp_path)
+    broken = tmp_path / "chromium"
+    broken.write_text("#!/bin/sh\necho 'cannot open display' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    with pytest.raises(pytest.skip.Exception, match=r"chromium cannot start here \(exit 1\): cannot open display"):
+        chromium_or_skip(tmp_path)
+
+
 @pytest.mark.slow
 async def test_the_page_in_headless_chromium(store, tmp_path):
     cmd = chromium_or_skip(tmp_path)
