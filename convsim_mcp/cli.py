@@ -3,7 +3,7 @@
     convsim-mcp serve [--transport stdio|sse|http] [--host 127.0.0.1 --port 8000]
                       [--auth-token TOKEN (or $CONVSIM_AUTH_TOKEN)] [--allowed-host HOST ...]
     convsim-mcp test-agent TARGET [--num-test-cases N --guidance G --max-turns N --model M
-                                   --report report.md --json report.json --fail-on high|medium|low]
+                                   --report report.html|.md|.json --json report.json --fail-on high|medium|low]
     convsim-mcp rerun RUN_ID [--issue ISSUE_ID] [--target TARGET]
     convsim-mcp compare BASE CANDIDATE [--json PATH] [--report PATH] [--fail-on-regression]
     convsim-mcp generate [--description D] [--target T] [--from-run RUN_ID | --file F] [-o cases.yaml]
@@ -19,7 +19,8 @@
 
 Results go to stdout, progress and logs to stderr (with `serve --transport
 stdio`, stdout is the protocol wire and nothing else may write there).
-Errors exit non-zero with `Type: message`, never a traceback.
+Errors exit non-zero with `Type: message`, never a traceback. `--report PATH` writes the format its
+extension names: .md (Markdown), .html (one self-contained page) or .json.
 
 Exit codes of simulate, test-agent, score and rerun:
     0  done
@@ -42,11 +43,11 @@ import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import anyio
 
-from engine import ConvsimError, CouldNotTest, LLMError, JobRegistry, Progress, RunSummary, Store, UserInputError, Workspace
+from engine import ConvsimError, CouldNotTest, InvalidOption, LLMError, JobRegistry, Progress, RunSummary, Store, UserInputError, Workspace
 from engine import secrets
 from engine.models import SEVERITY_ORDER, Report, ScorerSummary, TrialsSummary
 from engine.pipeline import describe_target, run_summary, score_sessions, simulate
@@ -55,10 +56,14 @@ from engine.pipeline.resume import resume
 from engine.pipeline.rerun import rerun_issues, rerun_json
 from engine.pipeline.compare import compare_runs, comparison_markdown
 from engine.pipeline.generation import build_test_set, export_test_set
+from engine.reports.html import comparison_html, run_report_html
 from engine.text import one_line
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNTESTED = 0, 1, 2, 3
+REPORT_FORMATS = {".md": "markdown", ".html": "html", ".json": "json"}  # --report's extension -> its format
+REPORT_FORMATS_HELP = "the extension picks the format: .md (Markdown), .html (a self-contained page) or .json"
+REPORT_HELP = "write the report here; " + REPORT_FORMATS_HELP
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     ta.add_argument("--no-ask-agent", action="store_true", help="do not ask the agent to describe itself")
     ta.add_argument("--shrink", action=argparse.BooleanOptionalAction, default=None,
                     help="shrink each issue's reproducing case (default: on when user and judge are offline)")
-    ta.add_argument("--report", help="write the Markdown report here")
+    ta.add_argument("--report", help=REPORT_HELP)
     ta.add_argument("--json", dest="json_path", help="write the full report as JSON here")
     ta.add_argument("--fail-on", choices=["high", "medium", "low"],
                     help="exit 1 when an agent issue of this severity or worse is found")
@@ -164,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("candidate", help="the run to judge against it")
     cmp.add_argument("--json", dest="json_path", help="write {base, candidate, scorers, flipped, issues, regression, "
                                                       "...} here")
-    cmp.add_argument("--report", help="write the Markdown comparison here")
+    cmp.add_argument("--report", help="write the comparison here: " + REPORT_FORMATS_HELP)
     cmp.add_argument("--fail-on-regression", action="store_true",
                      help="exit 1 when a scorer's pass rate fell with p < 0.05 or a new high issue appeared")
     cmp.add_argument("--db")
@@ -234,7 +239,7 @@ def _parser() -> argparse.ArgumentParser:
                                       "value): pass it with ${VAR} references")
     res.add_argument("--json", dest="json_path", help="write the summary (simulate) or the full report (test_agent) "
                                                       "as JSON here")
-    res.add_argument("--report", help="test_agent: write the Markdown report here")
+    res.add_argument("--report", help="test_agent: " + REPORT_HELP)
     res.add_argument("--fail-on", choices=["high", "medium", "low"],
                      help="test_agent: exit 1 when an agent issue of this severity or worse is found")
     _add_allow_untested(res)
@@ -261,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="test_agent on the bundled example agent (offline unless --model)")
     demo.add_argument("--model", help="model for every role (default: offline, no API key needed)")
     demo.add_argument("--max-turns", type=int, default=6)
-    demo.add_argument("--report", help="also write the Markdown report here")
+    demo.add_argument("--report", help="also " + REPORT_HELP)
     demo.add_argument("--db")
     _add_root(demo)
     demo.set_defaults(func=_demo)
@@ -392,6 +397,7 @@ def _demo(args: argparse.Namespace) -> int:
     cases = EXAMPLES / "support_cases.yaml"
     if not cases.is_file():
         raise UserInputError(f"the bundled examples are not at {EXAMPLES}; run the demo from a clone of the repository")
+    report_format(args.report)
     model = args.model or "offline"
     if model == "offline":
         print("No model given: the offline backend plays every role (heuristic users, judges and generator, "
@@ -408,6 +414,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _test_agent(args: argparse.Namespace) -> int:
+    report_format(args.report)
     store = Store(args.db)
     bar = ProgressBar()
     report = anyio.run(lambda: test_agent(
@@ -429,8 +436,8 @@ def _finish_report(store: Store, report: Report, args: argparse.Namespace) -> in
     _, markdown = anyio.run(lambda: store.get_report(report.run_id))
     print(markdown)
     if args.report:
-        _write(args.report, markdown)
-        print(f"wrote {args.report}", file=sys.stderr)
+        _write_report(args.report, markdown=lambda: markdown, json_text=lambda: report.model_dump_json(indent=2),
+                      html=lambda: anyio.run(lambda: run_report_html(store, report.run_id)))
     if args.json_path:
         _write(args.json_path, report.model_dump_json(indent=2))
         print(f"wrote {args.json_path}", file=sys.stderr)
@@ -466,7 +473,9 @@ def _rerun(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    c = anyio.run(lambda: compare_runs(Store(args.db), args.base, args.candidate))
+    report_format(args.report)
+    store = Store(args.db)
+    c = anyio.run(lambda: compare_runs(store, args.base, args.candidate))
     rows = [[s.scorer, _rate(s.base_pass_rate), _rate(s.candidate_pass_rate),
              "-" if s.delta is None else f"{s.delta * 100:+.0f} pts",
              "-" if s.p_value is None else f"{s.p_value:.3g}", s.verdict, str(s.pairs)] for s in c.scorers]
@@ -479,7 +488,9 @@ def _compare(args: argparse.Namespace) -> int:
     if args.json_path:
         _write(args.json_path, json.dumps(c.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n")
     if args.report:
-        _write(args.report, comparison_markdown(c))
+        _write_report(args.report, markdown=lambda: comparison_markdown(c),
+                      json_text=lambda: json.dumps(c.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n",
+                      html=lambda: anyio.run(lambda: comparison_html(store, c)))
     if c.regression and args.fail_on_regression:
         print("regression: failing (--fail-on-regression)", file=sys.stderr)
         return EXIT_FAILED
@@ -595,6 +606,7 @@ def _runs_export(args: argparse.Namespace) -> int:
 
 def _runs_resume(args: argparse.Namespace) -> int:
     """Finish a run as its own command would have: a simulate run's summary, a test_agent run's report."""
+    report_format(args.report)
     store = Store(args.db)
     bar = ProgressBar()
     outcome = anyio.run(lambda: resume(store, args.run_id, target=args.target,
@@ -653,6 +665,25 @@ class _RedactingStream:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+def report_format(path: str | None, flag: str = "--report") -> str | None:
+    """The format `path`'s extension names ('markdown', 'html' or 'json'); InvalidOption for any other, so a
+    command checks it before it runs anything."""
+    if path is None:
+        return None
+    ext = Path(path).suffix.lower()
+    if ext not in REPORT_FORMATS:
+        raise InvalidOption(f"{flag} {path!r}: unknown extension {ext or '(none)'!r}; {REPORT_FORMATS_HELP}")
+    return REPORT_FORMATS[ext]
+
+
+def _write_report(path: str, *, markdown: Callable[[], str], json_text: Callable[[], str],
+                  html: Callable[[], str]) -> None:
+    """Write the report in the format `path`'s extension names; only that one is rendered."""
+    render = {"markdown": markdown, "json": json_text, "html": html}[report_format(path)]
+    _write(path, render())
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def _write(path: str, text: str) -> None:

@@ -33,6 +33,7 @@ from engine.pipeline.resume import prepare_resume
 from engine.pipeline.compare import compare_runs, compare_uri, comparison_markdown
 from engine.pipeline.generation import build_test_set
 from engine.reports import ReportDigest, compact_result
+from engine.reports.html import comparison_html, run_report_html
 from engine.reports.comparison import FlippedCase, IssueChange, ScorerChange
 from engine.judging import list_builtin_scorers
 from engine.records import session_to_record
@@ -636,6 +637,13 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         _, text = await store.get_report(run_id)
         return text
 
+    @server.resource("convsim://runs/{run_id}/report.html", mime_type="text/html",
+                     description="A test_agent run's report as one self-contained HTML page (numbers, pass-rate "
+                                 "and stop-reason charts, issues, every transcript with its failing turns).")
+    @resource_errors
+    async def report_html_resource(run_id: str) -> str:
+        return await run_report_html(store, run_id)
+
     @server.resource("convsim://compare/{base}/{candidate}", mime_type="application/json",
                      description="The whole comparison of two runs (JSON): scorers with p-values and intervals, "
                                  "every flipped case with session ids, issues new/fixed/persisting, cost, latency, "
@@ -650,6 +658,13 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
     @resource_errors
     async def compare_markdown_resource(base: str, candidate: str) -> str:
         return comparison_markdown(await compare_runs(store, base, candidate))
+
+    @server.resource("convsim://compare/{base}/{candidate}/report.html", mime_type="text/html",
+                     description="The comparison of two runs as one self-contained HTML page: before/after "
+                                 "charts, the flipped cases with both transcripts, issues new/fixed/persisting.")
+    @resource_errors
+    async def compare_html_resource(base: str, candidate: str) -> str:
+        return await comparison_html(store, await compare_runs(store, base, candidate))
 
     @server.resource("convsim://test-sets/{set_id}", mime_type="application/json",
                      description="A generated test set: its cases (loadable as test cases) and the agent profile.")
