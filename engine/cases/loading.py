@@ -15,7 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import InvalidOption, InvalidTestCase
-from ..limits import MAX_FILE_BYTES, MAX_JSON_DEPTH, MAX_TEST_CASES, json_depth
+from ..limits import MAX_FILE_BYTES, MAX_JSON_DEPTH, MAX_TEST_CASES, has_lone_surrogate, json_depth
 from ..models import TestCase
 from ..workspace import WorkspaceArg, as_workspace
 
@@ -72,6 +72,8 @@ def parse_inline_cases(text: str) -> list[Any] | dict[str, Any]:
     except RecursionError:
         raise InvalidTestCase(f"inline test cases are nested too deeply (limit MAX_JSON_DEPTH={MAX_JSON_DEPTH})"
                               ) from None
+    if has_lone_surrogate(data):  # json.loads delivers "\ud800" escapes as is: not text, SQLite refuses it
+        raise InvalidTestCase("inline test cases hold a lone UTF-16 surrogate escape (\\ud800-\\udfff): not text")
     if isinstance(data, dict) and isinstance(data.get("test_cases"), list):
         data = data["test_cases"]
     if not isinstance(data, (list, dict)):
