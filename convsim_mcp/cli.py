@@ -61,6 +61,7 @@ from engine.text import one_line
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNTESTED = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     secrets.install_log_redaction()
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     try:
         return args.func(args) or 0
     except UserInputError as e:
@@ -86,10 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNTESTED
     except ConvsimError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted; completed turns are stored", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _parser() -> argparse.ArgumentParser:
