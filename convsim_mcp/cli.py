@@ -3,14 +3,16 @@
     convsim-mcp serve [--transport stdio|sse|http] [--host 127.0.0.1 --port 8000]
                       [--auth-token TOKEN (or $CONVSIM_AUTH_TOKEN)] [--allowed-host HOST ...]
     convsim-mcp test-agent TARGET [--num-test-cases N --guidance G --max-turns N --model M
-                                   --report report.html|.md|.json --json report.json --fail-on high|medium|low]
-    convsim-mcp rerun RUN_ID [--issue ISSUE_ID] [--target TARGET]
-    convsim-mcp compare BASE CANDIDATE [--json PATH] [--report PATH] [--fail-on-regression]
+                                   --report report.html|.md|.json --json report.json --junit results.xml
+                                   --fail-on high|medium|low --user-agent pkg.mod:Class]
+    convsim-mcp rerun RUN_ID [--issue ISSUE_ID] [--target TARGET] [--junit PATH]
+    convsim-mcp compare BASE CANDIDATE [--json PATH] [--report PATH] [--junit PATH] [--fail-on-regression]
     convsim-mcp generate [--description D] [--target T] [--from-run RUN_ID | --file F] [-o cases.yaml]
-    convsim-mcp simulate TARGET CASES_FILE [--max-turns N --model M --concurrency N --repeats N]
+    convsim-mcp simulate TARGET CASES [--max-turns N --model M --concurrency N --repeats N --junit PATH]
+                      (CASES: a file, a test set id, or inline JSON: '[{"goal": "..."}]')
     convsim-mcp simulate TARGET --from-run RUN_ID [--replay [--continue-after-replay]]   (test-agent too)
     (test-agent, generate, simulate, score: [--cache | --no-cache] [--temperature T] [--seed N])
-    convsim-mcp score (RUN_ID | --file FILE | --session ID ...) [--scorer NAME ...] [--model M]
+    convsim-mcp score (RUN_ID | --file FILE | --session ID ...) [--scorer NAME ...] [--model M] [--junit PATH]
     convsim-mcp runs list | show RUN_ID | export RUN_ID [-o FILE] | import FILE | resume RUN_ID
     convsim-mcp runs export RUN_ID --format mlflow --tracking-uri URI --experiment NAME
     convsim-mcp runs import --from-mlflow --tracking-uri URI --experiment NAME
@@ -29,6 +31,7 @@ Exit codes of simulate, test-agent, score and rerun:
     3  could not test: a session ended simulator_error, or a judge's model could not give a verdict
        (beyond --allow-untested), or a model failure stopped the job
 A found failure (1) is reported before an incomplete run (3).
+--junit PATH writes the results as JUnit XML (engine/reports/junit.py) whatever the exit code.
 compare exits 0, or 1 with --fail-on-regression when a pass rate fell with p < 0.05 or a new high issue
 appeared, or 2 for bad input (an unknown or malformed run id).
 """
@@ -57,6 +60,7 @@ from engine.pipeline.rerun import rerun_issues, rerun_json
 from engine.pipeline.compare import compare_runs, comparison_markdown
 from engine.pipeline.generation import build_test_set, export_test_set
 from engine.reports.html import comparison_html, run_report_html
+from engine.reports.junit import junit_xml
 from engine.text import one_line
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -64,6 +68,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNTESTED = 0, 1, 2, 3
 REPORT_FORMATS = {".md": "markdown", ".html": "html", ".json": "json"}  # --report's extension -> its format
 REPORT_FORMATS_HELP = "the extension picks the format: .md (Markdown), .html (a self-contained page) or .json"
 REPORT_HELP = "write the report here; " + REPORT_FORMATS_HELP
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     secrets.install_log_redaction()
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     try:
         return args.func(args) or 0
     except UserInputError as e:
@@ -89,10 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNTESTED
     except ConvsimError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted; completed turns are stored", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,8 +145,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="shrink each issue's reproducing case (default: on when user and judge are offline)")
     ta.add_argument("--report", help=REPORT_HELP)
     ta.add_argument("--json", dest="json_path", help="write the full report as JSON here")
+    _add_junit(ta)
     ta.add_argument("--fail-on", choices=["high", "medium", "low"],
                     help="exit 1 when an agent issue of this severity or worse is found")
+    _add_user_agent(ta)
     _add_replay_options(ta)
     _add_allow_untested(ta)
     _add_sampling(ta)
@@ -159,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="re-runs per case (default: the run's; at least 3 for an issue seen in only some sessions)")
     rr.add_argument("--json", dest="json_path", help="write {run_id, issues: [{id, status, reason, sessions}], "
                                                      "new_issues} here")
+    _add_junit(rr)
     _add_allow_untested(rr)
     rr.add_argument("--db")
     _add_root(rr)
@@ -170,6 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--json", dest="json_path", help="write {base, candidate, scorers, flipped, issues, regression, "
                                                       "...} here")
     cmp.add_argument("--report", help="write the comparison here: " + REPORT_FORMATS_HELP)
+    _add_junit(cmp)
     cmp.add_argument("--fail-on-regression", action="store_true",
                      help="exit 1 when a scorer's pass rate fell with p < 0.05 or a new high issue appeared")
     cmp.add_argument("--db")
@@ -192,8 +201,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="simulate conversations with an agent")
     sim.add_argument("target", help="'pkg.module:func', 'path/to/file.py:func', an http(s) URL, or a JSON object")
-    sim.add_argument("cases_file", nargs="?", help="test cases: .json, .jsonl, .yaml or .yml, or a test set id "
-                                                   "(not with --from-run)")
+    sim.add_argument("cases_file", nargs="?", help="test cases: .json, .jsonl, .yaml or .yml, a test set id, or "
+                                                   "inline JSON ('[{\"goal\": \"...\"}]') (not with --from-run)")
     _add_run_options(sim)
     _add_replay_options(sim)
     sim.set_defaults(func=_simulate)
@@ -207,6 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--model", help="judges' model ('provider/model' or 'offline')")
     score.add_argument("--concurrency", type=int, default=8)
     score.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_junit(score)
     _add_allow_untested(score)
     _add_sampling(score)
     score.add_argument("--db")
@@ -305,15 +315,35 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="simulated user's model ('provider/model', 'provider:/model' or 'offline')")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--user-agent", help="custom simulated user class, 'pkg.mod:Class'")
+    _add_user_agent(p)
     p.add_argument("--scorer", action="append", dest="scorers",
                    help="score sessions as they finish: built-in name, 'pkg.mod:fn' or JSON object (repeatable)")
     p.add_argument("--judge-model", help="judges' model (default: the user's model)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON instead of a table")
+    _add_junit(p)
     _add_allow_untested(p)
     _add_sampling(p)
     p.add_argument("--db", help="SQLite file (default $CONVSIM_HOME/convsim.sqlite)")
     _add_root(p)
+
+
+def _add_user_agent(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--user-agent", help="custom simulated user: 'pkg.mod:Class' or 'path/to/file.py:Class' "
+                                        "subclassing engine.SimulatedUser, from a file under the workspace roots")
+
+
+def _add_junit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--junit", metavar="PATH", help="also write the results as JUnit XML here, for CI test reports "
+                                                   "(a testcase per session x scorer and per issue; sessions that "
+                                                   "could not be tested are errors)")
+
+
+def _write_junit(args: argparse.Namespace, store: Store, **results: Any) -> None:
+    """With --junit, the command's results as JUnit XML (see engine.reports.junit.junit_xml for `results`)."""
+    path = getattr(args, "junit", None)
+    if path:
+        _write(path, anyio.run(lambda: junit_xml(store, **results)))
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def _add_replay_options(p: argparse.ArgumentParser) -> None:
@@ -386,8 +416,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    summary = _run_simulation(args.db, args.target, args.cases_file, args)
+    store = Store(args.db)
+    summary = _run_simulation(store, args.target, args.cases_file, args)
     print(summary.model_dump_json(indent=2) if args.json else render_summary(summary))
+    _write_junit(args, store, run_id=summary.run_id, scorers=[s.scorer for s in summary.scores] or None)
     return _untested_exit(summary.untested, summary.sessions_total, args.allow_untested)
 
 
@@ -406,7 +438,8 @@ def _demo(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(target=target, description=None, cases=str(cases), num_test_cases=5, guidance=None,
                             adversarial=0.0, max_turns=args.max_turns, model=model, user_model=None,
                             judge_model=None, generator_model=None, scorers=None, repeats=1, concurrency=8,
-                            no_ask_agent=False, shrink=None, report=args.report, json_path=None, fail_on=None, db=args.db,
+                            no_ask_agent=False, shrink=None, report=args.report, json_path=None, junit=None, fail_on=None,
+                            user_agent=None, db=args.db,
                             root=[*args.root, str(EXAMPLES)], allow_untested=0.0, from_run=None, mode=None,
                             continue_after_replay=False, cache=None, temperature=None,
                             seed=None)
@@ -423,6 +456,7 @@ def _test_agent(args: argparse.Namespace) -> int:
         max_turns=args.max_turns, repeats=args.repeats, concurrency=args.concurrency, scorers=args.scorers,
         model=args.model, user_model=args.user_model, judge_model=args.judge_model,
         generator_model=args.generator_model, ask_agent=not args.no_ask_agent, shrink=args.shrink,
+        user_agent=args.user_agent,
         workspace=_workspace(args), from_run=args.from_run, mode=args.mode,
         continue_after_replay=args.continue_after_replay,
         **_sampling(args),
@@ -441,6 +475,8 @@ def _finish_report(store: Store, report: Report, args: argparse.Namespace) -> in
     if args.json_path:
         _write(args.json_path, report.model_dump_json(indent=2))
         print(f"wrote {args.json_path}", file=sys.stderr)
+    _write_junit(args, store, run_id=report.run_id, scorers=[s.scorer for s in report.scores] or None,
+                 issues=[*report.issues, *report.simulator_issues])
     if args.fail_on:
         worst = [i for i in report.issues if SEVERITY_ORDER[i.severity] <= SEVERITY_ORDER[args.fail_on]]
         if worst:
@@ -466,6 +502,7 @@ def _rerun(args: argparse.Namespace) -> int:
                      [[i.id, i.severity, one_line(i.title, 60), i.frequency] for i in outcome.new_issues]))
     if args.json_path:
         _write(args.json_path, json.dumps(rerun_json(outcome), indent=2, ensure_ascii=False) + "\n")
+    _write_junit(args, store, run_id=outcome.run_id, rerun=outcome)
     if any(c.reproduces for c in outcome.issues):
         return EXIT_FAILED
     summary = anyio.run(lambda: run_summary(store, outcome.run_id))
@@ -491,6 +528,7 @@ def _compare(args: argparse.Namespace) -> int:
         _write_report(args.report, markdown=lambda: comparison_markdown(c),
                       json_text=lambda: json.dumps(c.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n",
                       html=lambda: anyio.run(lambda: comparison_html(store, c)))
+    _write_junit(args, store, comparison=c)
     if c.regression and args.fail_on_regression:
         print("regression: failing (--fail-on-regression)", file=sys.stderr)
         return EXIT_FAILED
@@ -518,8 +556,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_simulation(db: str | None, target: str, cases: str | None, opts: argparse.Namespace) -> RunSummary:
-    store = Store(db)
+def _run_simulation(store: Store, target: str, cases: str | None, opts: argparse.Namespace) -> RunSummary:
     bar = ProgressBar()
     summary = anyio.run(lambda: simulate(
         store, target, cases, progress=bar.update, max_turns=opts.max_turns, model=opts.model,
@@ -542,6 +579,8 @@ def _score(args: argparse.Namespace) -> int:
     ))
     bar.close()
     print(result.model_dump_json(indent=2) if args.json else render_scores(result.scorers, result.note))
+    _write_junit(args, store, session_ids=args.session_ids, run_id=None if args.session_ids else result.run_ids[0],
+                 scorers=[s.scorer for s in result.scorers])
     return _untested_exit(result.untested, result.sessions, args.allow_untested)
 
 

@@ -356,6 +356,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         user_model: Annotated[str | None, Field(description="Simulated user's model.")] = None,
         judge_model: Annotated[str | None, Field(description="Judges' and issue analysis's model.")] = None,
         generator_model: Annotated[str | None, Field(description="Test-case generator's model.")] = None,
+        user_agent: Annotated[str | None, Field(description="Custom simulated user: 'pkg.mod:Class' subclassing "
+                                                            "engine.SimulatedUser.")] = None,
         scorers: Annotated[ScorersArg, Field(description="Default: goal_achievement, conversation_completeness, "
                                                          "user_frustration, knowledge_retention, "
                                                          "tool_call_efficiency.")] = None,
@@ -384,7 +386,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
             store, target, description=description, test_cases=test_cases, num_test_cases=num_test_cases,
             guidance=guidance, adversarial=adversarial, max_turns=max_turns, repeats=repeats,
             concurrency=concurrency, scorers=scorers, model=model, user_model=user_model,
-            judge_model=judge_model, generator_model=generator_model, shrink=shrink, workspace=workspace,
+            judge_model=judge_model, generator_model=generator_model, user_agent=user_agent, shrink=shrink,
+            workspace=workspace,
             from_run=from_run, mode=mode, continue_after_replay=continue_after_replay,
             cache=cache, temperature=temperature, seed=seed,
         )

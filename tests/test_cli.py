@@ -301,3 +301,36 @@ def test_generate_writes_a_loadable_file_and_a_runnable_test_set(db, convsim_hom
                   home=convsim_home)
     assert json.loads(sim.stdout)["sessions_total"] == 3
     assert out.read_text().count("goal:") == 3
+
+
+def test_simulate_takes_inline_json_test_cases_like_the_mcp_tool(db, convsim_home):
+    proc = convsim("simulate", "tests.agents:echo", json.dumps(CASES), "--max-turns", "2", "--db", db, "--json",
+                   home=convsim_home)
+    assert proc.returncode == 0, proc.stderr
+    sessions = json.loads(proc.stdout)["sessions"]
+    assert [(s["case_id"], s["goal"]) for s in sessions] == [("refund", CASES[0]["goal"]), (None, CASES[1]["goal"])]
+
+
+@pytest.mark.parametrize("cases, text", [
+    pytest.param('[{"goal": "hi"', "inline test cases are not valid JSON", id="not-json"),
+    pytest.param('[{"goal": "hi", "persna": "x"}]', "test case 1, field 'persna': unknown field 'persna' (did you mean 'persona'?)",
+                 id="unknown-field"),
+    pytest.param('["\\ud800"]', "lone UTF-16 surrogate", id="lone-surrogate"),
+])
+def test_bad_inline_test_cases_exit_2_naming_what_is_wrong(db, convsim_home, cases, text):
+    proc = convsim("simulate", "tests.agents:echo", cases, "--db", db, home=convsim_home)
+    line = assert_one_line_error(proc, "InvalidTestCase")
+    assert text in line, line
+
+
+def test_test_agent_plays_the_user_agent_given(db, convsim_home, tmp_path):
+    out = tmp_path / "sessions.jsonl"
+    proc = convsim("test-agent", "tests.agents:echo", "--cases", '[{"goal": "reset my password"}]',
+                   "--num-test-cases", "0", "--max-turns", "2", "--model", "offline",
+                   "--user-agent", "tests.test_simulator:ImpatientUser", "--json", str(tmp_path / "r.json"),
+                   "--db", db, home=convsim_home)
+    assert proc.returncode == 0, proc.stderr
+    run_id = json.loads((tmp_path / "r.json").read_text())["run_id"]
+    assert convsim("runs", "export", run_id, "-o", str(out), "--db", db, home=convsim_home).returncode == 0
+    [session] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert session["messages"][0]["content"] == "I need help RIGHT NOW: reset my password"

@@ -108,6 +108,55 @@ def test_user_agents_and_code_scorers_follow_the_same_rule():
         CodeScorer("pydantic.main:BaseModel", workspace=Workspace.default([site_packages]))
 
 
+USER_CLASS = ("from engine import LLMSimulatedUser\n\n\nclass Evil(LLMSimulatedUser):\n"
+              "    extra_guidelines = ['injected']\n")
+
+
+@pytest.fixture
+def outside_user(tmp_path) -> tuple[Path, Path]:
+    """A project directory (the only root) and, beside it, a user-agent file outside it."""
+    outside, project = tmp_path / "outside", tmp_path / "project"
+    outside.mkdir()
+    project.mkdir()
+    (outside / "evil_users.py").write_text(USER_CLASS)
+    (project / "link_users.py").symlink_to(outside / "evil_users.py")
+    (project / "agent.py").write_text("def respond(messages):\n    return 'hello'\n")
+    return project, outside
+
+
+@pytest.mark.parametrize("tool", ["simulate_conversations", "test_agent"])
+@pytest.mark.parametrize("spec, rule", [
+    pytest.param("{outside}/evil_users.py:Evil", "outside the workspace roots", id="file-outside-the-roots"),
+    pytest.param("../outside/evil_users.py:Evil", "outside the workspace roots", id="relative-escape"),
+    pytest.param("link_users.py:Evil", "outside the workspace roots", id="symlink-escape"),
+    pytest.param("evil_users:Evil", "cannot find module 'evil_users' under the workspace roots",
+                 id="module-on-sys-path-not-under-the-roots"),
+])
+async def test_user_agents_outside_the_roots_are_refused_by_every_tool(store, outside_user, monkeypatch, tool, spec,
+                                                                       rule):
+    project, outside = outside_user
+    monkeypatch.syspath_prepend(str(outside))  # importable from sys.path: still not project code
+    server = build_server(store, workspace=Workspace.default(base=project))
+    arguments = {"target": f"{project / 'agent.py'}:respond", "test_cases": [CASE], "model": "offline",
+                 "user_agent": spec.format(outside=outside)}
+    if tool == "test_agent":
+        arguments["num_test_cases"] = 0
+    failed, text = await call(server, tool, arguments)
+    assert failed and rule in text and "user_agent" in text, text
+    assert "evil_users" not in __import__("sys").modules  # refused before its code ran
+    assert await store.list_runs() == []
+
+
+async def test_test_agent_plays_a_user_agent_from_under_the_roots(store):
+    failed, text = await call(build_server(store), "test_agent", {
+        "target": "tests.agents:echo", "test_cases": [{"goal": "reset my password"}], "num_test_cases": 0,
+        "max_turns": 2, "model": "offline", "user_agent": "tests.test_simulator:ImpatientUser"})
+    assert not failed, text
+    [run] = await store.list_runs()
+    [session] = await store.get_sessions(run["id"])
+    assert session.messages[0].content == "I need help RIGHT NOW: reset my password"
+
+
 @pytest.mark.parametrize("key", ["messages", "input", "session_id", "mlflow_session_id"])
 async def test_context_never_supplies_reserved_parameters(store, key):
     case = {"goal": "hi", "context": {key: "injected"}}
@@ -129,6 +178,8 @@ def network(store, **policy):
     pytest.param("simulate_conversations", {"target": "tests.agents:echo", "test_cases": [CASE]}, id="code-target"),
     pytest.param("simulate_conversations", {"target": "http://127.0.0.1:9/v1", "test_cases": [CASE],
                                             "user_agent": "tests.agents:echo"}, id="user-agent"),
+    pytest.param("test_agent", {"target": "http://127.0.0.1:9/v1", "test_cases": [CASE], "num_test_cases": 0,
+                                "user_agent": "tests.test_simulator:ImpatientUser"}, id="test-agent-user-agent"),
     pytest.param("score_sessions", {"transcripts": [{"messages": [{"role": "user", "content": "hi"}]}],
                                     "scorers": ["tests.code_scorers:short_reply"]}, id="code-scorer"),
     pytest.param("simulate_conversations", {"target": "http://127.0.0.1:9/v1", "test_cases": "examples/support_cases.yaml"},

@@ -1,4 +1,4 @@
-"""Test cases: loading and validating them (inline, or from JSON / JSONL / YAML files).
+"""Test cases: loading and validating them (inline, as JSON text, or from JSON / JSONL / YAML files).
 
 Every rejection names the case index and the field, so a user (or an
 assistant) can fix the exact entry.
@@ -15,15 +15,18 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import InvalidOption, InvalidTestCase
-from ..limits import MAX_FILE_BYTES, MAX_JSON_DEPTH, MAX_TEST_CASES, json_depth
+from ..limits import MAX_FILE_BYTES, MAX_JSON_DEPTH, MAX_TEST_CASES, has_lone_surrogate, json_depth
 from ..models import TestCase
 from ..workspace import WorkspaceArg, as_workspace
 
 
 def load_test_cases(source: str | Path | list[Any] | dict[str, Any], *,
                     workspace: WorkspaceArg = None) -> list[TestCase]:
-    """Cases from a list (of dicts or TestCase), a single dict, or a .json/.jsonl/.yaml/.yml file under the roots."""
+    """Cases from a list (of dicts or TestCase), a single dict, JSON text of either (a string starting with
+    '[' or '{', as the CLI passes inline cases), or a .json/.jsonl/.yaml/.yml file under the roots."""
     lines: list[int | None] = []
+    if isinstance(source, str) and source.lstrip()[:1] in ("[", "{"):
+        source = parse_inline_cases(source)
     if isinstance(source, (str, Path)):
         try:
             path = as_workspace(workspace).resolve_file(source, what="test case file")
@@ -51,6 +54,32 @@ def load_test_cases(source: str | Path | list[Any] | dict[str, Any], *,
             line = lines[i] if i < len(lines) else None
             raise InvalidTestCase(f"{path}{f' line {line}' if line else ''}, {e}") from None
     return out
+
+
+def parse_inline_cases(text: str) -> list[Any] | dict[str, Any]:
+    """Test cases written inline as JSON text: a list of case objects, or one object.
+
+    Raises InvalidTestCase for text that is not JSON, too large, or nested too deeply (never echoing it).
+    """
+    if len(text) > MAX_FILE_BYTES:
+        raise InvalidTestCase(f"inline test cases are {len(text)} characters; at most {MAX_FILE_BYTES} "
+                              "(MAX_FILE_BYTES): put them in a file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidTestCase(f"inline test cases are not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
+                              ) from None
+    except RecursionError:
+        raise InvalidTestCase(f"inline test cases are nested too deeply (limit MAX_JSON_DEPTH={MAX_JSON_DEPTH})"
+                              ) from None
+    if has_lone_surrogate(data):  # json.loads delivers "\ud800" escapes as is: not text, SQLite refuses it
+        raise InvalidTestCase("inline test cases hold a lone UTF-16 surrogate escape (\\ud800-\\udfff): not text")
+    if isinstance(data, dict) and isinstance(data.get("test_cases"), list):
+        data = data["test_cases"]
+    if not isinstance(data, (list, dict)):
+        raise InvalidTestCase(f"inline test cases must be a JSON list of objects (or one object), "
+                              f"got {type(data).__name__}")
+    return data
 
 
 def validate_case(item: Any, index: int, *, from_file: bool = False) -> TestCase:

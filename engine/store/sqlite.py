@@ -421,11 +421,11 @@ class Store:
         await self._run(
             lambda: self._db.execute(
                 "UPDATE sessions SET stop_reason = ?, stop_detail = ?, turns = ?, finished_at = ?, usage = ?,"
-                " replayed_turns = ? WHERE id = ?",
+                " replayed_turns = ?, started_at = COALESCE(started_at, ?) WHERE id = ?",  # set once it played
                 (session.stop_reason.value if session.stop_reason else None,
                  _clean(session.stop_detail) if session.stop_detail else None, session.turns,
                  session.finished_at, json.dumps({k: u.model_dump() for k, u in session.usage.items()}),
-                 json.dumps(session.replayed_turns), session.id),
+                 json.dumps(session.replayed_turns), session.started_at, session.id),
             )
         )
 
