@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gzip
 import json
 import threading
 
@@ -292,6 +293,16 @@ async def test_retry_after_on_a_429_is_read_from_the_reply():
             result = await llm.complete(MESSAGES, UserTurn, role=Role.USER)
         await llm.aclose()
     assert result.output.message == "later" and result.usage.failures == {"rate_limit": 1}
+
+
+@pytest.mark.anyio
+async def test_a_gzip_reply_is_decoded_though_identity_was_asked_for():
+    body = gzip.compress(completion("zipped"))
+    async with RawServer([(sized(body, extra="Content-Encoding: gzip\r\n"), "keep")]) as server:
+        llm = OpenAIHTTPBackend(LLMSettings(model="openai/x", api_base=server.url, api_key="k", max_retries=0))
+        result = await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+        await llm.aclose()
+    assert result.output.message == "zipped" and b"Accept-Encoding: identity\r\n" in server.requests[0]
 
 
 @pytest.mark.anyio

@@ -40,7 +40,7 @@ class LLMResult(Generic[T]):
 
 @dataclass(frozen=True)
 class LLMSettings:
-    """Options for the litellm backend. `api_key` is held in memory only, never stored."""
+    """Options for the chat backends (direct and litellm). `api_key` is held in memory only, never stored."""
 
     model: str
     api_base: str | None = None

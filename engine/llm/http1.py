@@ -7,7 +7,8 @@ model path needs and no more, over asyncio streams:
 - `POST path` with fixed headers and a JSON body; replies framed by Content-Length, chunked, or read to the close;
 - a pool of idle keep-alive connections (last used first, at most `max_idle`); a connection that was closed by the
   server while idle is noticed and the request sent once more on a new one, if nothing of a reply was read;
-- TLS through `ssl` (system CAs, plus certifi's when it is installed, as httpx does); a deadline per request.
+- TLS through `ssl` (system CAs, plus certifi's when it is installed, as httpx does); a deadline per request;
+- `Accept-Encoding: identity`, and a gzip or deflate body decoded all the same.
 
 Proxies are not its business: openai_http sends requests to an origin that an HTTP(S)_PROXY applies to through
 httpx instead. Errors: `OSError` (cannot connect, reset), `TimeoutError` (the deadline), `ProtocolError` (a reply
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import zlib
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -59,7 +61,7 @@ class Origin:
         host_header = self.host if ":" not in self.host else f"[{self.host}]"
         if url.port and url.port != (443 if self.tls else 80):
             host_header = f"{host_header}:{url.port}"
-        fixed = {"Host": host_header, **headers}
+        fixed = {"Host": host_header, "Accept-Encoding": "identity", **headers}
         self._head = "".join(f"{k}: {v}\r\n" for k, v in fixed.items()).encode("latin-1")
         self.timeout_s = timeout_s
         self.max_idle = max_idle
@@ -132,6 +134,12 @@ class Origin:
             self._idle.append(conn)
         else:
             writer.close()
+        encoding = headers.get("content-encoding", "identity").lower()
+        if encoding in ("gzip", "x-gzip", "deflate"):  # asked for identity, but a server may compress anyway
+            try:
+                body = zlib.decompress(body, 47 if "gzip" in encoding else 15)
+            except zlib.error as e:
+                raise ProtocolError(f"reply body is not valid {encoding}: {e}") from e
         return Response(status, reason, headers, body)
 
 
