@@ -12,11 +12,13 @@ import anyio
 import pytest
 from pydantic import BaseModel
 
-from engine import InvalidOption, LLMError, Role, UserTurn, parse_scorers, resolve_llm
+from engine import InvalidOption, LLMError, OfflineBackend, Role, UserTurn, parse_scorers, resolve_llm, simulate
 from engine.llm import http1
 from engine.llm.base import LLMSettings, strict_schema
 from engine.llm.litellm_backend import LiteLLMBackend
 from engine.llm.openai_http import OpenAIHTTPBackend, _ProxiedOrigin, proxy_for
+from engine.pipeline.scoring import score_sessions
+from tests.conftest import ROOT
 from tests.fake_llm import FakeReply
 
 MESSAGES = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
@@ -313,3 +315,44 @@ async def test_a_body_that_is_not_a_completion_is_an_error_of_kind_other():
             await llm.complete(MESSAGES, UserTurn, role=Role.USER)
         await llm.aclose()
     assert info.value.kind == "other" and "proxy page" in str(info.value) and len(server.requests) == 1
+
+
+# --- readied when a run starts ---------------------------------------------------------------------------------
+
+@pytest.mark.anyio
+async def test_prepare_makes_the_client_and_reads_the_price_before_any_request(fake_llm):
+    from engine.llm.openai_http import _prices
+
+    llm = direct(fake_llm, model="openai/gpt-4o-mini")
+    await llm.prepare()
+    client = llm._client
+    assert client is not None and "openai/gpt-4o-mini" in _prices and fake_llm.calls == 0
+    await llm.prepare()  # a second job on the same backend keeps its connections
+    await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+    assert llm._client is client
+    await llm.aclose()
+
+
+class RecordingOffline(OfflineBackend):
+    """The offline backend, noting when it is readied and when it is asked."""
+
+    def __init__(self):
+        self.events: list[str] = []
+
+    async def prepare(self) -> None:
+        self.events.append("prepare")
+
+    async def complete(self, messages, schema, *, role, offline=None):
+        self.events.append("complete")
+        return await super().complete(messages, schema, role=role, offline=offline)
+
+
+@pytest.mark.anyio
+async def test_simulation_and_scoring_jobs_ready_their_model_before_the_first_call(store):
+    llm = RecordingOffline()
+    summary = await simulate(store, "tests.agents:echo", [{"goal": "Ask about refunds."}], max_turns=2, llm=llm,
+                             workspace=ROOT)
+    assert llm.events[0] == "prepare" and llm.events.count("prepare") == 1 and "complete" in llm.events
+    judge = RecordingOffline()
+    await score_sessions(store, run_id=summary.run_id, scorers=["goal_achievement"], llm=judge)
+    assert judge.events[:1] == ["prepare"] and judge.events.count("prepare") == 1

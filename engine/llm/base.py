@@ -79,6 +79,9 @@ class LLM:
         """Get ready for a run's calls before its first turn (import a client library, open a connection pool):
         jobs call it when they start, so the first call pays nothing extra. Nothing to do for most backends."""
 
+    async def aclose(self) -> None:
+        """Close what the backend holds open (kept-alive connections); it opens them again if used again."""
+
     async def discard(self, result: LLMResult[Any]) -> None:
         """Forget a reply that parsed but that the caller could not use (no test case, an out-of-range verdict,
         an empty message): a cache drops it, so the next run asks the model again. Others have nothing to do."""

@@ -117,6 +117,9 @@ class CachedLLM(LLM):
     async def prepare(self) -> None:
         await self.inner.prepare()
 
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
     async def complete(self, messages, schema, *, role, offline=None):
         key = request_key(self.cache_identity(), messages, schema, CACHE_TRIAL.get())
         hit = await self._get(key)
