@@ -1,11 +1,11 @@
 """The litellm transport: any provider litellm knows, through the shared model path of chat.py.
 
-litellm is imported when a run starts (`prepare`, off the event loop), not on the first call, and is made lean for
-our use: no success/failure callbacks, no per-call cost hook in its logging (cost is read once from its result), no
-retries of its own. The response format goes as the dict computed once per schema (chat.response_format_of), a fresh
-copy per call since litellm's provider adapters may edit it, instead of a pydantic class it would turn into a schema
-on every call.
-"""
+litellm is imported when a run starts (`prepare`, off the event loop), not on the first call; its callback lists are
+cleared, its telemetry off, and it makes no retries of its own. The response format goes as the dict computed once per
+schema (chat.response_format_of), a fresh copy per call since litellm's provider adapters may edit it, instead of a
+pydantic class it would turn into a schema on every call. What is left costs about 8 ms of CPU per call and has no
+switch: litellm's per-call setup, the pricing and logging payload it builds for every reply, its response objects.
+That is why `openai/*` models take the direct path (openai_http.py); cost here is read from litellm's result."""
 
 from __future__ import annotations
 
