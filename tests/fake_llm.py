@@ -239,6 +239,7 @@ def _error_body(status: int, message: str, code: str | None = None) -> dict:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 2048  # the listen backlog: thousands of clients may connect at once
     fake: "FakeLLMServer"
 
     def handle_error(self, request: Any, client_address: Any) -> None:

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from engine import InvalidOption, LLMAuthError, LLMError, LLMOutputError, OfflineBackend, Role, Usage, UserTurn, parse_scorers, resolve_llm, resolve_model
 from engine.llm.litellm_backend import LiteLLMBackend
+from engine.llm.openai_http import OpenAIHTTPBackend
 from engine.llm.base import LLMSettings, strict_schema
 from engine.llm.providers import key_variable
 from tests.conftest import ROOT
@@ -23,9 +24,24 @@ def turn(message: str) -> dict:
     return {"message": message, "goal_achieved": False, "end_conversation": False, "reason": "r"}
 
 
-def backend(fake, model="openai/fake-user", **settings) -> LiteLLMBackend:
+TRANSPORTS = {"direct": OpenAIHTTPBackend, "litellm": LiteLLMBackend}
+_transport = ["direct"]  # set per test by the `transport` fixture
+
+
+@pytest.fixture(params=list(TRANSPORTS))
+def transport(request) -> str:
+    """Runs a test through each transport: the shared model path must behave the same on both."""
+    _transport[0] = request.param
+    return request.param
+
+
+def make(settings: LLMSettings):
+    return TRANSPORTS[_transport[0]](settings)
+
+
+def backend(fake, model="openai/fake-user", **settings):
     settings = {"max_retries": 2, "backoff_s": 0.01, "timeout_s": 5, **settings}
-    return LiteLLMBackend(LLMSettings(model=model, api_base=fake.url, api_key="k", **settings))
+    return make(LLMSettings(model=model, api_base=fake.url, api_key="k", **settings))
 
 
 @pytest.mark.parametrize(
@@ -59,7 +75,7 @@ def test_api_base_and_key_come_from_the_environment(monkeypatch):
 
 
 @pytest.mark.anyio
-async def test_a_timed_out_call_is_retried(fake_llm):
+async def test_a_timed_out_call_is_retried(fake_llm, transport):
     fake_llm.queue(FakeReply(content=turn("slow"), delay_s=2), turn("fast"))
     result = await backend(fake_llm, timeout_s=0.3).complete(MESSAGES, UserTurn, role=Role.USER)
     assert result.output.message == "fast"
@@ -67,7 +83,7 @@ async def test_a_timed_out_call_is_retried(fake_llm):
 
 
 @pytest.mark.anyio
-async def test_retries_give_up_with_a_retryable_error(fake_llm):
+async def test_retries_give_up_with_a_retryable_error(fake_llm, transport):
     fake_llm.set_handler(lambda req: FakeReply(status=503, content="overloaded"))
     with pytest.raises(LLMError) as info:
         await backend(fake_llm).complete(MESSAGES, UserTurn, role=Role.USER)
@@ -75,7 +91,7 @@ async def test_retries_give_up_with_a_retryable_error(fake_llm):
 
 
 @pytest.mark.anyio
-async def test_a_fatal_error_is_not_retried(fake_llm):
+async def test_a_fatal_error_is_not_retried(fake_llm, transport):
     fake_llm.set_handler(lambda req: FakeReply(status=400, content="bad request"))
     with pytest.raises(LLMError) as info:
         await backend(fake_llm).complete(MESSAGES, UserTurn, role=Role.USER)
@@ -83,7 +99,7 @@ async def test_a_fatal_error_is_not_retried(fake_llm):
 
 
 @pytest.mark.anyio
-async def test_cost_is_counted_for_priced_models_and_flagged_for_unknown_ones(fake_llm):
+async def test_cost_is_counted_for_priced_models_and_flagged_for_unknown_ones(fake_llm, transport):
     fake_llm.set_handler(lambda req: FakeReply(content=turn("m"), prompt_tokens=1000, completion_tokens=100))
     priced = await backend(fake_llm, model="openai/gpt-4o-mini").complete(MESSAGES, UserTurn, role=Role.USER)
     unknown = await backend(fake_llm, model="openai/no-such-model").complete(MESSAGES, UserTurn, role=Role.USER)
@@ -92,7 +108,7 @@ async def test_cost_is_counted_for_priced_models_and_flagged_for_unknown_ones(fa
 
 
 @pytest.mark.anyio
-async def test_the_request_carries_a_strict_json_schema(fake_llm):
+async def test_the_request_carries_a_strict_json_schema(fake_llm, transport):
     await backend(fake_llm).complete(MESSAGES, UserTurn, role=Role.USER)
     fmt = fake_llm.requests[0]["response_format"]
     assert fmt["type"] == "json_schema" and "goal_achieved" in fmt["json_schema"]["schema"]["properties"]
@@ -116,10 +132,10 @@ def test_model_calls_in_flight_follow_the_run_concurrency(monkeypatch):
 
 
 @pytest.mark.anyio
-async def test_keys_echoed_by_the_provider_are_redacted_from_errors(fake_llm, monkeypatch):
+async def test_keys_echoed_by_the_provider_are_redacted_from_errors(fake_llm, monkeypatch, transport):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-env-0123456789")
     fake_llm.set_handler(lambda req: FakeReply(status=401, content="Incorrect API key: k-secret-42 / sk-env-0123456789"))
-    llm = LiteLLMBackend(LLMSettings(model="openai/x", api_base=fake_llm.url, api_key="k-secret-42", max_retries=0))
+    llm = make(LLMSettings(model="openai/x", api_base=fake_llm.url, api_key="k-secret-42", max_retries=0))
     with pytest.raises(LLMError) as info:
         await llm.complete(MESSAGES, UserTurn, role=Role.USER)
     assert "k-secret-42" not in str(info.value) and "sk-env-0123456789" not in str(info.value)
@@ -130,7 +146,7 @@ async def test_keys_echoed_by_the_provider_are_redacted_from_errors(fake_llm, mo
 
 
 @pytest.mark.anyio
-async def test_a_reply_of_the_wrong_shape_is_repaired_once_then_refused_naming_the_fields(fake_llm):
+async def test_a_reply_of_the_wrong_shape_is_repaired_once_then_refused_naming_the_fields(fake_llm, transport):
     fake_llm.set_handler(lambda req: {"totally": "wrong"})
     with pytest.raises(LLMOutputError) as info:
         await backend(fake_llm).complete(MESSAGES, UserTurn, role=Role.USER)
@@ -143,7 +159,7 @@ async def test_a_reply_of_the_wrong_shape_is_repaired_once_then_refused_naming_t
 
 
 @pytest.mark.anyio
-async def test_the_model_is_asked_for_every_field_and_nothing_else(fake_llm):
+async def test_the_model_is_asked_for_every_field_and_nothing_else(fake_llm, transport):
     await backend(fake_llm).complete(MESSAGES, UserTurn, role=Role.USER)
     schema = fake_llm.requests[0]["response_format"]["json_schema"]["schema"]
     assert set(schema["required"]) == {"message", "goal_achieved", "end_conversation", "reason"}
@@ -185,7 +201,7 @@ def test_nested_models_of_a_verdict_are_strict_too():
     ],
 )
 @pytest.mark.anyio
-async def test_each_failure_has_a_kind_and_its_attempts_are_counted(fake_llm, reply, kind, attempts):
+async def test_each_failure_has_a_kind_and_its_attempts_are_counted(fake_llm, reply, kind, attempts, transport):
     fake_llm.set_handler(lambda req: reply)
     with pytest.raises(LLMError) as info:
         await backend(fake_llm).complete(MESSAGES, UserTurn, role=Role.USER)
@@ -195,12 +211,12 @@ async def test_each_failure_has_a_kind_and_its_attempts_are_counted(fake_llm, re
 
 
 @pytest.mark.anyio
-async def test_connection_and_timeout_failures_are_told_apart(fake_llm):
+async def test_connection_and_timeout_failures_are_told_apart(fake_llm, transport):
     fake_llm.queue(FakeReply(content=turn("slow"), delay_s=2))
     with pytest.raises(LLMError) as timed_out:
         await backend(fake_llm, timeout_s=0.3, max_retries=0).complete(MESSAGES, UserTurn, role=Role.USER)
-    refused = LiteLLMBackend(LLMSettings(model="openai/x", api_base="http://127.0.0.1:9/v1", api_key="k",
-                                         max_retries=0, timeout_s=5))
+    refused = make(LLMSettings(model="openai/x", api_base="http://127.0.0.1:9/v1", api_key="k",
+                               max_retries=0, timeout_s=5))
     with pytest.raises(LLMError) as unreachable:
         await refused.complete(MESSAGES, UserTurn, role=Role.USER)
     assert (timed_out.value.kind, unreachable.value.kind) == ("timeout", "connection")
@@ -208,7 +224,7 @@ async def test_connection_and_timeout_failures_are_told_apart(fake_llm):
 
 
 @pytest.mark.anyio
-async def test_a_repaired_reply_counts_the_unusable_one_as_failed(fake_llm):
+async def test_a_repaired_reply_counts_the_unusable_one_as_failed(fake_llm, transport):
     fake_llm.queue("not json at all", turn("hi"))
     result = await backend(fake_llm).complete(MESSAGES, UserTurn, role=Role.USER)
     u = result.usage
@@ -228,7 +244,7 @@ def test_usage_add_sums_failures_by_kind():
 
 
 @pytest.mark.anyio
-async def test_a_refused_key_is_latched_and_later_calls_make_no_request(fake_llm):
+async def test_a_refused_key_is_latched_and_later_calls_make_no_request(fake_llm, transport):
     fake_llm.set_handler(lambda req: FakeReply(status=401, content="Incorrect API key provided"))
     llm = backend(fake_llm)
     with pytest.raises(LLMAuthError) as first:
@@ -243,7 +259,7 @@ async def test_a_refused_key_is_latched_and_later_calls_make_no_request(fake_llm
 
 
 @pytest.mark.anyio
-async def test_concurrent_first_calls_with_a_refused_key_make_one_request(fake_llm):
+async def test_concurrent_first_calls_with_a_refused_key_make_one_request(fake_llm, transport):
     fake_llm.set_handler(lambda req: FakeReply(status=401, content="bad key", delay_s=0.1))
     llm = backend(fake_llm)
     errors = []
@@ -261,7 +277,7 @@ async def test_concurrent_first_calls_with_a_refused_key_make_one_request(fake_l
 
 
 @pytest.mark.anyio
-async def test_after_a_first_answer_calls_are_concurrent_again(fake_llm):
+async def test_after_a_first_answer_calls_are_concurrent_again(fake_llm, transport):
     fake_llm.set_handler(lambda req: FakeReply(content=turn("hi"), delay_s=0.2))
     llm = backend(fake_llm)
     await llm.complete(MESSAGES, UserTurn, role=Role.USER)

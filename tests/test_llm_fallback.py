@@ -14,6 +14,7 @@ import pytest
 from engine import LLMError, LLMOutputError, Role, UserTurn
 from engine.llm.base import LLMSettings
 from engine.llm.litellm_backend import LiteLLMBackend
+from engine.llm.openai_http import OpenAIHTTPBackend
 from tests.conftest import ROOT
 from tests.fake_llm import FakeReply, example_for_schema
 
@@ -32,9 +33,24 @@ def turn(message: str) -> dict:
     return {"message": message, "goal_achieved": False, "end_conversation": False, "reason": "r"}
 
 
-def backend(fake, model="openai/fake-user", **settings) -> LiteLLMBackend:
+TRANSPORTS = {"direct": OpenAIHTTPBackend, "litellm": LiteLLMBackend}
+_transport = ["direct"]  # set per test by the `transport` fixture
+
+
+@pytest.fixture(params=list(TRANSPORTS))
+def transport(request) -> str:
+    """Runs a test through each transport: the shared model path must behave the same on both."""
+    _transport[0] = request.param
+    return request.param
+
+
+def make(settings: LLMSettings):
+    return TRANSPORTS[_transport[0]](settings)
+
+
+def backend(fake, model="openai/fake-user", **settings):
     settings = {"max_retries": 2, "backoff_s": 0.01, "timeout_s": 5, **settings}
-    return LiteLLMBackend(LLMSettings(model=model, api_base=fake.url, api_key="k", **settings))
+    return make(LLMSettings(model=model, api_base=fake.url, api_key="k", **settings))
 
 
 def mode_of(request: dict) -> str:
@@ -65,7 +81,7 @@ def refusing(json_schema: tuple[int, str], json_object: tuple[int, str] | None =
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("refusal", [LLAMA_CPP, VLLM], ids=["llama-cpp-500", "vllm-400"])
-async def test_a_refused_json_schema_falls_back_to_json_object_once_per_endpoint(fake_llm, refusal):
+async def test_a_refused_json_schema_falls_back_to_json_object_once_per_endpoint(fake_llm, refusal, transport):
     fake_llm.set_handler(refusing(refusal, reply=turn("hi there")))
     llm = backend(fake_llm)
     result = await llm.complete(MESSAGES, UserTurn, role=Role.USER)
@@ -86,7 +102,7 @@ async def test_a_refused_json_schema_falls_back_to_json_object_once_per_endpoint
 
 
 @pytest.mark.anyio
-async def test_a_server_refusing_json_object_too_gets_plain_text_parsed_strictly(fake_llm):
+async def test_a_server_refusing_json_object_too_gets_plain_text_parsed_strictly(fake_llm, transport):
     fake_llm.set_handler(refusing(LLAMA_CPP, NO_JSON_OBJECT, reply=f"```json\n{json.dumps(turn('plain'))}\n```"))
     llm = backend(fake_llm)
     result = await llm.complete(MESSAGES, UserTurn, role=Role.USER)
@@ -105,7 +121,7 @@ async def test_a_server_refusing_json_object_too_gets_plain_text_parsed_strictly
 
 
 @pytest.mark.anyio
-async def test_concurrent_first_calls_pay_the_refusal_once(fake_llm):
+async def test_concurrent_first_calls_pay_the_refusal_once(fake_llm, transport):
     fake_llm.set_handler(refusing(LLAMA_CPP, reply=turn("ok")))
     llm = backend(fake_llm)
     async with anyio.create_task_group() as tg:
@@ -115,7 +131,7 @@ async def test_concurrent_first_calls_pay_the_refusal_once(fake_llm):
 
 
 @pytest.mark.anyio
-async def test_a_500_not_naming_the_response_format_is_still_retried(fake_llm):
+async def test_a_500_not_naming_the_response_format_is_still_retried(fake_llm, transport):
     fake_llm.set_handler(lambda req: FakeReply(status=500, content="upstream overloaded"))
     llm = backend(fake_llm)
     with pytest.raises(LLMError) as info:
@@ -128,7 +144,7 @@ async def test_a_500_not_naming_the_response_format_is_still_retried(fake_llm):
 
 
 @pytest.mark.anyio
-async def test_a_refusal_in_the_last_mode_is_raised_without_retries(fake_llm):
+async def test_a_refusal_in_the_last_mode_is_raised_without_retries(fake_llm, transport):
     fake_llm.set_handler(lambda req: FakeReply(status=400, content="response_format is required"))
     with pytest.raises(LLMError) as info:
         await backend(fake_llm).complete(MESSAGES, UserTurn, role=Role.USER)

@@ -1,18 +1,21 @@
-"""Structured model calls: one interface, two backends.
+"""Structured model calls: one interface; the direct OpenAI-compatible, litellm and offline backends.
 
     llm = resolve_llm(model)             # "offline", "openai/gpt-4o-mini", "openai:/gpt-4o-mini", ...
     result = await llm.complete(messages, UserTurn, role=Role.USER, offline=heuristic)
     result.output                        # a validated UserTurn
     result.usage                         # calls, tokens, cost of this call (retries included)
 
-`LiteLLMBackend` talks to any provider litellm knows, including local
-OpenAI-compatible servers (`api_base`). `OfflineBackend` calls no model: the
+`OpenAIHTTPBackend` (openai_http.py) talks to `openai/*` models, at OpenAI or at any OpenAI-compatible
+`api_base`, over one httpx client; `LiteLLMBackend` to any other provider litellm knows. Both share one
+model path (chat.py: retries, error kinds, auth latch, format fallback, strict parsing); `resolve_llm`
+picks. `LLM.prepare()` readies a backend when a run starts (litellm's import, the HTTP pool), off the
+event loop, so the first turn pays nothing extra. `OfflineBackend` calls no model: the
 caller passes `offline=`, a deterministic heuristic that lives beside the
 prompt it replaces, and the result is marked `heuristic=True`. That keeps the
 demo, CI and tests free of keys and network, and keeps each heuristic next to
 the prompt whose job it does.
 
-Retries (429, 5xx, timeouts, connection errors) are ours, not litellm's, so
+Retries (429, 5xx, timeouts, connection errors) are ours, not litellm's or httpx's, so
 that Retry-After is honoured and every attempt is counted: `Usage.calls` counts
 each request, `failed_calls` / `failures` the ones that gave nothing usable, and
 an `LLMError` carries the usage spent before it was raised (`error.usage`).
@@ -38,10 +41,11 @@ schema, temperature, seed, trial); the jobs wrap theirs when asked (`cache=True`
 
 from __future__ import annotations
 
-from .base import LLM, LLMResult
+from .base import LLM, LLMResult, prepare_models
 from .cache import CACHE_TRIAL, CachedLLM, ResponseCache, cached
 from .litellm_backend import LiteLLMBackend
 from .offline import OfflineBackend
+from .openai_http import OpenAIHTTPBackend
 from .providers import resolve_model
 from .resolve import resolve_llm
 
@@ -52,8 +56,10 @@ __all__ = [
     "LLMResult",
     "LiteLLMBackend",
     "OfflineBackend",
+    "OpenAIHTTPBackend",
     "ResponseCache",
     "cached",
+    "prepare_models",
     "resolve_llm",
     "resolve_model",
 ]

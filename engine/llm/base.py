@@ -40,7 +40,7 @@ class LLMResult(Generic[T]):
 
 @dataclass(frozen=True)
 class LLMSettings:
-    """Options for the litellm backend. `api_key` is held in memory only, never stored."""
+    """Options for the chat backends (direct and litellm). `api_key` is held in memory only, never stored."""
 
     model: str
     api_base: str | None = None
@@ -75,6 +75,13 @@ class LLM:
         return {"backend": type(self).__name__, "model": self.model, "temperature": self.temperature,
                 "seed": self.seed}
 
+    async def prepare(self) -> None:
+        """Get ready for a run's calls before its first turn (import a client library, open a connection pool):
+        jobs call it when they start, so the first call pays nothing extra. Nothing to do for most backends."""
+
+    async def aclose(self) -> None:
+        """Close what the backend holds open (kept-alive connections); it opens them again if used again."""
+
     async def discard(self, result: LLMResult[Any]) -> None:
         """Forget a reply that parsed but that the caller could not use (no test case, an out-of-range verdict,
         an empty message): a cache drops it, so the next run asks the model again. Others have nothing to do."""
@@ -88,6 +95,15 @@ class LLM:
         offline: Callable[[], T] | None = None,
     ) -> LLMResult[T]:
         raise NotImplementedError(f"{type(self).__name__} does not implement complete")
+
+
+async def prepare_models(*llms: LLM | None) -> None:
+    """`prepare()` each distinct backend given (a job's user and judge models may be one), one after another."""
+    seen: list[LLM] = []
+    for llm in llms:
+        if llm is not None and not any(llm is other for other in seen):
+            seen.append(llm)
+            await llm.prepare()
 
 
 @functools.lru_cache(maxsize=512)

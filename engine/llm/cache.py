@@ -114,6 +114,12 @@ class CachedLLM(LLM):
     def cache_identity(self) -> dict[str, Any]:
         return self.inner.cache_identity()
 
+    async def prepare(self) -> None:
+        await self.inner.prepare()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
     async def complete(self, messages, schema, *, role, offline=None):
         key = request_key(self.cache_identity(), messages, schema, CACHE_TRIAL.get())
         hit = await self._get(key)

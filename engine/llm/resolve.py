@@ -10,6 +10,7 @@ from ..errors import InvalidOption
 from ..settings import env_float, env_int, env_str, env_url
 from .base import LLM, OFFLINE, LLMSettings
 from .litellm_backend import LiteLLMBackend
+from .openai_http import OpenAIHTTPBackend, takes_direct_path, transport_setting
 from .offline import OfflineBackend
 from .providers import (
     MODEL_NAME,
@@ -40,6 +41,10 @@ def resolve_llm(
 
     `max_concurrency` caps model calls in flight; a job passes its own concurrency, since
     each conversation has at most one call in flight.
+
+    `openai/*` models (OpenAI, or any OpenAI-compatible api_base) get the direct transport, `OpenAIHTTPBackend`;
+    every other provider, and OpenAI's reasoning models, litellm (see openai_http.py; CONVSIM_LLM_TRANSPORT=litellm
+    sends everything through litellm).
     """
     name = resolve_model(model)
     temperature, seed = sampling(temperature, seed)
@@ -69,6 +74,8 @@ def resolve_llm(
         temperature=temperature,
         seed=seed,
     )
+    if takes_direct_path(settings, transport_setting()):
+        return OpenAIHTTPBackend(settings)
     return LiteLLMBackend(settings)
 
 

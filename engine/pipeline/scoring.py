@@ -20,7 +20,7 @@ import anyio.lowlevel
 
 from ..errors import InvalidOption, NotFound
 from ..limits import MAX_TRANSCRIPTS
-from ..llm import CACHE_TRIAL, LLM, resolve_llm
+from ..llm import CACHE_TRIAL, LLM, prepare_models, resolve_llm
 from ..models import Assessment, FailingSession, Role, ScorerSummary, ScoreSummary, Session, StopReason, Usage, add_usage
 from ..judging import Scorer, parse_scorers
 from ..judging.judges import DETERMINISTIC_JUDGES
@@ -105,6 +105,7 @@ class ScoringJob:
     run_ids: list[str] | None = None  # the runs the sessions belong to, when known
 
     async def run(self, progress: ProgressFn | None = None) -> ScoreSummary:
+        await prepare_models(self.llm)  # litellm's import, the HTTP pool: before the first verdict
         total = len(self.session_ids) * len(self.scorers)
         writer = _VerdictWriter(self.store)
         done = 0

@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 
 from ..errors import InvalidOption, LLMAuthError
-from ..llm import CACHE_TRIAL, LLM, resolve_llm, resolve_model
+from ..llm import CACHE_TRIAL, LLM, prepare_models, resolve_llm, resolve_model
 from ..models import (Assessment, Message, Role, RunStatus, RunSummary, Session, SessionSummary, StopReason,
                       TargetSpec, TestCase, TrialsSummary)
 from ..issues import TrialTally
@@ -102,6 +102,7 @@ class SimulationJob:
         return self.llm.auth_error or (self.judge_llm.auth_error if self.judge_llm is not None else None)
 
     async def run(self, progress: ProgressFn | None = None) -> RunSummary:
+        await prepare_models(self.llm, self.judge_llm)  # litellm's import, the HTTP pool: before the first turn
         sessions = self.sessions
         if sessions is None:
             sessions = self._plan()

@@ -1,0 +1,325 @@
+"""The model path every chat transport shares: retries, error kinds, the auth latch, the format fallback, parsing.
+
+    ChatBackend                      one retry loop, one classification, one latch, one fallback, strict replies
+      ├── LiteLLMBackend             litellm_backend.py: any provider litellm knows
+      └── OpenAIHTTPBackend          openai_http.py: OpenAI-compatible chat completions over one httpx client
+
+A transport says only how one request is shaped (`_payload`) and sent and read (`_send`); it raises what its
+client raises, and `_classify` turns that into an `LLMError` of one kind (auth, rate_limit, timeout, connection,
+server_error, context_length, other) whichever transport it came from.
+
+The two seams every request passes: `_call_with_retries` (one logical call: the retry loop, the fallback, the
+back-off; a 429 is `err.kind == "rate_limit"` there) and `_request` (one HTTP request: inside the concurrency
+limiter, the payload built right before `self._send`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import re
+from typing import Any, Callable
+
+import anyio
+from pydantic import BaseModel, ValidationError
+
+from .. import secrets
+from ..errors import LLMAuthError, LLMError, LLMOutputError
+from ..models import Usage
+from .base import LLM, RETRYABLE_KINDS, LLMResult, LLMSettings, T, log, strict_schema
+from .providers import key_variable
+
+REPAIR_PROMPT = """\
+Your previous reply could not be used: {error}
+Reply again with only a JSON object that matches the required schema. No prose, no code fences."""
+
+
+SCHEMA_INSTRUCTIONS = """\
+Reply with only a JSON object that matches this JSON schema. No prose, no code fences.
+JSON schema: {schema}"""
+
+
+AUTH_ERROR = ("model {model}: the provider refused the credentials ({detail}). Set {variable} to a valid API key, "
+              "then run again.")
+
+
+# The backend name response-cache keys have carried from the start. Both transports send the same request to the
+# same endpoint, so a reply cached through one stands for the other, and caches written before the direct path stay
+# valid.
+CACHE_BACKEND = "LiteLLMBackend"
+
+
+class ChatBackend(LLM):
+    """Strict schema-validated JSON output over a chat-completions transport, with one repair retry."""
+
+    def __init__(self, settings: LLMSettings):
+        self.settings = settings
+        self.model = settings.model
+        self.temperature, self.seed = settings.temperature, settings.seed
+        secrets.refresh_from_env()
+        secrets.register(settings.api_key)
+        self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
+        self._answered = False  # a request got an answer other than "bad credentials": no more gating
+        self._first_call = anyio.Lock()
+        self._endpoint = (settings.api_base, settings.model)
+
+    def cache_identity(self) -> dict[str, Any]:
+        """The endpoint counts too: one model name at two servers (a local `openai/...`) may be two models.
+        The endpoint is hashed into the key, never stored; the API key is left out."""
+        return {**super().cache_identity(), "backend": CACHE_BACKEND, "api_base": self.settings.api_base}
+
+    # --- what a transport provides ------------------------------------------------------------------
+
+    def _payload(self, messages: list[dict[str, Any]], response_format: dict[str, Any] | None) -> Any:
+        """The request this transport sends: `messages` as they go, `response_format` None in text mode."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _payload")
+
+    async def _send(self, payload: Any) -> tuple[str | None, Usage]:
+        """Send one request; the reply's text (None: the response had no message) and its usage (calls=1).
+        Raises its client's exceptions, for `_classify`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _send")
+
+    # --- one logical call ---------------------------------------------------------------------------
+
+    async def complete(self, messages, schema, *, role, offline=None):
+        if self.auth_error is not None:
+            raise self._refusal(Usage())
+        wire = strict_schema(schema)
+        usage = Usage()
+        convo = list(messages)
+        last_error = ""
+        for attempt in range(2):  # the call, then one repair retry on invalid output
+            try:
+                text, call_usage = await self._call_with_retries(convo, wire)
+            except LLMError as e:
+                e.usage = usage.add(e.usage)
+                raise
+            usage = usage.add(call_usage)
+            try:
+                return LLMResult(output=_parse(text, wire), usage=usage, model=self.model)
+            except (ValueError, ValidationError) as e:
+                usage = usage.add(Usage.failed("invalid_output", calls=0))
+                last_error = _short_validation_error(e)
+                log.warning("model %s returned invalid %s (attempt %d): %s", self.model, schema.__name__, attempt + 1, last_error)
+                convo = [*convo, {"role": "assistant", "content": text}, {"role": "user", "content": REPAIR_PROMPT.format(error=last_error)}]
+        raise LLMOutputError(f"model {self.model} did not return a valid {schema.__name__} after a repair attempt: "
+                             f"{last_error}", usage=usage)
+
+    def _build(self, messages: list[dict[str, Any]], schema: type[BaseModel]) -> tuple[Any, str]:
+        """The request in the structured-output mode this endpoint is known to accept, and that mode.
+
+        Built right before sending, so a call that waited behind the first one uses what that one learnt."""
+        mode = _working_modes.get(self._endpoint, JSON_SCHEMA)
+        if mode == JSON_SCHEMA:
+            response_format: dict[str, Any] | None = response_format_of(schema)
+        else:
+            response_format = JSON_OBJECT_FORMAT if mode == JSON_OBJECT else None
+        return self._payload(_with_schema(messages, schema, mode), response_format), mode
+
+    async def _call_with_retries(self, messages: list[dict[str, Any]], schema: type[BaseModel]) -> tuple[str, Usage]:
+        s = self.settings
+        usage = Usage()
+        attempt = 0
+        while True:
+            try:
+                reply = await self._attempt(lambda: self._build(messages, schema))
+            except _FormatRefused as err:  # not transient: ask again at once in the next mode, no retry spent
+                usage = usage.add(Usage.failed(err.kind))
+                if err.mode == TEXT:
+                    err.usage = usage
+                    raise
+                fallback = _MODES[_MODES.index(err.mode) + 1]
+                if _MODES.index(_working_modes.get(self._endpoint, JSON_SCHEMA)) < _MODES.index(fallback):
+                    _working_modes[self._endpoint] = fallback
+                    log.warning("model %s at %s refused response_format %s (%s); using %s from now on",
+                                s.model, s.api_base or "its provider", err.mode, err, fallback)
+                continue
+            except LLMError as err:  # the provider answered with an error (or never answered)
+                usage = usage.add(Usage.failed(err.kind))
+                if not err.retryable or attempt == s.max_retries:
+                    err.usage = usage
+                    raise
+                delay = _retry_after(err.__cause__)
+                if delay is None:
+                    delay = s.backoff_s * (2**attempt) * (0.5 + random.random() / 2)
+                log.warning("model %s: %s; retry %d/%d in %.1fs", s.model, err, attempt + 1, s.max_retries, delay)
+                await anyio.sleep(min(delay, 60.0))
+                attempt += 1
+                continue
+            if reply is None:  # refused without a request: another call found the credentials bad
+                raise self._refusal(usage)
+            text, call_usage = reply
+            usage = usage.add(call_usage)
+            if text is None:
+                raise LLMError(f"model {self.model}: the response had no message", kind="other",
+                               usage=usage.add(Usage.failed("other", calls=0)))
+            return text, usage
+
+    async def _attempt(self, build: Callable[[], tuple[Any, str]]) -> tuple[str | None, Usage] | None:
+        """One request, or None when the credentials were refused meanwhile. Raises the classified LLMError."""
+        if self._answered:
+            return await self._request(build)
+        async with self._first_call:  # until a first answer, one request at a time (a bad key costs one)
+            if self.auth_error is not None:
+                return None
+            if not self._answered:
+                return await self._request(build)
+        return await self._request(build)  # answered while this call waited: no more gating
+
+    async def _request(self, build: Callable[[], tuple[Any, str]]) -> tuple[str | None, Usage]:
+        mode = JSON_SCHEMA
+        try:
+            async with self._limiter:
+                payload, mode = build()
+                reply = await self._send(payload)
+        except Exception as e:  # classify at the boundary, decide in the caller
+            err = _classify(e)
+            if err.kind != "auth" and _refuses_format(e, err.status_code):
+                self._answered = True
+                raise _FormatRefused(str(err), mode=mode, status_code=err.status_code) from e
+            if err.kind == "auth":
+                raise self._latch(err) from e
+            self._answered = True
+            raise err from e
+        self._answered = True
+        return reply
+
+    def _latch(self, err: LLMError) -> LLMAuthError:
+        """Remember the first refusal of the credentials; every later call raises it without a request."""
+        if self.auth_error is None:
+            self.auth_error = LLMAuthError(
+                AUTH_ERROR.format(model=self.model, detail=err, variable=key_variable(self.settings)),
+                status_code=err.status_code,
+            )
+            log.error("%s", self.auth_error)
+        return self._refusal(Usage())
+
+    def _refusal(self, usage: Usage) -> LLMAuthError:
+        assert self.auth_error is not None
+        return LLMAuthError(str(self.auth_error), status_code=self.auth_error.status_code, usage=usage)
+
+
+# --- structured-output modes ------------------------------------------------------------------------
+
+JSON_SCHEMA, JSON_OBJECT, TEXT = "json_schema", "json_object", "text"
+_MODES = (JSON_SCHEMA, JSON_OBJECT, TEXT)  # structured-output modes, best first
+JSON_OBJECT_FORMAT = {"type": "json_object"}
+
+
+_working_modes: dict[tuple[str | None, str], str] = {}  # (api_base, model) -> the mode it accepted; in-process
+
+
+class _FormatRefused(LLMError):
+    """The endpoint refused the request's `response_format` (`mode`): fall back to the next mode, never retry."""
+
+    def __init__(self, message: str, *, mode: str, status_code: int | None):
+        super().__init__(message, retryable=False, status_code=status_code, kind="other")
+        self.mode = mode
+
+
+_FORMAT_TEXT = re.compile(r"(?i)response_format|json_schema|json_object")
+
+
+def _refuses_format(e: Exception, status: int | None) -> bool:
+    """A 400, 422 or 500 naming the response format: llama-cpp-python answers 500, older vLLM and Ollama 400."""
+    return status in (400, 422, 500) and bool(_FORMAT_TEXT.search(str(e)))
+
+
+@functools.lru_cache(maxsize=512)
+def response_format_of(schema: type[BaseModel]) -> dict[str, Any]:
+    """The `response_format` asking for `schema` (a strict class) as OpenAI's API spells it, computed once per schema.
+
+    The same dict litellm builds from the class on every call (`type_to_response_format_param`): pydantic's JSON
+    schema of a strict class already has every field required and `additionalProperties: false`. Shared: never
+    mutate it (litellm gets a copy)."""
+    return {"type": "json_schema",
+            "json_schema": {"schema": schema.model_json_schema(), "name": schema.__name__, "strict": True}}
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_instructions(schema: type[BaseModel]) -> str:
+    return SCHEMA_INSTRUCTIONS.format(schema=json.dumps(schema.model_json_schema(), separators=(",", ":")))
+
+
+def _with_schema(messages: list[dict[str, Any]], schema: type[BaseModel], mode: str) -> list[dict[str, Any]]:
+    """Without `json_schema`, the schema goes at the end of the system message, so the prefix stays cacheable."""
+    if mode == JSON_SCHEMA:
+        return messages
+    instructions = _schema_instructions(schema)
+    first = messages[0] if messages else None
+    if first and first.get("role") == "system" and isinstance(first.get("content"), str):
+        return [{**first, "content": f"{first['content']}\n\n{instructions}"}, *messages[1:]]
+    return [{"role": "system", "content": instructions}, *messages]
+
+
+# --- error kinds ------------------------------------------------------------------------------------
+
+_AUTH_TEXT = re.compile(r"(?i)invalid[ _-]?(?:x-)?api[ _-]?key|incorrect api key|api key not valid|missing credentials|"
+                        r"no api key|api[ _-]?key (?:is )?(?:missing|required)")
+
+
+_CONTEXT_TEXT = re.compile(r"(?i)context_length_exceeded|maximum context length|context window|prompt is too long")
+
+
+_SERVER_ERRORS = frozenset({"InternalServerError", "ServiceUnavailableError", "BadGatewayError"})
+
+
+def _classify(e: Exception) -> LLMError:
+    """Translate a transport's exception (litellm's, openai's, openai_http's) into LLMError with its kind, retryable
+    or not (its message is redacted)."""
+    status = getattr(e, "status_code", None)
+    status = status if isinstance(status, int) else None
+    name = type(e).__name__
+    text = str(e)
+    message = str(getattr(e, "message", "") or e).strip().splitlines()[0][:300] if text else name
+    if name in ("AuthenticationError", "PermissionDeniedError") or status in (401, 403) or _AUTH_TEXT.search(text):
+        kind = "auth"
+    elif name == "ContextWindowExceededError" or (status in (None, 400, 413) and _CONTEXT_TEXT.search(text)):
+        kind = "context_length"
+    elif name == "RateLimitError" or status == 429:
+        kind = "rate_limit"
+    elif name in ("Timeout", "APITimeoutError") or status == 408 or isinstance(e, TimeoutError):
+        kind = "timeout"
+    elif name == "APIConnectionError" or isinstance(e, ConnectionError) or "connection error" in text.lower():
+        kind = "connection"
+    elif name in _SERVER_ERRORS or (status is not None and status >= 500):
+        kind = "server_error"
+    else:
+        kind = "other"
+    return LLMError(f"{name}: {message}", retryable=kind in RETRYABLE_KINDS, status_code=status, kind=kind)
+
+
+def _retry_after(e: BaseException | None) -> float | None:
+    """Seconds from a Retry-After header on the error's response, if any."""
+    for headers in (getattr(getattr(e, "response", None), "headers", None), getattr(e, "litellm_response_headers", None)):
+        if not headers:
+            continue
+        value = headers.get("retry-after") or headers.get("Retry-After")
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return None
+    return None
+
+
+# --- replies ----------------------------------------------------------------------------------------
+
+def _parse(text: str, schema: type[T]) -> T:
+    """Parse a JSON object out of the reply, tolerating code fences and surrounding prose."""
+    stripped = text.strip()
+    if stripped.startswith("```"):
+        stripped = stripped.strip("`")
+        stripped = stripped[stripped.find("\n") + 1 :] if "\n" in stripped else stripped
+    start, end = stripped.find("{"), stripped.rfind("}")
+    if start == -1 or end < start:
+        raise ValueError(f"no JSON object in reply: {text[:120]!r}")
+    return schema.model_validate(json.loads(stripped[start : end + 1]))
+
+
+def _short_validation_error(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'root'}: {err['msg']}" for err in e.errors()[:5])
+    return str(e)[:300]
