@@ -6,7 +6,8 @@
 
 from ._shared import Progress, ProgressFn, run_uri, scores_uri, session_uri
 from .scoring import ScoringJob, prepare_scoring, score_one, score_sessions, score_summary, summarize_scores
-from .simulation import SimulationJob, describe_target, prepare_simulation, run_summary, simulate, summarize_session
+from .simulation import (SimulationJob, describe_target, prepare_simulation, run_summary, session_summaries, simulate,
+                         summarize_session)
 
 __all__ = [
     "Progress",
@@ -22,6 +23,7 @@ __all__ = [
     "score_sessions",
     "score_summary",
     "scores_uri",
+    "session_summaries",
     "session_uri",
     "simulate",
     "summarize_scores",

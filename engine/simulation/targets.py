@@ -79,6 +79,12 @@ class Target:
     """The agent under test. Implementations raise `AgentError` from `respond`."""
 
     spec: TargetSpec
+    connections: int = 100  # requests in flight at once (a run's concurrency): an HTTP target's pool size
+
+    def size_for(self, concurrency: int) -> None:
+        """Take up to `concurrency` requests at once (call before the first): an HTTP target sizes its
+        connection pool to it, so a 1,000-conversation run does not queue behind httpx's default 100."""
+        self.connections = max(concurrency, 100)
 
     async def respond(self, history: list[Message], *, session_id: str, context: dict[str, Any]) -> AgentReply:
         """Send the conversation so far (ending with the user's message) and return the agent's reply."""
@@ -314,7 +320,9 @@ class _HTTPTarget(Target):
 
     async def _post(self, url: str, body: dict[str, Any]) -> Any:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.spec.timeout_s))
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.spec.timeout_s), limits=httpx.Limits(
+                max_connections=self.connections,
+                max_keepalive_connections=self.connections if self.connections > 100 else 20))
         try:
             async with self._client.stream("POST", url, json=body, headers=self._headers()) as resp:
                 raw = await _read_bounded(resp)
