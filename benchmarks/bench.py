@@ -480,9 +480,28 @@ async def bench_scale(store, root: str, fake: FakeLLMProcess, *, latency: float,
     return rows
 
 
+# Runs `argv[3:]` and writes its exit code and peak RSS to `argv[1]`. A small process of its own: a child's
+# ru_maxrss counts the image it was forked from, so forking the CLI from this (big) process would count it too.
+_MEASURE_CHILD = """
+import json, os, subprocess, sys, time
+out, timeout, cmd = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+proc, deadline = subprocess.Popen(cmd), time.monotonic() + timeout
+while True:
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    if pid:
+        break
+    if time.monotonic() > deadline:
+        proc.kill()
+    time.sleep(0.05)
+proc.returncode = os.waitstatus_to_exitcode(status)
+json.dump({"exit": proc.returncode, "maxrss_kb": usage.ru_maxrss}, open(out, "w"))
+"""
+
+
 def bench_file_cases(root: str, home: str, *, cases: int = 10_000, turns: int = 3, concurrency: int = 1000) -> dict:
     """`convsim-mcp simulate` of `cases` test cases from a JSONL file (offline user, instant agent) in a
-    child process: wall time, and its peak RSS as the kernel counted it (os.wait4's ru_maxrss)."""
+    child process: wall time, and its peak RSS as the kernel counted it (ru_maxrss from os.wait4, in a small
+    launcher process: see _MEASURE_CHILD)."""
     import json
     import sys
     import time
@@ -502,30 +521,22 @@ def bench_file_cases(root: str, home: str, *, cases: int = 10_000, turns: int = 
 
     started = time.perf_counter()
     with out.open("w") as stdout:
-        proc = subprocess.Popen(cmd, env=_child_env(root, home), cwd=root, stdout=stdout, stderr=subprocess.DEVNULL)
-    deadline = started + FILE_CASES_TIMEOUT_S
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            proc.kill()
-            pid, status, usage = os.wait4(proc.pid, 0)
-            break
-        time.sleep(0.1)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+        subprocess.run([sys.executable, "-c", _MEASURE_CHILD, str(work / "rusage.json"), str(FILE_CASES_TIMEOUT_S),
+                        *cmd], env=_child_env(root, home), cwd=root, stdout=stdout, stderr=subprocess.DEVNULL,
+                       timeout=FILE_CASES_TIMEOUT_S + 60)
     wall = time.perf_counter() - started
+    measured = json.loads((work / "rusage.json").read_text())
+    proc_exit, rss_mb = measured["exit"], measured["maxrss_kb"] / 1024
     try:
         summary = json.loads(out.read_text())
     except ValueError:
         summary = {}
-    rss_mb = usage.ru_maxrss / 1024  # kilobytes on Linux
     return {
         "cases": cases, "turns": turns, "concurrency": concurrency, "file_bytes": path.stat().st_size,
-        "exit": proc.returncode, "wall_s": wall, "peak_rss_mb": rss_mb, "target_mb": FILE_CASES_RSS_TARGET_MB,
+        "exit": proc_exit, "wall_s": wall, "peak_rss_mb": rss_mb, "target_mb": FILE_CASES_RSS_TARGET_MB,
         "sessions_done": summary.get("sessions_done"), "turns_done": summary.get("turns_done"),
         "stop_reasons": summary.get("stop_reasons"),
-        "ok": proc.returncode == 0 and summary.get("sessions_done") == cases
+        "ok": proc_exit == 0 and summary.get("sessions_done") == cases
         and summary.get("stop_reasons") == {"max_turns": cases},
     }
 
