@@ -6,8 +6,11 @@ import gc
 import json
 import subprocess
 import sys
+import threading
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import anyio
 import pytest
 
 from engine import (InvalidOption, InvalidTestCase, Session, Workspace, load_test_cases, prepare_simulation,
@@ -195,5 +198,44 @@ def test_a_big_run_raises_the_open_file_limit_it_needs():
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True,
                          timeout=60)
     soft, hard = (int(x) for x in out.stdout.split())
-    need = 2000 * 2 + 256  # two sockets per conversation, and spare
+    need = 2000 * 3 + 256  # three sockets per conversation, and spare
     assert soft >= (need if hard == -1 else min(need, hard))
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # hundreds of conversations connect at once
+
+
+def test_an_http_agent_gets_as_many_requests_at_once_as_the_run_has_conversations(store, tmp_path):
+    """No request is answered until 300 are in flight: a connection pool smaller than the run (httpx's
+    default is 100) would leave the rest queued until the barrier broke and every session failed."""
+    barrier = threading.Barrier(300, timeout=60)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            barrier.wait()
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": "Noted."}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = _Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        target = {"url": f"http://127.0.0.1:{httpd.server_address[1]}/v1/chat/completions", "timeout_s": 90}
+        cases = [{"goal": "Ask about refunds. Then ask about shipping.", "id": f"c{i}"} for i in range(150)]
+        summary = anyio.run(lambda: simulate(store, target, cases, model="offline", max_turns=1, repeats=2,
+                                             concurrency=300, workspace=ROOT))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert summary.stop_reasons == {"max_turns": 300}

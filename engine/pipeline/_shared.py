@@ -18,7 +18,7 @@ log = logging.getLogger("convsim.pipeline")
 MAX_TURNS_LIMIT = 100
 MAX_CONCURRENCY = 2000  # conversations (or judge calls) at once; each may hold an agent and a model connection
 MAX_REPEATS = 50
-FILES_PER_SESSION = 2  # sockets one running conversation may hold: its HTTP agent's and its model call's
+FILES_PER_SESSION = 3  # sockets one running conversation may hold: its HTTP agent's (with pool slack), its model call's
 FILES_SPARE = 256  # the database, its WAL, logs, the server's own transport
 
 
