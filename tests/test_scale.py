@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import json
 import subprocess
 import sys
@@ -239,3 +240,28 @@ def test_an_http_agent_gets_as_many_requests_at_once_as_the_run_has_conversation
         httpd.shutdown()
         httpd.server_close()
     assert summary.stop_reasons == {"max_turns": 300}
+
+
+async def test_the_simulate_tool_refuses_concurrency_2001_naming_the_field(store):
+    from mcp import Client
+
+    from convsim_mcp.server import build_server
+
+    async with Client(build_server(store)) as client:
+        result = await client.call_tool("simulate_conversations", {
+            "target": agent("echo"), "test_cases": [{"goal": "g"}], "model": "offline", "concurrency": 2001})
+    assert result.is_error
+    assert "concurrency must be an integer from 1 to 2000, got 2001" in result.content[0].text
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_concurrency_2001_with_exit_2(tmp_path):
+    cases = tmp_path / "cases.jsonl"
+    write_jsonl(cases, 2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSIM_") and k != "PYTHONPATH"}
+    env.update(CONVSIM_HOME=str(tmp_path), PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "convsim_mcp", "simulate", agent("echo"), str(cases), "--model",
+                           "offline", "--concurrency", "2001", "--root", str(tmp_path), "--db",
+                           str(tmp_path / "x.sqlite")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "concurrency must be an integer from 1 to 2000, got 2001" in proc.stderr
