@@ -209,12 +209,13 @@ class SessionRow:
 
 # Verdict tallies per session of one run (bound: the run id), read from the verdict JSON without parsing it
 # in Python. A verdict stores `passed` only when it is not None (exclude_defaults); JSON true/false read 1/0.
-_VERDICT_TALLY = (
+_VERDICT_COUNTS = (
     "SELECT a.session_id, SUM(json_extract(a.data, '$.passed') = 1) AS passed, "
     "SUM(json_extract(a.data, '$.passed') = 0) AS failed, SUM(json_extract(a.data, '$.passed') IS NULL) AS unscored, "
     "SUM(COALESCE(json_extract(a.data, '$.error_kind') IN ('model', 'simulator'), 0)) AS untested "
-    "FROM assessments a JOIN sessions x ON x.id = a.session_id WHERE x.run_id = ? GROUP BY a.session_id"
+    "FROM assessments a"
 )
+_VERDICT_TALLY = f"{_VERDICT_COUNTS} JOIN sessions x ON x.id = a.session_id WHERE x.run_id = ? GROUP BY a.session_id"
 _FAILED_STOPS = ", ".join(f"'{r.value}'" for r in (StopReason.AGENT_ERROR, StopReason.AGENT_EMPTY))
 _UNTESTED_STOPS = ", ".join(f"'{r.value}'" for r in (StopReason.SIMULATOR_ERROR, StopReason.CANCELLED))
 
@@ -552,16 +553,24 @@ class Store:
 
         def read() -> tuple[list[SessionRow], int]:
             total = self._db.execute("SELECT COUNT(*) FROM sessions WHERE run_id = ?", (run_id,)).fetchone()[0]
-            order = "s.case_index, s.repeat, s.started_at"
-            if attention_first:
-                order = (f"CASE WHEN s.stop_reason IN ({_FAILED_STOPS}) OR COALESCE(v.failed, 0) > 0 THEN 0 "
-                         f"WHEN s.stop_reason IN ({_UNTESTED_STOPS}) OR COALESCE(v.untested, 0) > 0 THEN 1 ELSE 2 END, "
-                         f"{order}")
-            rows = self._db.execute(
-                f"SELECT s.id, COALESCE(v.passed, 0), COALESCE(v.failed, 0), COALESCE(v.unscored, 0), "
-                f"COALESCE(v.untested, 0) FROM sessions s LEFT JOIN ({_VERDICT_TALLY}) v ON v.session_id = s.id "
-                f"WHERE s.run_id = ? ORDER BY {order} LIMIT ? OFFSET ?",
-                (run_id, run_id, max(limit, 0), max(offset, 0))).fetchall()
+            run_order = "s.case_index, s.repeat, s.started_at"
+            if attention_first:  # the order needs every session's tally
+                rows = self._db.execute(
+                    "SELECT s.id, COALESCE(v.passed, 0), COALESCE(v.failed, 0), COALESCE(v.unscored, 0), "
+                    f"COALESCE(v.untested, 0) FROM sessions s LEFT JOIN ({_VERDICT_TALLY}) v ON v.session_id = s.id "
+                    f"WHERE s.run_id = ? ORDER BY CASE WHEN s.stop_reason IN ({_FAILED_STOPS}) OR "
+                    f"COALESCE(v.failed, 0) > 0 THEN 0 WHEN s.stop_reason IN ({_UNTESTED_STOPS}) OR "
+                    f"COALESCE(v.untested, 0) > 0 THEN 1 ELSE 2 END, {run_order} LIMIT ? OFFSET ?",
+                    (run_id, run_id, max(limit, 0), max(offset, 0))).fetchall()
+            else:  # only the page's
+                ids = [r[0] for r in self._db.execute(
+                    f"SELECT s.id FROM sessions s WHERE s.run_id = ? ORDER BY {run_order} LIMIT ? OFFSET ?",
+                    (run_id, max(limit, 0), max(offset, 0)))]
+                tallies: dict[str, tuple[int, ...]] = {}
+                for chunk in _chunks(ids):
+                    tallies.update((r[0], tuple(r[1:])) for r in self._db.execute(
+                        f"{_VERDICT_COUNTS} WHERE a.session_id IN ({_marks(chunk)}) GROUP BY a.session_id", chunk))
+                rows = [(sid, *tallies.get(sid, (0, 0, 0, 0))) for sid in ids]
             heads = {s.id: s for s in self._load_sessions([r[0] for r in rows], "last")}
             return [SessionRow(heads[r[0]], passed=r[1], failed=r[2], unscored=r[3], untested=r[4])
                     for r in rows if r[0] in heads], total
