@@ -441,6 +441,137 @@ def render(result: dict) -> str:
     return "\n".join(out)
 
 
+# --------------------------------------------------------------------------------------------------
+# Scale (issue 10): the headline N=100 x T=5, N=1000 x T=3 at concurrency 1000, and 10,000 test cases
+# from a JSONL file in a child process whose peak RSS is read from the kernel (wait4).
+
+HEADLINE_RATIO_TARGET = 1.3
+SCALE_RATIO_TARGET = 2.0
+FILE_CASES_RSS_TARGET_MB = 400
+FILE_CASES_TIMEOUT_S = 900.0
+
+
+async def bench_scale(store, root: str, fake: FakeLLMProcess, *, latency: float, agent_delay: float,
+                      sim: dict | None = None) -> list[dict]:
+    """N=100 x T=5 at concurrency 100 (taken from `sim` when it already ran it) and N=1000 x T=3 at
+    concurrency 1000, through the fake LLM process and the sleeping agent: wall against the ideal."""
+    os.environ[AGENT_DELAY_ENV] = str(agent_delay)
+    fake.ask(f"delay {latency}")
+    fake.ask("stats")
+    rows = []
+    for n, t, target_ratio in ((100, 5, HEADLINE_RATIO_TARGET), (1000, 3, SCALE_RATIO_TARGET)):
+        ideal = t * (latency + agent_delay)
+        done = next((r for r in (sim or {}).get("rows", []) if r["n"] == n and r["t"] == t), None)
+        if done is not None:
+            rows.append({"n": n, "concurrency": n, "t": t, "ideal_s": ideal, "wall_s": done["wall_s_median"],
+                         "ratio": done["ratio"], "target": target_ratio, "cpu_ms_per_turn": done["cpu_ms_per_llm_turn"],
+                         "calls_per_turn": done["calls_per_turn"], "from": "section 1",
+                         "ok": done["all_max_turns"] and done["messages_stored"] == done["messages_expected"]})
+            continue
+        run = await _simulate_once(store, root, n=n, t=t, target="benchmarks/bench.py:agent",
+                                   llm=_litellm_backend(fake.url, n), fake=fake)
+        stats = fake.ask("stats")
+        rows.append({"n": n, "concurrency": n, "t": t, "ideal_s": ideal, "wall_s": run["wall_s"],
+                     "ratio": run["wall_s"] / ideal, "target": target_ratio,
+                     "cpu_ms_per_turn": run["cpu_s"] / max(run["turns"], 1) * 1000,
+                     "calls_per_turn": len(stats["requests"]) / max(run["turns"], 1), "from": "this section",
+                     "ok": run["all_max_turns"] and run["messages_stored"] == run["messages_expected"],
+                     "fake_errors": stats["errors"][:5]})
+    return rows
+
+
+# Runs `argv[3:]` and writes its exit code and peak RSS to `argv[1]`. A small process of its own: a child's
+# ru_maxrss counts the image it was forked from, so forking the CLI from this (big) process would count it too.
+_MEASURE_CHILD = """
+import json, os, subprocess, sys, time
+out, timeout, cmd = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+proc, deadline = subprocess.Popen(cmd), time.monotonic() + timeout
+while True:
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    if pid:
+        break
+    if time.monotonic() > deadline:
+        proc.kill()
+    time.sleep(0.05)
+proc.returncode = os.waitstatus_to_exitcode(status)
+json.dump({"exit": proc.returncode, "maxrss_kb": usage.ru_maxrss}, open(out, "w"))
+"""
+
+
+def bench_file_cases(root: str, home: str, *, cases: int = 10_000, turns: int = 3, concurrency: int = 1000) -> dict:
+    """`convsim-mcp simulate` of `cases` test cases from a JSONL file (offline user, instant agent) in a
+    child process: wall time, and its peak RSS as the kernel counted it (ru_maxrss from os.wait4, in a small
+    launcher process: see _MEASURE_CHILD)."""
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    work = Path(home) / "file-cases"
+    work.mkdir(exist_ok=True)
+    path = work / "cases.jsonl"
+    with path.open("w") as f:
+        for i in range(cases):
+            f.write(json.dumps({"id": f"case-{i}", "goal": LONG_GOAL}) + "\n")
+    out = work / "summary.json"
+    cmd = [sys.executable, "-m", "convsim_mcp", "simulate", "benchmarks/bench.py:instant_agent", str(path),
+           "--model", "offline", "--max-turns", str(turns), "--concurrency", str(concurrency), "--json",
+           "--root", str(work), "--db", str(work / "cases.sqlite")]
+    import subprocess
+
+    started = time.perf_counter()
+    with out.open("w") as stdout:
+        subprocess.run([sys.executable, "-c", _MEASURE_CHILD, str(work / "rusage.json"), str(FILE_CASES_TIMEOUT_S),
+                        *cmd], env=_child_env(root, home), cwd=root, stdout=stdout, stderr=subprocess.DEVNULL,
+                       timeout=FILE_CASES_TIMEOUT_S + 60)
+    wall = time.perf_counter() - started
+    measured = json.loads((work / "rusage.json").read_text())
+    proc_exit, rss_mb = measured["exit"], measured["maxrss_kb"] / 1024
+    try:
+        summary = json.loads(out.read_text())
+    except ValueError:
+        summary = {}
+    return {
+        "cases": cases, "turns": turns, "concurrency": concurrency, "file_bytes": path.stat().st_size,
+        "exit": proc_exit, "wall_s": wall, "peak_rss_mb": rss_mb, "target_mb": FILE_CASES_RSS_TARGET_MB,
+        "sessions_done": summary.get("sessions_done"), "turns_done": summary.get("turns_done"),
+        "stop_reasons": summary.get("stop_reasons"),
+        "ok": proc_exit == 0 and summary.get("sessions_done") == cases
+        and summary.get("stop_reasons") == {"max_turns": cases},
+    }
+
+
+def render_scale(scale: list[dict], file_cases: dict) -> str:
+    out = [
+        "",
+        "## 5. Scale: many conversations at once, and 10,000 test cases from one file",
+        "",
+        "Through the fake LLM process and the sleeping agent, as in section 1 (ideal = T x (L + A)).",
+        "",
+        "| N = concurrency | T | ideal s | wall s | wall/ideal | target | engine CPU ms/turn | LLM calls/turn "
+        "| all max_turns, all messages stored | measured in |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in scale:
+        out.append(f"| {r['n']} | {r['t']} | {r['ideal_s']:.2f} | {r['wall_s']:.2f} | {r['ratio']:.2f} | "
+                   f"<= {r['target']:g} | {r['cpu_ms_per_turn']:.1f} | {r['calls_per_turn']:.2f} | "
+                   f"{'yes' if r['ok'] else 'NO'} | {r['from']} |")
+    f = file_cases
+    out += [
+        "",
+        f"`convsim-mcp simulate` of {f['cases']:,} test cases from a JSONL file ({f['file_bytes'] / 1e6:.1f} MB; "
+        f"offline user, instant agent, T={f['turns']}, concurrency {f['concurrency']}) in a child process; "
+        "peak RSS is the child's ru_maxrss from wait4:",
+        "",
+        "| cases | T | concurrency | wall s | sessions done | turns done | peak RSS MB | target | ok |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| {f['cases']:,} | {f['turns']} | {f['concurrency']} | {f['wall_s']:.1f} | {f['sessions_done']} | "
+        f"{f['turns_done']} | {f['peak_rss_mb']:.0f} | <= {f['target_mb']} | "
+        f"{'yes' if f['ok'] else 'NO (exit %s, %s)' % (f['exit'], f['stop_reasons'])} |",
+    ]
+    return "\n".join(out)
+
+
 def _srow(label: str, xs: list[float]) -> str:
     return f"| {label} | {min(xs):.2f} | {', '.join(f'{x:.2f}' for x in xs)} |"
 
@@ -495,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
                 print("  simulations done", file=sys.stderr)
                 result["zero_delay"] = await bench_zero_delay(store, root, fake, quick=args.quick, repeats=repeats)
                 print("  zero-delay runs done", file=sys.stderr)
+                result["scale"] = await bench_scale(store, root, fake, latency=0.2, agent_delay=0.1,
+                                                    sim=result["simulation"])
+                print("  scale runs done", file=sys.stderr)
 
             anyio.run(engine_benches)
         finally:
@@ -502,15 +636,19 @@ def main(argv: list[str] | None = None) -> int:
             fake.close()
         result["startup"] = bench_startup(root, home, tries=3)
         print("  startup done", file=sys.stderr)
+        result["file_cases"] = bench_file_cases(root, home, turns=2 if args.quick else 3)
+        print("  file cases done", file=sys.stderr)
     result["meta"]["total_s"] = time.perf_counter() - started
 
     print(render(result))
+    print(render_scale(result["scale"], result["file_cases"]))
     print(f"\n(benchmark took {result['meta']['total_s']:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     failed = [r for r in result["simulation"]["rows"]
               if not (r["all_max_turns"] and r["messages_stored"] == r["messages_expected"])]
     failed += [r for r in result["zero_delay"] if not (r["all_max_turns"] and r["messages_ok"])]
+    failed += [r for r in [*result["scale"], result["file_cases"]] if not r["ok"]]
     return 1 if failed else 0
 
 

@@ -53,7 +53,7 @@ import anyio
 from engine import ConvsimError, CouldNotTest, InvalidOption, LLMError, JobRegistry, Progress, RunSummary, Store, UserInputError, Workspace
 from engine import secrets
 from engine.models import SEVERITY_ORDER, Report, ScorerSummary, TrialsSummary
-from engine.pipeline import describe_target, run_summary, score_sessions, simulate
+from engine.pipeline import MAX_CONCURRENCY, describe_target, run_summary, score_sessions, simulate
 from engine.pipeline.agent_test import test_agent
 from engine.pipeline.resume import resume
 from engine.pipeline.rerun import rerun_issues, rerun_json
@@ -139,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     ta.add_argument("--generator-model")
     ta.add_argument("--scorer", action="append", dest="scorers", help="repeatable; default: the default set")
     ta.add_argument("--repeats", type=int, default=1)
-    ta.add_argument("--concurrency", type=int, default=8)
+    ta.add_argument("--concurrency", type=int, default=8,
+                    help=f"conversations at the same time, 1-{MAX_CONCURRENCY} (default 8)")
     ta.add_argument("--no-ask-agent", action="store_true", help="do not ask the agent to describe itself")
     ta.add_argument("--shrink", action=argparse.BooleanOptionalAction, default=None,
                     help="shrink each issue's reproducing case (default: on when user and judge are offline)")
@@ -214,7 +215,8 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--scorer", action="append", dest="scorers",
                        help="built-in name, 'pkg.mod:fn', or a JSON object (repeatable; default: the default set)")
     score.add_argument("--model", help="judges' model ('provider/model' or 'offline')")
-    score.add_argument("--concurrency", type=int, default=8)
+    score.add_argument("--concurrency", type=int, default=8,
+                       help=f"judge calls at the same time, 1-{MAX_CONCURRENCY} (default 8)")
     score.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_junit(score)
     _add_allow_untested(score)
@@ -313,7 +315,8 @@ def _untested_exit(untested: int, total: int, allowed: float) -> int:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-turns", type=int, default=10)
     p.add_argument("--model", help="simulated user's model ('provider/model', 'provider:/model' or 'offline')")
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=8,
+                   help=f"conversations at the same time, 1-{MAX_CONCURRENCY} (default 8)")
     p.add_argument("--repeats", type=int, default=1)
     _add_user_agent(p)
     p.add_argument("--scorer", action="append", dest="scorers",

@@ -25,7 +25,7 @@ from engine.limits import MAX_JSON_DEPTH, has_lone_surrogate, json_depth
 from engine.secrets import redact
 from engine.text import clip
 from engine.models import AgentProfile, Issue, Report, ScoreSummary, Usage
-from engine.pipeline import describe_target, prepare_scoring, prepare_simulation, run_summary, run_uri, scores_uri, summarize_scores
+from engine.pipeline import MAX_CONCURRENCY, describe_target, prepare_scoring, prepare_simulation, run_summary, run_uri, scores_uri, summarize_scores
 from engine.pipeline.agent_test import prepare_agent_test, report_uri
 from engine.pipeline.rerun import IssueCheck, rerun_issues
 from engine.ids import check_run_id
@@ -297,7 +297,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         model: Annotated[str | None, Field(description="Simulated user's model, e.g. 'openai/gpt-4o-mini' or "
                                                        "'openai:/gpt-4o-mini'; 'offline' for the no-LLM heuristic. "
                                                        "Default: CONVSIM_MODEL, else by available API key.")] = None,
-        concurrency: Annotated[int, Field(description="Conversations run at the same time.")] = 8,
+        concurrency: Annotated[int, Field(description=f"Conversations run at the same time (1-{MAX_CONCURRENCY}).")] = 8,
         repeats: Annotated[int, Field(description="Run each test case this many times (separate sessions).")] = 1,
         user_agent: Annotated[str | None, Field(description="Custom simulated user: 'pkg.mod:Class' subclassing "
                                                             "engine.SimulatedUser.")] = None,
@@ -362,7 +362,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
                                                          "user_frustration, knowledge_retention, "
                                                          "tool_call_efficiency.")] = None,
         repeats: Annotated[int, Field(description="Run each case this many times (finds intermittent issues).")] = 1,
-        concurrency: Annotated[int, Field(description="Conversations at the same time.")] = 8,
+        concurrency: Annotated[int, Field(description=f"Conversations at the same time (1-{MAX_CONCURRENCY}).")] = 8,
         shrink: Annotated[bool | None, Field(description="Shrink each issue's reproducing case to the user turns "
                                                          "it needs (replays; default: on when the user and judge "
                                                          "are offline, off with a model since replays cost calls).")] = None,
@@ -516,7 +516,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
                                                          "user_frustration, knowledge_retention, tool_call_efficiency.")] = None,
         model: Annotated[str | None, Field(description="Judges' model ('provider/model'); 'offline' for the "
                                                        "deterministic heuristics. Default as for simulation.")] = None,
-        concurrency: Annotated[int, Field(description="Judge calls at the same time.")] = 8,
+        concurrency: Annotated[int, Field(description=f"Judge calls at the same time (1-{MAX_CONCURRENCY}).")] = 8,
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,

@@ -1,11 +1,15 @@
 """Test cases: loading and validating them (inline, as JSON text, or from JSON / JSONL / YAML files).
 
 Every rejection names the case index and the field, so a user (or an
-assistant) can fix the exact entry.
+assistant) can fix the exact entry. A JSON or YAML file is read whole, so it is
+bounded in bytes (MAX_FILE_BYTES) and cases (MAX_TEST_CASES, as inline cases);
+a JSONL file is read and validated a line at a time, so only its validated
+cases are ever held, and it may hold up to MAX_FILE_CASES.
 """
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import json
 from pathlib import Path
@@ -15,7 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import InvalidOption, InvalidTestCase
-from ..limits import MAX_FILE_BYTES, MAX_JSON_DEPTH, MAX_TEST_CASES, has_lone_surrogate, json_depth
+from ..limits import MAX_FILE_BYTES, MAX_FILE_CASES, MAX_JSON_DEPTH, MAX_LINE_BYTES, MAX_TEST_CASES, has_lone_surrogate, json_depth
 from ..models import TestCase
 from ..workspace import WorkspaceArg, as_workspace
 
@@ -23,7 +27,10 @@ from ..workspace import WorkspaceArg, as_workspace
 def load_test_cases(source: str | Path | list[Any] | dict[str, Any], *,
                     workspace: WorkspaceArg = None) -> list[TestCase]:
     """Cases from a list (of dicts or TestCase), a single dict, JSON text of either (a string starting with
-    '[' or '{', as the CLI passes inline cases), or a .json/.jsonl/.yaml/.yml file under the roots."""
+    '[' or '{', as the CLI passes inline cases), or a .json/.jsonl/.yaml/.yml file under the roots.
+
+    At most MAX_TEST_CASES, or MAX_FILE_CASES from a .jsonl file (streamed: see `_load_jsonl`).
+    """
     lines: list[int | None] = []
     if isinstance(source, str) and source.lstrip()[:1] in ("[", "{"):
         source = parse_inline_cases(source)
@@ -32,6 +39,8 @@ def load_test_cases(source: str | Path | list[Any] | dict[str, Any], *,
             path = as_workspace(workspace).resolve_file(source, what="test case file")
         except InvalidOption as e:
             raise InvalidTestCase(str(e)) from None
+        if path.suffix.lower() == ".jsonl":
+            return _load_jsonl(path)
         items, lines = _read_file(path)
     elif isinstance(source, dict):
         items = [source]
@@ -116,8 +125,51 @@ def validate_case(item: Any, index: int, *, from_file: bool = False) -> TestCase
         raise InvalidTestCase(msg, index=index, field=field) from None
 
 
+def _load_jsonl(path: Path) -> list[TestCase]:
+    """The cases of a JSONL file (one object per line; blank lines skipped), each line read, parsed and
+    validated in turn: the file is never held whole, a line is read at most MAX_LINE_BYTES into, and
+    at most MAX_FILE_CASES cases are kept. Errors name the path and the line, never the content."""
+    out: list[TestCase] = []
+    try:
+        with path.open("rb") as f:
+            n = offset = 0
+            while raw := f.readline(MAX_LINE_BYTES + 2):
+                n += 1
+                start, offset = offset, offset + len(raw)
+                line = raw.rstrip(b"\r\n")
+                if len(line) > MAX_LINE_BYTES:
+                    raise InvalidTestCase(f"{path} line {n} is longer than {MAX_LINE_BYTES} bytes (MAX_LINE_BYTES)")
+                if n == 1 and line.startswith(codecs.BOM_UTF8):
+                    line = line[len(codecs.BOM_UTF8):]
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise InvalidTestCase(f"{path} is not UTF-8 text (byte {start + e.start})") from None
+                if not text.strip():
+                    continue
+                if len(out) >= MAX_FILE_CASES:
+                    raise InvalidTestCase(f"{path} holds more than {MAX_FILE_CASES} test cases; at most "
+                                          f"{MAX_FILE_CASES} per run from a JSONL file (MAX_FILE_CASES)")
+                try:
+                    item = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise InvalidTestCase(f"{path} line {n} is not valid JSON: {e.msg} (column {e.colno})") from None
+                except RecursionError:
+                    raise InvalidTestCase(f"{path} line {n} is nested too deeply to read "
+                                          f"(limit MAX_JSON_DEPTH={MAX_JSON_DEPTH})") from None
+                try:
+                    out.append(validate_case(item, len(out), from_file=True))
+                except InvalidTestCase as e:
+                    raise InvalidTestCase(f"{path} line {n}, {e}") from None
+    except OSError as e:
+        raise InvalidTestCase(f"cannot read {path}: {e.strerror or e}") from None
+    if not out:
+        raise InvalidTestCase("no test cases given: provide at least one object with a 'goal'")
+    return out
+
+
 def _read_file(path: Path) -> tuple[list[Any], list[int | None]]:
-    """The items of a test-case file and the line each starts on (when known).
+    """The items of a JSON or YAML test-case file and the line each starts on (when known).
 
     Errors name the path, the line and what is wrong, never the file's content.
     """
@@ -130,16 +182,6 @@ def _read_file(path: Path) -> tuple[list[Any], list[int | None]]:
         raise InvalidTestCase(f"{path} is not UTF-8 text (byte {e.start})") from None
     suffix = path.suffix.lower()
     try:
-        if suffix == ".jsonl":
-            items, lines = [], []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        items.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise InvalidTestCase(f"{path} line {n} is not valid JSON: {e.msg} (column {e.colno})") from None
-                    lines.append(n)
-            return items, lines
         if suffix == ".json":
             data, lines = _json_items(text)
         elif suffix in (".yaml", ".yml"):

@@ -4,11 +4,13 @@
 - scoring: judge conversations (`prepare_scoring`, `score_sessions`)
 """
 
-from ._shared import Progress, ProgressFn, run_uri, scores_uri, session_uri
+from ._shared import MAX_CONCURRENCY, Progress, ProgressFn, run_uri, scores_uri, session_uri
 from .scoring import ScoringJob, prepare_scoring, score_one, score_sessions, score_summary, summarize_scores
-from .simulation import SimulationJob, describe_target, prepare_simulation, run_summary, simulate, summarize_session
+from .simulation import (SimulationJob, describe_target, prepare_simulation, run_summary, session_summaries, simulate,
+                         summarize_session)
 
 __all__ = [
+    "MAX_CONCURRENCY",
     "Progress",
     "ProgressFn",
     "ScoringJob",
@@ -22,6 +24,7 @@ __all__ = [
     "score_sessions",
     "score_summary",
     "scores_uri",
+    "session_summaries",
     "session_uri",
     "simulate",
     "summarize_scores",

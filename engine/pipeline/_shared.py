@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
 
@@ -12,9 +13,13 @@ from ..settings import env_bool
 from ..store import Store
 from ..text import one_line
 
+log = logging.getLogger("convsim.pipeline")
+
 MAX_TURNS_LIMIT = 100
-MAX_CONCURRENCY = 256
+MAX_CONCURRENCY = 2000  # conversations (or judge calls) at once; each may hold an agent and a model connection
 MAX_REPEATS = 50
+FILES_PER_SESSION = 3  # sockets one running conversation may hold: its HTTP agent's (with pool slack), its model call's
+FILES_SPARE = 256  # the database, its WAL, logs, the server's own transport
 
 
 @dataclass
@@ -42,6 +47,30 @@ def scores_uri(run_id: str) -> str:
 def check_range(name: str, value: int, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidOption(f"{name} must be an integer from {low} to {high}, got {value!r}")
+
+
+def ensure_open_files(concurrency: int) -> int:
+    """Raise this process's soft limit on open files (RLIMIT_NOFILE) so `concurrency` conversations can each
+    hold their sockets: a common default of 1,024 refuses the sockets of a 1,000-conversation run halfway.
+    Never above the hard limit (a warning says what to raise when that is too low). Returns the soft limit."""
+    try:
+        import resource
+    except ImportError:  # not POSIX: nothing to raise
+        return -1
+    need = concurrency * FILES_PER_SESSION + FILES_SPARE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return soft
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, e)
+        return soft
+    if target < need:
+        log.warning("concurrency %d may need %d open files; the hard limit is %d (raise it with ulimit -Hn)",
+                    concurrency, need, hard)
+    return target
 
 
 def cache_enabled(cache: bool | None) -> bool:

@@ -28,8 +28,8 @@ from ..simulation.role import role_breaks
 from ..store import PAGE_SESSIONS, Store
 from ..workspace import WorkspaceArg, as_workspace
 from ..text import one_line
-from ._shared import (MAX_CONCURRENCY, Progress, ProgressFn, UntestedTally, cache_enabled, check_range, scores_uri,
-                      with_cache)
+from ._shared import (MAX_CONCURRENCY, Progress, ProgressFn, UntestedTally, cache_enabled, check_range,
+                      ensure_open_files, scores_uri, with_cache)
 
 log = logging.getLogger("convsim.pipeline")
 
@@ -105,6 +105,7 @@ class ScoringJob:
     run_ids: list[str] | None = None  # the runs the sessions belong to, when known
 
     async def run(self, progress: ProgressFn | None = None) -> ScoreSummary:
+        ensure_open_files(self.concurrency)  # each judge call in flight may hold a model connection
         await prepare_models(self.llm)  # litellm's import, the HTTP pool: before the first verdict
         total = len(self.session_ids) * len(self.scorers)
         writer = _VerdictWriter(self.store)

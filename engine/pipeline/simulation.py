@@ -19,7 +19,7 @@ import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import anyio
 
@@ -33,10 +33,11 @@ from ..simulation import ConversationRunner, SessionRecorder, SimulatedUser, Tur
 from ..store import Store, new_run_id, new_session_id
 from ..simulation import Target, redacted_spec, resolve_target
 from ..cases import load_test_cases
+from ..limits import MAX_RUN_SESSIONS
 from ..workspace import WorkspaceArg, as_workspace
 from ..text import one_line
 from ._shared import (MAX_CONCURRENCY, MAX_REPEATS, MAX_TURNS_LIMIT, Progress, ProgressFn, cache_enabled, check_range,
-                      run_uri, sampling_options, session_uri, with_cache)
+                      ensure_open_files, run_uri, sampling_options, session_uri, with_cache)
 from .replay import check_replay_options, load_from_run
 from .scoring import score_one, tally_verdicts
 
@@ -88,64 +89,88 @@ class SimulationJob:
             return len(self.sessions)
         return len(self.replay) if self.replay is not None else len(self.cases) * self.repeats
 
-    def _plan(self) -> list[Session]:
-        """Every case times every repeat; a replay has one session per recorded one, its messages as scripted turns."""
+    def _plan(self) -> list[tuple[str, int, int]]:
+        """(session id, case index, repeat) of every session: every case times every repeat; a replay has
+        one per recorded session. Small for any run: a Session is built only when it starts (`_session`)."""
         if self.replay is None:
-            return [Session(id=new_session_id(), run_id=self.run_id, case_index=i, repeat=r, test_case=case)
-                    for i, case in enumerate(self.cases) for r in range(self.repeats)]
-        return [Session(id=new_session_id(), run_id=self.run_id, case_index=i, repeat=r,
-                        test_case=self.cases[i].model_copy(update={"scripted_turns": turns}))
-                for (i, r), turns in sorted(self.replay.items())]
+            return [(new_session_id(), i, r) for i in range(len(self.cases)) for r in range(self.repeats)]
+        return [(new_session_id(), i, r) for i, r in sorted(self.replay)]
+
+    def _session(self, session_id: str, index: int, repeat: int) -> Session:
+        """A planned session, as it starts; a replay's carries the recorded user messages as scripted turns."""
+        case = self.cases[index]
+        if self.replay is not None:
+            case = case.model_copy(update={"scripted_turns": self.replay[(index, repeat)]})
+        return Session(id=session_id, run_id=self.run_id, case_index=index, repeat=repeat, test_case=case)
 
     def stopped_by(self) -> LLMAuthError | None:
         """The refused-credentials error that stops this run, once the user's or the judge's model latched one."""
         return self.llm.auth_error or (self.judge_llm.auth_error if self.judge_llm is not None else None)
 
     async def run(self, progress: ProgressFn | None = None) -> RunSummary:
+        """Play every session not yet finished, `concurrency` at a time, and summarise the run from the store.
+
+        Sessions are created as rows in one transaction, then built and played as workers take them:
+        at most `concurrency` sessions (with their transcripts) are in memory at once, and a finished
+        session is dropped once stored. Progress is counted incrementally (O(1) per turn).
+        """
+        ensure_open_files(self.concurrency)
         await prepare_models(self.llm, self.judge_llm)  # litellm's import, the HTTP pool: before the first turn
-        sessions = self.sessions
-        if sessions is None:
-            sessions = self._plan()
-            for s in sessions:
-                await self.store.create_session(s)
-        steps = {s.id: self.max_turns if s.stop_reason else min(s.turns, self.max_turns) for s in sessions}
-        limiter = anyio.CapacityLimiter(self.concurrency)
+        self.target.size_for(self.concurrency)
+        if self.sessions is None:
+            planned = self._plan()
+            await self.store.create_sessions(self.run_id, planned)
+            pending: Iterator[Session] = (self._session(*p) for p in planned)
+            done_steps = 0
+        else:  # a resume keeps its finished sessions
+            pending = (s for s in self.sessions if s.stop_reason is None)
+            done_steps = sum(self.max_turns if s.stop_reason else min(s.turns, self.max_turns) for s in self.sessions)
+        steps: dict[str, int] = {}  # progress steps of the sessions being played
+        live: dict[str, Session] = {}
         recorder = _StoreRecorder(self.store)
 
         async def on_event(event: TurnEvent) -> None:
-            steps[event.session_id] = self.max_turns if event.finished else event.turn
+            nonlocal done_steps
+            step = self.max_turns if event.finished else event.turn
+            done_steps += step - steps.get(event.session_id, step)
+            steps[event.session_id] = step
             if progress:
                 what = f"ended: {event.stop_reason.value}" if event.finished and event.stop_reason else f"turn {event.turn}"
-                await progress(Progress(sum(steps.values()), self.total_steps, f"{event.session_id} {what}"))
+                await progress(Progress(done_steps, self.total_steps, f"{event.session_id} {what}"))
 
         async def play(session: Session, stop: anyio.CancelScope) -> None:
             CACHE_TRIAL.set(session.repeat)  # this task's own context: each repeat is its own cached trial
-            async with limiter:
+            session.started_at = session.started_at or time.time()
+            user = self.user_class(self.llm)
+            if Role.USER.value in session.usage:  # resumed: the usage of its earlier turns carries on
+                user.usage = session.usage[Role.USER.value]
+            runner = ConversationRunner(self.target, user, self.max_turns, recorder, on_event,
+                                        stopped_by=self.stopped_by, replay=self.replay is not None,
+                                        continue_after_replay=self.continue_after_replay)
+            await runner.run(session)
+            if self.scorers and session.stop_reason != StopReason.CANCELLED and not self.stopped_by():
+                await score_one(self.store, session, self.scorers, self.judge_llm or self.llm)
+            if self.stopped_by():
+                stop.cancel()
+
+        async def worker(stop: anyio.CancelScope) -> None:
+            for session in pending:  # shared by the workers: each session is taken once, in run order
                 if self.stopped_by():  # left for _close to end as not run
                     stop.cancel()
                     return
-                session.started_at = session.started_at or time.time()
-                user = self.user_class(self.llm)
-                if Role.USER.value in session.usage:  # resumed: the usage of its earlier turns carries on
-                    user.usage = session.usage[Role.USER.value]
-                runner = ConversationRunner(self.target, user, self.max_turns, recorder, on_event,
-                                            stopped_by=self.stopped_by, replay=self.replay is not None,
-                                            continue_after_replay=self.continue_after_replay)
-                await runner.run(session)
-                if self.scorers and session.stop_reason != StopReason.CANCELLED and not self.stopped_by():
-                    await score_one(self.store, session, self.scorers, self.judge_llm or self.llm)
-                if self.stopped_by():
-                    stop.cancel()
+                live[session.id] = session  # until it is stored; one cut short stays for _close
+                steps[session.id] = min(session.turns, self.max_turns)
+                await play(session, stop)
+                del live[session.id], steps[session.id]  # stored: its transcript leaves memory
 
         status, error = RunStatus.COMPLETED, None
         try:
             async with anyio.create_task_group() as tg:
-                for s in sessions:
-                    if s.stop_reason is None:  # a resume keeps its finished sessions
-                        tg.start_soon(play, s, tg.cancel_scope)
+                for _ in range(min(self.concurrency, self.sessions_total)):
+                    tg.start_soon(worker, tg.cancel_scope)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
-                await self._close(RunStatus.CANCELLED, "cancelled; completed turns are kept", sessions)
+                await self._close(RunStatus.CANCELLED, "cancelled; completed turns are kept", live.values())
             raise
         except Exception as e:  # a bug, not an agent or model failure: keep what was stored
             log.exception("run %s failed", self.run_id)
@@ -153,19 +178,22 @@ class SimulationJob:
         stopped = self.stopped_by()
         if stopped is not None and status == RunStatus.COMPLETED:
             status, error = RunStatus.FAILED, str(stopped)
-        await self._close(status, error, sessions)
+        await self._close(status, error, live.values())
         return await run_summary(self.store, self.run_id)
 
-    async def _close(self, status: RunStatus, error: str | None, sessions: list[Session]) -> None:
+    async def _close(self, status: RunStatus, error: str | None, live: Iterable[Session]) -> None:
+        """End every session left without a stop reason: those cut short in memory one by one (their turns and
+        usage so far are kept), those never started in one statement; then close the target and the run."""
         stopped = self.stopped_by()
-        for s in sessions:
-            if s.stop_reason is None:  # never started, or stopped by a failure elsewhere
-                if stopped is not None:  # could not be tested: a model reason, never the agent's
-                    s.stop_reason, s.stop_detail = StopReason.SIMULATOR_ERROR, f"not run: {stopped}"
-                else:
-                    s.stop_reason, s.stop_detail = StopReason.CANCELLED, error or "not run"
-                s.finished_at = time.time()
+        if stopped is not None:  # could not be tested: a model reason, never the agent's
+            reason, detail = StopReason.SIMULATOR_ERROR, f"not run: {stopped}"
+        else:
+            reason, detail = StopReason.CANCELLED, error or "not run"
+        for s in list(live):
+            if s.stop_reason is None:
+                s.stop_reason, s.stop_detail, s.finished_at = reason, detail, time.time()
                 await self.store.finish_session(s)
+        await self.store.end_open_sessions(self.run_id, reason, detail)
         await self.target.aclose()
         if self.finish_run or status != RunStatus.COMPLETED:
             await self.store.finish_run(self.run_id, status, error)
@@ -221,6 +249,10 @@ async def prepare_simulation(
                             "id of an earlier run whose cases to play")
     else:
         cases = await resolve_cases(store, test_cases, workspace=workspace)
+    sessions = len(source.replay) if source and source.replay is not None else len(cases) * repeats
+    if sessions > MAX_RUN_SESSIONS:
+        raise InvalidOption(f"{len(cases)} test cases x {repeats} repeats is {sessions} sessions; a run holds at most "
+                            f"{MAX_RUN_SESSIONS} (MAX_RUN_SESSIONS): split the cases into several runs")
     resolved = resolve_target(target, workspace=workspace)
     resolved.check_cases(cases)
     user_class = load_user_class(user_agent, workspace=workspace)
@@ -270,9 +302,10 @@ async def simulate(store: Store, target: Any, test_cases: Any, *, progress: Prog
 async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> RunSummary:
     """Status, progress and per-session summaries of a run (transcripts stay in resources).
 
-    Built from aggregates, verdicts read a page at a time, and the last messages of the listed
-    sessions; a repeated run's trials read its transcripts a page at a time (a trial whose simulated
-    user broke its role is not counted). A run of any size summarises in flat memory.
+    Built from aggregates counted in SQL (`Store.session_totals`), verdicts read a page at a time, and
+    the per-session rows of the listed sessions (`Store.session_rows`: the last messages only); a
+    repeated run's trials read its transcripts a page at a time (a trial whose simulated user broke
+    its role is not counted). A run of any size summarises in flat memory.
     """
     run = await store.get_run(run_id)
     repeats = run["options"].get("repeats") or 1
@@ -319,12 +352,21 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
         error=run["error"],
         resumed=run.get("resumed") or 0,
         resumed_at=run.get("resumed_at"),
-        sessions=[summarize_session(s) for s in await store.get_session_previews(run_id, max_sessions)],
+        sessions=[summarize_session(row.session) for row in (await store.session_rows(run_id, limit=max_sessions))[0]],
         scores=tally.summaries(order=run["options"].get("scorers")),
         resource=run_uri(run_id),
         note=" ".join(notes) or None,
         trials=await run_trials(store, run_id, repeats) if repeats > 1 else None,
     )
+
+
+async def session_summaries(store: Store, run_id: str, *, offset: int = 0, limit: int = 50,
+                            attention_first: bool = False) -> tuple[list[SessionSummary], int]:
+    """A page of a run's session summaries, and how many sessions the run has: from the store's per-session
+    rows (`Store.session_rows`, whose verdict tallies and `attention_first` order say which failed), never
+    from transcripts, so a poll of a 10,000-session run reads one page."""
+    rows, total = await store.session_rows(run_id, offset=offset, limit=limit, attention_first=attention_first)
+    return [summarize_session(row.session) for row in rows], total
 
 
 async def run_trials(store: Store, run_id: str, repeats: int, *,

@@ -75,10 +75,19 @@ class AgentReply:
         return not self.text and not any(m.tool_calls for m in self.messages)
 
 
+POOL_SHARD = 128  # connections per HTTP connection pool of an HTTP target (see _HTTPTarget._client)
+
+
 class Target:
     """The agent under test. Implementations raise `AgentError` from `respond`."""
 
     spec: TargetSpec
+    connections: int = 100  # requests in flight at once (a run's concurrency): an HTTP target's pool size
+
+    def size_for(self, concurrency: int) -> None:
+        """Take up to `concurrency` requests at once (call before the first): an HTTP target sizes its
+        connection pool to it, so a 1,000-conversation run does not queue behind httpx's default 100."""
+        self.connections = max(concurrency, 100)
 
     async def respond(self, history: list[Message], *, session_id: str, context: dict[str, Any]) -> AgentReply:
         """Send the conversation so far (ending with the user's message) and return the agent's reply."""
@@ -299,7 +308,22 @@ class _HTTPTarget(Target):
         for name, value in spec.headers.items():  # HTTP sends headers as ASCII bytes; the value may be a secret
             if not (name.isascii() and ENV_REF.sub(lambda m: os.environ.get(m.group(1), ""), value).isascii()):
                 raise InvalidTarget(f"target header {name[:60]!r}: header names and values must be ASCII text")
-        self._client: httpx.AsyncClient | None = None
+        self._clients: list[httpx.AsyncClient] = []
+        self._turn = 0
+
+    def _client(self) -> httpx.AsyncClient:
+        """One of the pools, in turn. httpx's pool looks at every connection it holds on each request, so
+        one pool of 2,000 connections costs O(2,000) per request; POOL_SHARD connections a pool keeps it flat.
+        A run of up to POOL_SHARD conversations (the default) has one pool, as before."""
+        if not self._clients:
+            shards = -(-self.connections // POOL_SHARD)
+            per = -(-self.connections // shards)
+            per += per // 4 if shards > 1 else 0  # in turn is even over time, not at every instant: some slack
+            keepalive = per if self.connections > 100 else 20
+            self._clients = [httpx.AsyncClient(timeout=httpx.Timeout(self.spec.timeout_s), limits=httpx.Limits(
+                max_connections=per, max_keepalive_connections=keepalive)) for _ in range(shards)]
+        self._turn = (self._turn + 1) % len(self._clients)
+        return self._clients[self._turn]
 
     def _headers(self) -> dict[str, str]:
         """The headers with ${VAR} expanded; every expanded value and literal token is registered as a secret."""
@@ -313,10 +337,8 @@ class _HTTPTarget(Target):
         return headers
 
     async def _post(self, url: str, body: dict[str, Any]) -> Any:
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.spec.timeout_s))
         try:
-            async with self._client.stream("POST", url, json=body, headers=self._headers()) as resp:
+            async with self._client().stream("POST", url, json=body, headers=self._headers()) as resp:
                 raw = await _read_bounded(resp)
         except httpx.TimeoutException as e:
             raise AgentError(f"agent did not reply within {self.spec.timeout_s:g}s", kind="timeout") from e
@@ -336,9 +358,9 @@ class _HTTPTarget(Target):
             raise AgentError(f"agent reply is not JSON: {_excerpt(text, 120)}", kind="unparseable") from None
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        clients, self._clients = self._clients, []
+        for client in clients:
+            await client.aclose()
 
 
 class OpenAITarget(_HTTPTarget):

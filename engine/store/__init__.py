@@ -4,10 +4,11 @@ JSONL transcript files (`jsonl`). Every text stored passes through secret redact
 from __future__ import annotations
 
 from ..ids import new_run_id, new_session_id, new_test_set_id
-from .sqlite import PAGE_SESSIONS, Store
+from .sqlite import PAGE_SESSIONS, SessionRow, Store
 
 __all__ = [
     "PAGE_SESSIONS",
+    "SessionRow",
     "Store",
     "new_run_id",
     "new_session_id",

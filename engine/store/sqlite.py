@@ -195,6 +195,31 @@ class SessionTotals:
     usage: dict[str, Usage] = field(default_factory=dict)
 
 
+@dataclass
+class SessionRow:
+    """One session for a summary: the session with only its last user and assistant messages, and the
+    tally of its stored verdicts (per verdict: a per-turn scorer gives several)."""
+
+    session: Session
+    passed: int = 0
+    failed: int = 0
+    unscored: int = 0  # verdicts with no pass or fail (a value only, or an error)
+    untested: int = 0  # verdicts that could not judge the agent: a judge's model failed, or the user broke its role
+
+
+# Verdict tallies per session of one run (bound: the run id), read from the verdict JSON without parsing it
+# in Python. A verdict stores `passed` only when it is not None (exclude_defaults); JSON true/false read 1/0.
+_VERDICT_COUNTS = (
+    "SELECT a.session_id, SUM(json_extract(a.data, '$.passed') = 1) AS passed, "
+    "SUM(json_extract(a.data, '$.passed') = 0) AS failed, SUM(json_extract(a.data, '$.passed') IS NULL) AS unscored, "
+    "SUM(COALESCE(json_extract(a.data, '$.error_kind') IN ('model', 'simulator'), 0)) AS untested "
+    "FROM assessments a"
+)
+_VERDICT_TALLY = f"{_VERDICT_COUNTS} JOIN sessions x ON x.id = a.session_id WHERE x.run_id = ? GROUP BY a.session_id"
+_FAILED_STOPS = ", ".join(f"'{r.value}'" for r in (StopReason.AGENT_ERROR, StopReason.AGENT_EMPTY))
+_UNTESTED_STOPS = ", ".join(f"'{r.value}'" for r in (StopReason.SIMULATOR_ERROR, StopReason.CANCELLED))
+
+
 class Store:
     """Async facade over one SQLite database file."""
 
@@ -403,6 +428,28 @@ class Store:
             )
         )
 
+    async def create_sessions(self, run_id: str, planned: Sequence[tuple[str, int | None, int]]) -> None:
+        """Rows for a run's planned sessions, (id, case index, repeat) each, in one transaction.
+
+        A run of 10,000 sessions is one executemany, not 10,000 writes (see `create_session` for one).
+        """
+
+        def write() -> None:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT INTO sessions (id, run_id, case_index, repeat) VALUES (?, ?, ?, ?)",
+                                     ((sid, run_id, i, r) for sid, i, r in planned))
+
+        if planned:
+            await self._run(write)
+
+    async def end_open_sessions(self, run_id: str, reason: StopReason, detail: str | None) -> int:
+        """Give every session of the run still without a stop reason this one (sessions never started, when a
+        run is cancelled or stopped), in one statement; their turns and usage stay as stored. Returns how many."""
+        return await self._run(lambda: self._db.execute(
+            "UPDATE sessions SET stop_reason = ?, stop_detail = ?, finished_at = ? WHERE run_id = ? "
+            "AND stop_reason IS NULL", (reason.value, _clean(detail) if detail else None, time.time(), run_id)).rowcount)
+
     async def add_message(self, session_id: str, seq: int, message: Message, turns: int) -> None:
         """Append one message and update the session's turn count, atomically."""
 
@@ -491,6 +538,44 @@ class Store:
             "SELECT id FROM sessions WHERE run_id = ? ORDER BY case_index, repeat, started_at LIMIT ?",
             (run_id, limit))])
         return await self._run(self._load_sessions, ids, "last") if ids else []
+
+    async def session_rows(self, run_id: str, *, offset: int = 0, limit: int = 50,
+                           attention_first: bool = False) -> tuple[list[SessionRow], int]:
+        """A page of a run's sessions as summary rows, and how many sessions the run has.
+
+        Each row is the session without its transcript (only its last user and last assistant message,
+        enough for `summarize_session`) plus the tally of its stored verdicts, counted in SQL: no
+        transcript and no verdict is parsed beyond the page. In run order (case, repeat), or with
+        `attention_first` the sessions that failed (the agent crashed or went silent, or a verdict
+        failed) first, then those that could not test the agent (the simulated user failed, the
+        session was cancelled, or a verdict could not be given), then the rest, each group in run order.
+        """
+
+        def read() -> tuple[list[SessionRow], int]:
+            total = self._db.execute("SELECT COUNT(*) FROM sessions WHERE run_id = ?", (run_id,)).fetchone()[0]
+            run_order = "s.case_index, s.repeat, s.started_at"
+            if attention_first:  # the order needs every session's tally
+                rows = self._db.execute(
+                    "SELECT s.id, COALESCE(v.passed, 0), COALESCE(v.failed, 0), COALESCE(v.unscored, 0), "
+                    f"COALESCE(v.untested, 0) FROM sessions s LEFT JOIN ({_VERDICT_TALLY}) v ON v.session_id = s.id "
+                    f"WHERE s.run_id = ? ORDER BY CASE WHEN s.stop_reason IN ({_FAILED_STOPS}) OR "
+                    f"COALESCE(v.failed, 0) > 0 THEN 0 WHEN s.stop_reason IN ({_UNTESTED_STOPS}) OR "
+                    f"COALESCE(v.untested, 0) > 0 THEN 1 ELSE 2 END, {run_order} LIMIT ? OFFSET ?",
+                    (run_id, run_id, max(limit, 0), max(offset, 0))).fetchall()
+            else:  # only the page's
+                ids = [r[0] for r in self._db.execute(
+                    f"SELECT s.id FROM sessions s WHERE s.run_id = ? ORDER BY {run_order} LIMIT ? OFFSET ?",
+                    (run_id, max(limit, 0), max(offset, 0)))]
+                tallies: dict[str, tuple[int, ...]] = {}
+                for chunk in _chunks(ids):
+                    tallies.update((r[0], tuple(r[1:])) for r in self._db.execute(
+                        f"{_VERDICT_COUNTS} WHERE a.session_id IN ({_marks(chunk)}) GROUP BY a.session_id", chunk))
+                rows = [(sid, *tallies.get(sid, (0, 0, 0, 0))) for sid in ids]
+            heads = {s.id: s for s in self._load_sessions([r[0] for r in rows], "last")}
+            return [SessionRow(heads[r[0]], passed=r[1], failed=r[2], unscored=r[3], untested=r[4])
+                    for r in rows if r[0] in heads], total
+
+        return await self._run(read)
 
     async def session_totals(self, run_id: str, max_turns: int) -> SessionTotals:
         """Counts, turns, progress steps, stop reasons and usage of a run's sessions, without transcripts."""
