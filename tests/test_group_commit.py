@@ -11,6 +11,7 @@ from anyio import wait_all_tasks_blocked
 
 from engine import Message, Session, StopReason, Store
 from engine.store import new_run_id, new_session_id
+from engine.store.worker import DbWorker
 
 pytestmark = pytest.mark.anyio
 
@@ -32,6 +33,12 @@ def _stored(path, session_id: str) -> list[str]:
         return [r[0] for r in db.execute("SELECT data FROM messages WHERE session_id = ? ORDER BY seq", (session_id,))]
     finally:
         db.close()
+
+
+async def _until(flag: threading.Event) -> None:
+    with anyio.fail_after(10):
+        while not flag.is_set():
+            await anyio.sleep(0.005)
 
 
 async def test_concurrent_writes_share_transactions_and_each_is_committed_when_its_await_returns(store):
@@ -114,25 +121,26 @@ async def test_a_write_cancelled_before_its_commit_is_not_made_and_does_not_hold
     async def write_b() -> None:
         await store.add_message(b.id, 0, Message(role="user", content="kept", turn=1), 1)
 
+    held, free = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        free.wait(10)
+
     async with anyio.create_task_group() as tg:
-        await store._limiter.acquire()  # a reader holds the connection: no commit can start yet
+        tg.start_soon(store._run, hold)  # a reader holds the connection: no commit can start yet
+        await _until(held)
         tg.start_soon(write_a)  # a's commit waits for the connection
         await wait_all_tasks_blocked()
         tg.start_soon(write_b)  # b waits for a's commit to end
         await wait_all_tasks_blocked()
         scope_a.cancel()
         await wait_all_tasks_blocked()
-        store._limiter.release()
+        free.set()
     assert scope_a.cancel_called
     assert _stored(store.path, a.id) == []
     assert len(_stored(store.path, b.id)) == 1
     assert not store._pending and store._committing is None
-
-
-async def _until(flag: threading.Event) -> None:
-    with anyio.fail_after(10):
-        while not flag.is_set():
-            await anyio.sleep(0.005)
 
 
 async def test_a_write_cancelled_during_its_commit_returns_only_once_it_is_committed(store):
@@ -174,3 +182,25 @@ async def test_a_write_cancelled_during_its_commit_returns_only_once_it_is_commi
     assert scope_a.cancel_called
     assert seen_by_a == [["{}"]]
     assert len(_stored(store.path, b.id)) == len(_stored(store.path, c.id)) == 1
+
+
+async def test_the_store_thread_runs_calls_one_at_a_time_in_order_and_starts_again_after_a_stop():
+    worker = DbWorker()
+    running, ran, overlaps = [0], [], []
+
+    def call(i: int) -> int:
+        running[0] += 1
+        overlaps.append(running[0])
+        ran.append(i)
+        running[0] -= 1
+        return i * i
+
+    async with anyio.create_task_group() as tg:
+        for i in range(30):
+            tg.start_soon(worker.run, call, i)
+    assert ran == list(range(30)) and set(overlaps) == {1}
+    worker.stop()
+    assert await worker.run(call, 7) == 49  # a call after a stop gets a thread again
+    with pytest.raises(ZeroDivisionError):
+        await worker.run(lambda: 1 / 0)
+    worker.stop()

@@ -2,7 +2,7 @@
 
 Every message is written as its turn completes, so a crashed agent, a failed
 model call or a cancelled job keeps every completed turn. One connection, in
-WAL mode, used from one worker thread at a time (a CapacityLimiter of 1), so
+WAL mode, used from one worker thread (`worker.DbWorker`: one call at a time), so
 the event loop never blocks on disk and writes never contend. The writes of a
 running conversation (`add_message`, `finish_session`) are group-committed
 (`_write`): those that arrive while a commit is under way go together in the
@@ -75,6 +75,7 @@ from .jsonl import (
     _take_batch,
 )
 from ..records import record_to_session, session_to_record
+from .worker import DbWorker
 
 R = TypeVar("R")
 
@@ -230,7 +231,7 @@ class Store:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
         self._migrate()
-        self._limiter = anyio.CapacityLimiter(1)
+        self._worker = DbWorker()
         self._pending: list[_Write] = []  # writes not yet handed to a commit
         self._committing: anyio.Event | None = None  # set when the commit under way has finished
 
@@ -245,7 +246,7 @@ class Store:
                         raise
 
     async def _run(self, fn: Callable[..., R], *args: Any) -> R:
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        return await self._worker.run(fn, *args)
 
     async def _write(self, fn: Callable[..., R], *args: Any) -> R:
         """Run `fn(*args)` (statements, no BEGIN/COMMIT of its own) in a transaction; return once committed.
@@ -314,6 +315,7 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+        self._worker.stop()
 
     # --- runs -----------------------------------------------------------------------------------
 
