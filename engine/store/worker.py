@@ -58,7 +58,7 @@ class DbWorker:
         call = _Call(fn, args, loop.create_future(), loop)
         with self._lock:
             self._calls.put(call)
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():  # (not alive: in a forked child)
                 self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
                 self._thread.start()
         try:
