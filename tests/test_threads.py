@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
 
 import anyio
@@ -41,3 +42,45 @@ async def test_results_and_exceptions_come_back_from_the_thread():
     assert await threads.run_sync(lambda: 41 + 1) == 42
     with pytest.raises(ZeroDivisionError):
         await threads.run_sync(lambda: 1 / 0)
+
+
+async def test_a_returned_thread_runs_the_next_call_and_a_busy_one_is_never_shared(monkeypatch):
+    started: list[threading.Thread] = []
+
+    class Counted(threading.Thread):
+        def start(self) -> None:
+            started.append(self)
+            super().start()
+
+    monkeypatch.setattr(threads.threading, "Thread", Counted)
+    await threads.run_sync(threading.get_ident)
+    started.clear()
+    for _ in range(10):  # each call's thread is idle again before its caller goes on: no new thread per call
+        await threads.run_sync(threading.get_ident)
+    assert started == []
+    release, started = threading.Event(), threading.Event()
+
+    def blocks() -> int:
+        started.set()
+        release.wait(10)
+        return threading.get_ident()
+
+    async with anyio.create_task_group() as tg:
+        busy: list[int] = []
+
+        async def run_blocking() -> None:
+            busy.append(await threads.run_sync(blocks))
+
+        tg.start_soon(run_blocking)
+        with anyio.fail_after(5):
+            while not started.is_set():
+                await anyio.sleep(0.01)
+        other = await threads.run_sync(threading.get_ident)  # while the first is busy: another thread
+        release.set()
+    assert other != busy[0]
+
+
+async def test_each_call_starts_from_a_fresh_context():
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    assert await threads.run_sync(lambda: var.set("set by an earlier call") and var.get()) == "set by an earlier call"
+    assert await threads.run_sync(var.get) == "unset"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from ..transcript import RETRY_PREFIX, is_red_team
 from .turns import SimulatorContext, UserTurn
@@ -27,11 +28,27 @@ _PRONOUNS = [
 ]
 
 
+# The offline user reads the same goal, and the same earlier messages, on every turn of every session of a
+# case: what it derives from a text alone (pure functions of strings) is computed once and cached.
+_CACHE_SIZE = 4096
+
+
 def goal_steps(goal: str) -> list[str]:
     """The goal split into sentences: things to say, conditional follow-ups, and outcome criteria."""
-    return [s.strip().rstrip(".;") for s in _SENTENCE.split(goal.strip()) if s.strip().rstrip(".;")]
+    return list(_goal_plan(goal)[0])
 
 
+@lru_cache(maxsize=_CACHE_SIZE)
+def _goal_plan(goal: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(steps, conditional steps, steps to say) of a goal; see `offline_user_turn`."""
+    steps = tuple(s.strip().rstrip(".;") for s in _SENTENCE.split(goal.strip()) if s.strip().rstrip(".;"))
+    said = steps or (goal,)
+    conditional = tuple(s for s in said if _CONDITION.match(s))
+    to_say = tuple(s for s in said if not _OUTCOME.match(s) and not _CONDITION.match(s)) or said[:1]
+    return steps, conditional, to_say
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
 def as_user_speech(step: str) -> str:
     """Turn one goal sentence ('Ask whether the assistant remembers your name') into a user message."""
     text = _CONDITION.sub("", step.strip())
@@ -96,21 +113,66 @@ _DETAILS: list[tuple[str, re.Pattern[str], re.Pattern[str], str]] = [
 ]
 
 
-def _words(text: str) -> set[str]:
-    return {w for w in _WORD.findall(text.lower()) if w not in _STOP and len(w) > 1}
+@lru_cache(maxsize=_CACHE_SIZE)
+def _words(text: str) -> frozenset[str]:
+    return frozenset(w for w in _WORD.findall(text.lower()) if w not in _STOP and len(w) > 1)
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _plain_words(text: str) -> str:
+    """The text's words, lower-cased, one space between them."""
+    return " ".join(_WORD.findall(text.lower()))
 
 
 def _covered(step: str, said: list[str]) -> bool:
     """The step was already said: its speech is in an earlier user message, or most of its content words are."""
+    return any(_covers(step, m) for m in said)
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _step_terms(step: str) -> tuple[str, frozenset[str], frozenset[str], float]:
+    """What `_covers` looks for of a step: its speech's plain words, their content words, those and the step's
+    own, and how many of the step's own a message must share."""
     speech = as_user_speech(step)
-    text = " ".join(_WORD.findall(speech.lower()))
-    if text and any(text in " ".join(_WORD.findall(m.lower())) for m in said):
-        return True
     want_core = _words(speech)
+    step_words = _words(step)
+    return _plain_words(speech), want_core, want_core | step_words, max(2, 0.6 * len(step_words))
+
+
+def _covers(step: str, message: str) -> bool:
+    """This one message said the step: its speech is in it, or most of its content words are."""
+    text, want_core, want_all, need_all = _step_terms(step)
+    if text and text in _plain_words(message):
+        return True
     if not want_core:
         return False
-    return any(len(want_core & _words(m)) >= max(1, 0.6 * len(want_core)) or
-               len((want_core | _words(step)) & _words(m)) >= max(2, 0.6 * len(_words(step))) for m in said)
+    said = _words(message)
+    return len(want_core & said) >= max(1, 0.6 * len(want_core)) or len(want_all & said) >= need_all
+
+
+_REMAINING: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[str, ...]] = {}
+
+
+def _remaining(to_say: tuple[str, ...], said: tuple[str, ...]) -> tuple[str, ...]:
+    """The steps of `to_say` (in order) that no message of `said` covers.
+
+    Worked out from the answer for all of `said` but its last message when that is cached (the previous
+    turn of the same session asked for it), so a turn costs one check per remaining step, not one per step
+    and earlier message.
+    """
+    key = (to_say, said)
+    found = _REMAINING.get(key)
+    if found is not None:
+        return found
+    before = _REMAINING.get((to_say, said[:-1])) if said else None
+    if before is not None:
+        found = tuple(s for s in before if not _covers(s, said[-1]))
+    else:
+        found = tuple(s for s in to_say if not _covered(s, list(said)))
+    if len(_REMAINING) >= _CACHE_SIZE:
+        _REMAINING.pop(next(iter(_REMAINING)), None)  # the oldest entry
+    _REMAINING[key] = found
+    return found
 
 
 def _context_value(context: dict, key: str) -> str | None:
@@ -160,13 +222,11 @@ def offline_user_turn(context: SimulatorContext) -> UserTurn:
     same conversation gives the same move. Persona and guidelines are ignored (they
     need a model to interpret).
     """
-    steps = goal_steps(context.goal) or [context.goal]
-    conditional = [s for s in steps if _CONDITION.match(s)]
-    to_say = [s for s in steps if not _OUTCOME.match(s) and not _CONDITION.match(s)] or steps[:1]
+    _, conditional, to_say = _goal_plan(context.goal)
     users = [m for m in context.messages if m.role == "user"]
     sent = [m.content or "" for m in users]
     plain = [s for s in sent if not s.startswith(RETRY_PREFIX)]
-    remaining = [s for s in to_say if not _covered(s, plain)]
+    remaining = _remaining(to_say, tuple(plain))
     last = context.last_assistant_response or ""
     if context.messages and last:
         detail = requested_detail(last, context.goal, context.test_case.context)

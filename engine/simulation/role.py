@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ..models import Session
 from ..transcript import turn_numbers
@@ -95,7 +96,8 @@ class RoleBreak:
 
 def role_breaks(session: Session) -> list[RoleBreak]:
     """The session's role breaks, at most one per signal (its first), in turn order."""
-    out = [b for b in (_persona_break(session), _off_goal(session)) if b is not None]
+    case_text = _case_text(session)
+    out = [b for b in (_persona_break(session, case_text), _off_goal(session, case_text)) if b is not None]
     return sorted(out, key=lambda b: b.turn)
 
 
@@ -122,8 +124,8 @@ def _played(session: Session) -> bool:
     return session.test_case is not None and not session.test_case.goal.startswith("(imported")
 
 
-def _persona_break(session: Session) -> RoleBreak | None:
-    case_speaks_of_tests = not _played(session) or bool(_DISCLOSURE_TOPIC.search(_case_text(session)))
+def _persona_break(session: Session, case_text: str) -> RoleBreak | None:
+    case_speaks_of_tests = not _played(session) or bool(_DISCLOSURE_TOPIC.search(case_text))
     for turn, text in _own_user_messages(session):
         if SIMULATOR_PERSONA_BREAK.search(text):
             return RoleBreak(PERSONA_BREAK, turn, text, f"Turn {turn}: the simulated user wrote as if it were the "
@@ -134,13 +136,13 @@ def _persona_break(session: Session) -> RoleBreak | None:
     return None
 
 
-def _off_goal(session: Session) -> RoleBreak | None:
+def _off_goal(session: Session, case_text: str) -> RoleBreak | None:
     case = session.test_case
     if case is None or not _played(session):  # an imported conversation has no goal to keep to
         return None
-    if str(case.expectations.get("kind", "")).lower() == "adversarial" or _RED_TEAM.search(_case_text(session)):
+    if str(case.expectations.get("kind", "")).lower() == "adversarial" or _RED_TEAM.search(case_text):
         return None  # a red-team user changes tactics (and words) on purpose
-    case_words = content_words(_case_text(session))
+    case_words = content_words(case_text)
     before: set[str] = set()  # every word of the conversation so far
     anchor: set[str] = set()  # the words before the current run of off-goal messages began
     run: list[tuple[int, str]] = []
@@ -172,7 +174,8 @@ def _off_goal(session: Session) -> RoleBreak | None:
     return None
 
 
-def content_words(text: str) -> set[str]:
+@lru_cache(maxsize=4096)  # the same case text and messages are read for every check, session and repeat
+def content_words(text: str) -> frozenset[str]:
     """Lower-cased words without stop words, lightly stemmed and cut to 5 letters (so near forms match)."""
     out = set()
     for w in _TOKEN.findall(text.lower().replace("’", "'")):
@@ -180,9 +183,10 @@ def content_words(text: str) -> set[str]:
         if len(w) < 3 or w in _STOP:
             continue
         out.add(_stem(w)[:5])
-    return out
+    return frozenset(out)
 
 
+@lru_cache(maxsize=16384)
 def _stem(word: str) -> str:
     for suffix in _SUFFIXES:
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:

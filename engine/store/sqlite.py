@@ -2,8 +2,11 @@
 
 Every message is written as its turn completes, so a crashed agent, a failed
 model call or a cancelled job keeps every completed turn. One connection, in
-WAL mode, used from one worker thread at a time (a CapacityLimiter of 1), so
-the event loop never blocks on disk and writes never contend.
+WAL mode, used from one worker thread (`worker.DbWorker`: one call at a time), so
+the event loop never blocks on disk and writes never contend. The writes of a
+running conversation (`add_message`, `finish_session`) are group-committed
+(`_write`): those that arrive while a commit is under way go together in the
+next transaction, and each caller returns once its own write is committed.
 
 Nothing secret is stored: target specs arrive already redacted
 (`targets.redacted_spec`), model API keys never reach this module, and every
@@ -72,6 +75,7 @@ from .jsonl import (
     _take_batch,
 )
 from ..records import record_to_session, session_to_record
+from .worker import DbWorker
 
 R = TypeVar("R")
 
@@ -172,6 +176,9 @@ ADDED_COLUMNS = (
 MAX_SQL_PARAMS = 500  # parameters in one `IN (...)` list; longer lists are chunked
 
 
+MAX_GROUP_COMMIT = 500  # writes committed in one transaction by `_write`; more wait for the next
+
+
 PAGE_SESSIONS = 200  # sessions (with messages) read at a time by scoring and export ...
 
 
@@ -220,6 +227,18 @@ _FAILED_STOPS = ", ".join(f"'{r.value}'" for r in (StopReason.AGENT_ERROR, StopR
 _UNTESTED_STOPS = ", ".join(f"'{r.value}'" for r in (StopReason.SIMULATOR_ERROR, StopReason.CANCELLED))
 
 
+class _Write:
+    """One write waiting for a group commit (`Store._write`): the statements to run, then how it went."""
+
+    __slots__ = ("fn", "args", "done", "result", "error")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]):
+        self.fn, self.args = fn, args
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
 class Store:
     """Async facade over one SQLite database file."""
 
@@ -237,7 +256,9 @@ class Store:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
         self._migrate()
-        self._limiter = anyio.CapacityLimiter(1)
+        self._worker = DbWorker()
+        self._pending: list[_Write] = []  # writes not yet handed to a commit
+        self._committing: anyio.Event | None = None  # set when the commit under way has finished
 
     def _migrate(self) -> None:
         """Columns added since a database was created (another process may be adding them too)."""
@@ -250,10 +271,76 @@ class Store:
                         raise
 
     async def _run(self, fn: Callable[..., R], *args: Any) -> R:
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        return await self._worker.run(fn, *args)
+
+    async def _write(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run `fn(*args)` (statements, no BEGIN/COMMIT of its own) in a transaction; return once committed.
+
+        Group commit: while one commit is under way, the writes that arrive wait, and the first of them
+        to wake commits them all in one transaction (in the order they came), so concurrent sessions
+        share a worker-thread hop and a commit instead of paying one each. The caller returns (or raises
+        what its own `fn` raised) only once its write is committed or rolled back. When a transaction of
+        several fails, it is rolled back and each write runs again in its own, so one failing write
+        fails alone. A write cancelled before its commit began is not made; one cancelled during its
+        commit waits for it, as a thread call does.
+        """
+        write = _Write(fn, args)
+        self._pending.append(write)
+        try:
+            while not write.done:
+                if self._committing is None:
+                    await self._commit_pending()
+                else:
+                    await self._committing.wait()
+        except anyio.get_cancelled_exc_class():
+            if write in self._pending:
+                self._pending.remove(write)
+            else:
+                with anyio.CancelScope(shield=True):
+                    while not write.done and self._committing is not None:
+                        await self._committing.wait()
+            raise
+        if write.error is not None:
+            raise write.error
+        return write.result
+
+    async def _commit_pending(self) -> None:
+        batch, self._pending = self._pending[:MAX_GROUP_COMMIT], self._pending[MAX_GROUP_COMMIT:]
+        committed = self._committing = anyio.Event()
+        try:
+            await self._run(self._commit, batch)
+        finally:
+            left = [w for w in batch if not w.done]
+            if left:  # cancelled before its thread ran: the writes go to the next commit
+                self._pending[:0] = left
+            self._committing = None
+            committed.set()
+
+    def _commit(self, batch: list[_Write]) -> None:
+        """(Worker thread.) The batch in one transaction; if that fails, each write in its own."""
+        if len(batch) > 1:
+            try:
+                with self._db:
+                    self._db.execute("BEGIN")
+                    results = [w.fn(*w.args) for w in batch]
+            except Exception:  # rolled back: which write failed, and why, is found one at a time below
+                pass
+            else:
+                for w, result in zip(batch, results):
+                    w.result, w.done = result, True
+                return
+        for w in batch:
+            try:
+                with self._db:
+                    self._db.execute("BEGIN")
+                    w.result = w.fn(*w.args)
+            except Exception as e:
+                w.error = e
+            w.done = True
 
     def close(self) -> None:
         self._db.close()
+        self._worker.stop()
 
     # --- runs -----------------------------------------------------------------------------------
 
@@ -451,29 +538,28 @@ class Store:
             "AND stop_reason IS NULL", (reason.value, _clean(detail) if detail else None, time.time(), run_id)).rowcount)
 
     async def add_message(self, session_id: str, seq: int, message: Message, turns: int) -> None:
-        """Append one message and update the session's turn count, atomically."""
+        """Append one message and update the session's turn count, atomically; returns once committed."""
+        await self._write(self._insert_message, session_id, seq, message, turns)
 
-        def write() -> None:
-            with self._db:
-                self._db.execute("BEGIN")
-                self._db.execute(
-                    "INSERT INTO messages (session_id, seq, data, created_at) VALUES (?, ?, ?, ?)",
-                    (session_id, seq, _clean(message.model_dump_json(exclude_defaults=True)), time.time()),
-                )
-                self._db.execute("UPDATE sessions SET turns = ? WHERE id = ?", (turns, session_id))
-
-        await self._run(write)
+    def _insert_message(self, session_id: str, seq: int, message: Message, turns: int) -> None:
+        self._db.execute(
+            "INSERT INTO messages (session_id, seq, data, created_at) VALUES (?, ?, ?, ?)",
+            (session_id, seq, _clean(message.model_dump_json(exclude_defaults=True)), time.time()),
+        )
+        self._db.execute("UPDATE sessions SET turns = ? WHERE id = ?", (turns, session_id))
 
     async def finish_session(self, session: Session) -> None:
-        await self._run(
-            lambda: self._db.execute(
-                "UPDATE sessions SET stop_reason = ?, stop_detail = ?, turns = ?, finished_at = ?, usage = ?,"
-                " replayed_turns = ?, started_at = COALESCE(started_at, ?) WHERE id = ?",  # set once it played
-                (session.stop_reason.value if session.stop_reason else None,
-                 _clean(session.stop_detail) if session.stop_detail else None, session.turns,
-                 session.finished_at, json.dumps({k: u.model_dump() for k, u in session.usage.items()}),
-                 json.dumps(session.replayed_turns), session.started_at, session.id),
-            )
+        """Record how a session ended; returns once committed."""
+        await self._write(self._update_finished, session)
+
+    def _update_finished(self, session: Session) -> None:
+        self._db.execute(
+            "UPDATE sessions SET stop_reason = ?, stop_detail = ?, turns = ?, finished_at = ?, usage = ?,"
+            " replayed_turns = ?, started_at = COALESCE(started_at, ?) WHERE id = ?",  # started_at: set once it played
+            (session.stop_reason.value if session.stop_reason else None,
+             _clean(session.stop_detail) if session.stop_detail else None, session.turns,
+             session.finished_at, json.dumps({k: u.model_dump() for k, u in session.usage.items()}),
+             json.dumps(session.replayed_turns), session.started_at, session.id),
         )
 
     async def session_ids(self, run_id: str) -> list[str]:
