@@ -16,6 +16,7 @@ import threading
 from typing import Any, Callable, TypeVar
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 R = TypeVar("R")
@@ -51,6 +52,9 @@ class DbWorker:
         self._limiter = anyio.CapacityLimiter(1)  # for async libraries other than asyncio
 
     async def run(self, fn: Callable[..., R], *args: Any) -> R:
+        # As a thread call does: a caller already cancelled never queues its call (else the thread may start it
+        # before the cancellation is seen, and a write the caller gave up would still be made).
+        await anyio.lowlevel.checkpoint_if_cancelled()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not asyncio
