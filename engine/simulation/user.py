@@ -38,7 +38,7 @@ from .turns import SimulatorContext, UserTurn
 
 SIMULATED_USER_RULES = """\
 You are playing a human user in a conversation with an AI assistant, in order to test that assistant.
-Stay in character for the whole conversation. Your goal, persona and guidelines follow these rules.
+Stay in character for the whole conversation.
 
 How to play the user:
 - Write only the user's next message, in the first person and in the persona's voice.
