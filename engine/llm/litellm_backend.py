@@ -167,8 +167,15 @@ class LiteLLMBackend(LLM):
             raise err from e
         self._answered = True
         if resp is None:  # litellm gives up this way after a 422 it retried with parameters dropped
-            raise LLMError(f"model {self.model}: the server refused the request (HTTP 422) and litellm returned no "
-                           "response", status_code=422, kind="other")
+            message = (f"model {self.model}: the server refused the request (HTTP 422) and litellm returned no "
+                       "response")
+            if mode != TEXT:
+                # litellm swallowed the 422's message (it resends once without the parameters the body names, then
+                # returns None). A 422 is a validation error, never transient, and the structured-output mode is
+                # the part of the request that differs between endpoints: step down a mode, as for a refusal that
+                # names response_format. A 422 about something else then fails the last mode too, and is raised.
+                raise _FormatRefused(f"{message}, with response_format {mode}", mode=mode, status_code=422)
+            raise LLMError(message, status_code=422, kind="other")
         return resp
 
     def _latch(self, err: LLMError) -> LLMAuthError:
