@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 
 from ..errors import InvalidOption
-from ..llm import LLM, cached
 from ..models import Assessment, UntestedSession
 from ..settings import env_bool
 from ..store import Store
 from ..text import one_line
+
+if TYPE_CHECKING:  # the MCP server imports this module at start (Progress): the model layer can wait
+    from ..llm import LLM
 
 MAX_TURNS_LIMIT = 100
 MAX_CONCURRENCY = 256
@@ -55,6 +57,8 @@ def cache_enabled(cache: bool | None) -> bool:
 
 def with_cache(llm: LLM, store: Store, enabled: bool) -> LLM:
     """`llm` behind the store's response cache when `enabled` (the offline backend never is: see llm/cache.py)."""
+    from ..llm import cached
+
     return cached(llm, store) if enabled else llm
 
 
