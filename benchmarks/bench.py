@@ -290,6 +290,117 @@ async def bench_zero_delay(store, root: str, fake: FakeLLMProcess, *, quick: boo
     return rows
 
 
+# --- prompt caching: prompt tokens per T=10 conversation, growth per turn, the cacheable prefix ------------------
+
+PROMPT_CACHE_CASES = [
+    {"goal": GOAL, "persona": "A busy parent who writes short messages.",
+     "simulation_guidelines": ["Ask one question per message."]},
+    {"goal": LONG_GOAL, "persona": "A retired teacher, polite and precise."},
+]
+
+
+def _wire(messages: list[dict]) -> str:
+    """A request's messages as one string, roles included: what a provider's prompt cache compares, byte for byte."""
+    return "".join(f"<{m.get('role')}>{m.get('content') or ''}</>" for m in messages)
+
+
+async def bench_prompt_cache(store, root: str, *, t: int = 10, repeats: int = 5) -> dict:
+    """N = len(cases) x repeats conversations of T turns against an in-process fake (no latency: only sizes count).
+
+    Per simulated-user call: the prompt tokens the fake reported (message characters / 4, its usage field), the
+    tokens added since the previous turn, and the share of the prompt that is a byte-identical prefix of an earlier
+    request: the system message alone (the fixed rules + the case, the same from turn 1 for every session of the
+    case), and the longest prefix any earlier request of the run shares (the conversation so far, too).
+    """
+    import os.path
+
+    from engine import simulate
+    from engine.simulation.user import SIMULATED_USER_RULES
+    from tests.fake_llm import FakeLLMServer, FakeReply
+
+    def handler(request: dict) -> FakeReply:
+        n = sum(1 for m in request.get("messages") or [] if m.get("role") == "assistant") + 1
+        return FakeReply(content={"message": f"Thanks. Next question, number {n}: what about the next item on my list?",
+                                  "goal_achieved": False, "end_conversation": False, "reason": "still pursuing"})
+
+    with FakeLLMServer(handler) as fake:
+        llm = _litellm_backend(fake.url, len(PROMPT_CACHE_CASES) * repeats)
+        with anyio.fail_after(RUN_TIMEOUT_S):
+            summary = await simulate(store, "benchmarks/bench.py:instant_agent", PROMPT_CACHE_CASES, max_turns=t,
+                                     repeats=repeats, concurrency=len(PROMPT_CACHE_CASES) * repeats, llm=llm,
+                                     workspace=root, cache=False)
+        requests = list(fake.requests)
+    conversations = len(PROMPT_CACHE_CASES) * repeats
+    seen: list[str] = []
+    per_turn: dict[int, dict[str, list[float]]] = {}
+    for r in requests:
+        msgs = r.get("messages") or []
+        turn = sum(1 for m in msgs if m.get("role") == "assistant") + 1
+        wire = _wire(msgs)
+        prefix = max((len(os.path.commonprefix([wire, w])) for w in seen), default=0)
+        seen.append(wire)
+        row = per_turn.setdefault(turn, {"tokens": [], "system": [], "cached": []})
+        row["tokens"].append(max(1, len("".join(m.get("content") or "" for m in msgs)) // 4))  # as the fake counts
+        row["system"].append(len(_wire(msgs[:1])) / len(wire))
+        row["cached"].append(prefix / len(wire))
+    turns = []
+    previous = None
+    for turn, row in sorted(per_turn.items()):
+        tokens = sum(row["tokens"]) / len(row["tokens"])
+        turns.append({"turn": turn, "calls": len(row["tokens"]), "prompt_tokens": tokens,
+                      "added_tokens": tokens - previous if previous is not None else None,
+                      "system_share": sum(row["system"]) / len(row["system"]),
+                      "cacheable_share": sum(row["cached"]) / len(row["cached"])})
+        previous = tokens
+    usage = summary.usage.get("simulated_user")
+    fake_tokens = sum(x for row in per_turn.values() for x in row["tokens"])
+    all_system = [x for row in per_turn.values() for x in row["system"]]
+    all_cached = [x for row in per_turn.values() for x in row["cached"]]
+    added = [x["added_tokens"] for x in turns if x["added_tokens"] is not None]
+    weights = [x for row in per_turn.values() for x in row["tokens"]]
+    return {
+        "t": t, "cases": len(PROMPT_CACHE_CASES), "repeats": repeats, "conversations": conversations,
+        "turns_done": summary.turns_done, "calls": len(requests),
+        "prompt_tokens_per_conversation_fake": fake_tokens / conversations,
+        "prompt_tokens_per_conversation_engine": (usage.prompt_tokens if usage else 0) / conversations,
+        "added_tokens_per_turn_mean": sum(added) / len(added) if added else None,
+        "system_share_mean": sum(all_system) / len(all_system),
+        "cacheable_share_mean": sum(all_cached) / len(all_cached),
+        "cacheable_share_token_weighted": sum(c * w for c, w in zip(all_cached, weights)) / sum(weights),
+        "fixed_rules_tokens": len(SIMULATED_USER_RULES) // 4,
+        "per_turn": turns,
+    }
+
+
+def _render_prompt_cache(pc: dict) -> list[str]:
+    out = [
+        "",
+        f"## Prompt caching: the simulated user's prompt over T={pc['t']} turns "
+        f"({pc['conversations']} conversations: {pc['cases']} cases x {pc['repeats']} sessions; "
+        "tokens = message characters / 4, as the fake's usage reports them)",
+        "",
+        f"Prompt tokens per conversation (sum over its {pc['t']} calls): "
+        f"{pc['prompt_tokens_per_conversation_fake']:.0f} at the fake, "
+        f"{pc['prompt_tokens_per_conversation_engine']:.0f} recorded by the engine "
+        "(RunSummary.usage['simulated_user']). Growth: "
+        + (f"{pc['added_tokens_per_turn_mean']:.0f} tokens added per turn (mean)." if pc["added_tokens_per_turn_mean"]
+           is not None else "one turn only."),
+        f"Byte-identical prefix of an earlier request: {pc['cacheable_share_mean']:.0%} of each prompt (mean), "
+        f"{pc['cacheable_share_token_weighted']:.0%} of all prompt tokens; the system message alone (fixed rules, "
+        f"then the case) is {pc['system_share_mean']:.0%} of each prompt. The fixed rules alone, "
+        f"{pc['fixed_rules_tokens']} tokens, open every case's prompt: a new case's first call finds them cached.",
+        "",
+        "| turn | calls | prompt tokens/call | added since the previous turn | system message share "
+        "| cacheable prefix share |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for x in pc["per_turn"]:
+        added = f"{x['added_tokens']:.0f}" if x["added_tokens"] is not None else "-"
+        out.append(f"| {x['turn']} | {x['calls']} | {x['prompt_tokens']:.0f} | {added} | {x['system_share']:.0%} | "
+                   f"{x['cacheable_share']:.0%} |")
+    return out
+
+
 def bench_startup(root: str, home: str, tries: int) -> dict:
     import json
     import subprocess
@@ -438,6 +549,8 @@ def render(result: dict) -> str:
         f"After `build_server()` + in-process `list_tools()`: litellm imported = {la['litellm']}, "
         f"openai imported = {la['openai']}.",
     ]
+    if "prompt_cache" in result:
+        out += _render_prompt_cache(result["prompt_cache"])
     return "\n".join(out)
 
 
@@ -629,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["scale"] = await bench_scale(store, root, fake, latency=0.2, agent_delay=0.1,
                                                     sim=result["simulation"])
                 print("  scale runs done", file=sys.stderr)
+                result["prompt_cache"] = await bench_prompt_cache(store, root)
+                print("  prompt-cache run done", file=sys.stderr)
 
             anyio.run(engine_benches)
         finally:

@@ -53,15 +53,21 @@ import anyio
 from engine import ConvsimError, CouldNotTest, InvalidOption, LLMError, JobRegistry, Progress, RunSummary, Store, UserInputError, Workspace
 from engine import secrets
 from engine.models import SEVERITY_ORDER, Report, ScorerSummary, TrialsSummary
-from engine.pipeline import MAX_CONCURRENCY, describe_target, run_summary, score_sessions, simulate
-from engine.pipeline.agent_test import test_agent
-from engine.pipeline.resume import resume
-from engine.pipeline.rerun import rerun_issues, rerun_json
-from engine.pipeline.compare import compare_runs, comparison_markdown
-from engine.pipeline.generation import build_test_set, export_test_set
-from engine.reports.html import comparison_html, run_report_html
-from engine.reports.junit import junit_xml
+from engine.pipeline._shared import MAX_CONCURRENCY
 from engine.text import one_line
+from engine._lazy import deferred
+
+# The commands' entry points, imported when a command runs: `serve` answers `tools/list` without the stacks behind
+# the tools (engine/_lazy.py).
+describe_target, run_summary, score_sessions, simulate = deferred("engine.pipeline", "describe_target", "run_summary",
+                                                                  "score_sessions", "simulate")
+test_agent = deferred("engine.pipeline.agent_test", "test_agent")
+resume = deferred("engine.pipeline.resume", "resume")
+rerun_issues, rerun_json = deferred("engine.pipeline.rerun", "rerun_issues", "rerun_json")
+compare_runs, comparison_markdown = deferred("engine.pipeline.compare", "compare_runs", "comparison_markdown")
+build_test_set, export_test_set = deferred("engine.pipeline.generation", "build_test_set", "export_test_set")
+comparison_html, run_report_html = deferred("engine.reports.html", "comparison_html", "run_report_html")
+junit_xml = deferred("engine.reports.junit", "junit_xml")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNTESTED = 0, 1, 2, 3

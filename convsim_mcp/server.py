@@ -25,18 +25,26 @@ from engine.limits import MAX_JSON_DEPTH, has_lone_surrogate, json_depth
 from engine.secrets import redact
 from engine.text import clip
 from engine.models import AgentProfile, Issue, Report, ScoreSummary, Usage
-from engine.pipeline import MAX_CONCURRENCY, describe_target, prepare_scoring, prepare_simulation, run_summary, run_uri, scores_uri, summarize_scores
-from engine.pipeline.agent_test import prepare_agent_test, report_uri
-from engine.pipeline.rerun import IssueCheck, rerun_issues
+from engine.models import IssueCheck
 from engine.ids import check_run_id
-from engine.pipeline.resume import prepare_resume
-from engine.pipeline.compare import compare_runs, compare_uri, comparison_markdown
-from engine.pipeline.generation import build_test_set
-from engine.reports import ReportDigest, compact_result
-from engine.reports.html import comparison_html, run_report_html
+from engine.reports.markdown import ReportDigest, compact_result
+from engine.pipeline._shared import MAX_CONCURRENCY
 from engine.reports.comparison import FlippedCase, IssueChange, ScorerChange
-from engine.judging import list_builtin_scorers
 from engine.records import session_to_record
+from engine._lazy import deferred
+
+# The tools' entry points, imported at a tool's first call: `tools/list` needs only the models above (engine/_lazy.py).
+describe_target, prepare_scoring, prepare_simulation, run_summary, run_uri, scores_uri, summarize_scores = deferred(
+    "engine.pipeline", "describe_target", "prepare_scoring", "prepare_simulation", "run_summary", "run_uri",
+    "scores_uri", "summarize_scores")
+prepare_agent_test, report_uri = deferred("engine.pipeline.agent_test", "prepare_agent_test", "report_uri")
+rerun_issues = deferred("engine.pipeline.rerun", "rerun_issues")
+prepare_resume = deferred("engine.pipeline.resume", "prepare_resume")
+compare_runs, compare_uri, comparison_markdown = deferred("engine.pipeline.compare", "compare_runs", "compare_uri",
+                                                          "comparison_markdown")
+build_test_set = deferred("engine.pipeline.generation", "build_test_set")
+list_builtin_scorers = deferred("engine.judging", "list_builtin_scorers")
+comparison_html, run_report_html = deferred("engine.reports.html", "comparison_html", "run_report_html")
 
 log = logging.getLogger("convsim.server")
 

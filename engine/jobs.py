@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
 
-from .pipeline import ProgressFn
+if TYPE_CHECKING:  # a type only: the registry must not load the pipelines (the server imports it at start)
+    from .pipeline import ProgressFn
 
 log = logging.getLogger("convsim.jobs")
 

@@ -567,6 +567,24 @@ class Issue(BaseModel):
         return f"{self.affected_sessions} of {self.total_sessions} sessions"
 
 
+IssueStatus = Literal["reproduces", "fixed", "inconclusive"]
+
+
+class IssueCheck(BaseModel):
+    """What happened to one issue in the re-run, and why we say so (`rerun_issues`)."""
+
+    id: str
+    title: str
+    severity: str
+    status: IssueStatus
+    reason: str = Field(description="One line: the evidence behind the status.")
+    sessions: list[str] = Field(description="The re-run sessions of the issue's case(s).")
+
+    @property
+    def reproduces(self) -> bool:
+        return self.status == "reproduces"
+
+
 class Report(BaseModel):
     """The outcome of test_agent: what was tested, what broke, how badly, and what it cost."""
 

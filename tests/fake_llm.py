@@ -46,6 +46,7 @@ class FakeReply:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error_code: str | None = None  # the error body's "code"; by default derived from the status
+    error_body: dict | None = None  # a non-200 answer's body verbatim (e.g. FastAPI's {"detail": [...]} of a 422)
 
     @classmethod
     def context_length_exceeded(cls, limit: int = 128000, tokens: int = 130542) -> "FakeReply":
@@ -329,7 +330,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
         if reply.status != 200:
             message = reply.content if isinstance(reply.content, str) else f"fake error {reply.status}"
-            self._send_json(reply.status, _error_body(reply.status, message, reply.error_code), reply.headers)
+            body = reply.error_body if reply.error_body is not None else _error_body(reply.status, message,
+                                                                                      reply.error_code)
+            self._send_json(reply.status, body, reply.headers)
             return
 
         if request.get("stream"):

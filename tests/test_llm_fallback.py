@@ -20,13 +20,19 @@ from tests.fake_llm import FakeReply, example_for_schema
 
 MESSAGES = [{"role": "system", "content": "You are a customer."}, {"role": "user", "content": "Hello"}]
 
-# What llama-cpp-python's server answers (HTTP 500) and what older vLLM builds answer (HTTP 400). A 422 is handled
-# inside litellm first (it drops parameters and asks again), so it is not tested here.
+# What llama-cpp-python's server answers (HTTP 500) and what older vLLM builds answer (HTTP 400).
 LLAMA_CPP = (500, "1 validation error for CreateChatCompletionRequest\nresponse_format\n  Input tag 'json_schema' "
                   "found using 'type' does not match any of the expected tags: 'text', 'json_object'")
 VLLM = (400, "[{'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
              "'msg': \"Input should be 'text' or 'json_object'\"}]")
 NO_JSON_OBJECT = (400, "response_format type json_object is not supported")
+
+# HTTP 422, as FastAPI-based servers answer a request failing their validation ({"detail": [...]}), and as
+# text-generation-inference does ({"error": "...", "error_type": "validation"}). litellm handles a 422 itself first
+# (with drop_params it resends once without the parameters the body names, then returns no response).
+FASTAPI_422 = {"detail": [{"type": "literal_error", "loc": ["body", "response_format", "type"],
+                           "msg": "Input should be 'text' or 'json_object'", "input": "json_schema"}]}
+TGI_422 = {"error": "Input validation error: response_format json_schema is not supported", "error_type": "validation"}
 
 
 def turn(message: str) -> dict:
@@ -172,3 +178,62 @@ def test_a_simulate_run_completes_against_a_server_without_json_schema(tmp_path,
     models = {r["model"] for r in fake_llm.requests}
     assert modes.count("json_schema") == len(models) and modes.count("json_object") >= 4, modes
     assert "Traceback" not in proc.stderr
+
+
+def refusing_422(body: dict, modes: tuple[str, ...], reply=None):
+    """A server answering HTTP 422 with `body` to a request in any of `modes`, and the rest from the instructions."""
+    def handle(request: dict) -> FakeReply:
+        if mode_of(request) in modes:
+            return FakeReply(status=422, error_body=body)
+        content = reply if reply is not None else example_for_schema(schema_in_instructions(request))
+        return FakeReply(content=content)
+    return handle
+
+
+def collapsed(modes: list[str]) -> list[str]:
+    return [m for i, m in enumerate(modes) if i == 0 or modes[i - 1] != m]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("body", [FASTAPI_422, TGI_422], ids=["fastapi-422", "tgi-422"])
+async def test_a_422_falls_back_to_json_object_then_text_and_is_never_retried(fake_llm, body):
+    fake_llm.set_handler(refusing_422(body, ("json_schema", "json_object"), reply=turn("plain")))
+    llm = backend(fake_llm, max_retries=3)
+    result = await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+    assert result.output.message == "plain"
+    modes = [mode_of(r) for r in fake_llm.requests]
+    assert collapsed(modes) == ["json_schema", "json_object", "text"], modes
+    # at most litellm's own resend of a 422; a retry as a transient error would send 1 + max_retries = 4
+    assert all(modes.count(m) <= 2 for m in ("json_schema", "json_object")), modes
+    assert modes.count("text") == 1 and "response_format" not in fake_llm.requests[-1]
+    assert schema_in_instructions(fake_llm.requests[-1])["additionalProperties"] is False
+    assert result.usage.failed_calls == 2 and not any(k in result.usage.failures for k in ("server_error", "timeout"))
+
+    seen = len(fake_llm.requests)
+    await backend(fake_llm).complete(MESSAGES, UserTurn, role=Role.USER)  # remembered for (api_base, model)
+    assert [mode_of(r) for r in fake_llm.requests[seen:]] == ["text"]
+
+
+@pytest.mark.anyio
+async def test_a_422_in_every_mode_is_raised_without_retries(fake_llm):
+    fake_llm.set_handler(refusing_422(FASTAPI_422, ("json_schema", "json_object", "text")))
+    with pytest.raises(LLMError, match="422") as info:
+        await backend(fake_llm, max_retries=3).complete(MESSAGES, UserTurn, role=Role.USER)
+    assert not info.value.retryable and info.value.status_code == 422
+    modes = [mode_of(r) for r in fake_llm.requests]
+    assert collapsed(modes) == ["json_schema", "json_object", "text"] and len(modes) <= 6, modes
+
+
+@pytest.mark.anyio
+async def test_a_simulate_run_completes_against_a_server_answering_422(store, fake_llm):
+    from engine import StopReason, simulate
+    from tests.conftest import agent
+
+    fake_llm.set_handler(refusing_422(FASTAPI_422, ("json_schema",), reply=turn("Where is my order?")))
+    summary = await simulate(store, agent("echo"), [{"goal": "Ask where order A1 is."}, {"goal": "Ask about refunds."}],
+                             llm=backend(fake_llm), max_turns=3, concurrency=2, workspace=ROOT, cache=False)
+    assert summary.status == "completed"
+    assert [s.stop_reason for s in summary.sessions] == [StopReason.MAX_TURNS] * 2
+    modes = [mode_of(r) for r in fake_llm.requests]
+    assert collapsed(modes) == ["json_schema", "json_object"] and modes.count("json_schema") <= 2, modes
+    assert modes.count("json_object") == 6  # one call per turn once the run learnt the mode

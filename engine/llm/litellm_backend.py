@@ -18,10 +18,15 @@ from typing import Any
 
 import anyio
 
-from ..errors import LLMError
 from ..models import Usage
 from .base import log
 from .chat import ChatBackend
+
+
+class _NoResponse(Exception):
+    """litellm returned None after an HTTP 422 (see `_send`); classified like the 422 it stands for."""
+
+    status_code = 422
 
 
 class LiteLLMBackend(ChatBackend):
@@ -48,8 +53,13 @@ class LiteLLMBackend(ChatBackend):
     async def _send(self, payload: dict[str, Any]) -> tuple[str | None, Usage]:
         resp = await _import_litellm().acompletion(**payload)
         if resp is None:  # litellm gives up this way after a 422 it retried with parameters dropped
-            raise LLMError(f"model {self.model}: the server refused the request (HTTP 422) and litellm returned no "
-                           "response", status_code=422, kind="other")
+            # litellm swallowed the 422's message (it resends once without the parameters the body names, then
+            # returns None). A 422 is a validation error, never transient, and the structured-output mode is the
+            # part of the request that differs between endpoints: with a response_format set, the message names
+            # it, so the shared path steps down a mode as for a refusal that says so (chat._refuses_format). A 422
+            # about something else then fails the last mode (no response_format) too, and is raised.
+            raise _NoResponse(f"model {self.model}: the server refused the request (HTTP 422) and litellm returned "
+                              "no response" + (" (response_format refused?)" if "response_format" in payload else ""))
         return _content(resp), _usage_of(resp)
 
 

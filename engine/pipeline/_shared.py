@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 
 from ..errors import InvalidOption
-from ..llm import LLM, cached
 from ..models import Assessment, UntestedSession
 from ..settings import env_bool
 from ..store import Store
 from ..text import one_line
 
 log = logging.getLogger("convsim.pipeline")
+
+if TYPE_CHECKING:  # the MCP server imports this module at start (Progress): the model layer can wait
+    from ..llm import LLM
 
 MAX_TURNS_LIMIT = 100
 MAX_CONCURRENCY = 2000  # conversations (or judge calls) at once; each may hold an agent and a model connection
@@ -84,6 +86,8 @@ def cache_enabled(cache: bool | None) -> bool:
 
 def with_cache(llm: LLM, store: Store, enabled: bool) -> LLM:
     """`llm` behind the store's response cache when `enabled` (the offline backend never is: see llm/cache.py)."""
+    from ..llm import cached
+
     return cached(llm, store) if enabled else llm
 
 

@@ -14,15 +14,13 @@ Failures whose signature no old issue has come back as `new_issues`, grouped lik
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, Field
 
 from ..errors import CouldNotTest, InvalidOption, InvalidTarget
 from ..issues import Failure, collect_failures, discover_issues, issue_signatures, primary_causes, untestable_sessions
 from ..judging import DEFAULT_SCORERS, parse_scorers
 from ..llm import LLM, resolve_llm
-from ..models import Issue, RunStatus, Session, TargetSpec
+from ..models import Issue, IssueCheck, IssueStatus, RunStatus, Session, TargetSpec
 from ..simulation import load_user_class, redacted_spec, resolve_target
 from ..store import Store, new_run_id
 from ..transcript import turn_numbers
@@ -32,22 +30,7 @@ from .simulation import SimulationJob
 
 CLEAN_RUNS_FOR_INTERMITTENT = 3  # clean re-runs before an issue seen in only some sessions counts as fixed
 
-Status = Literal["reproduces", "fixed", "inconclusive"]
-
-
-class IssueCheck(BaseModel):
-    """What happened to one issue in the re-run, and why we say so."""
-
-    id: str
-    title: str
-    severity: str
-    status: Status
-    reason: str = Field(description="One line: the evidence behind the status.")
-    sessions: list[str] = Field(description="The re-run sessions of the issue's case(s).")
-
-    @property
-    def reproduces(self) -> bool:
-        return self.status == "reproduces"
+Status = IssueStatus
 
 
 class RerunOutcome(BaseModel):

@@ -19,10 +19,8 @@ import re
 import time
 from collections import Counter
 
-import yaml
 from pydantic import BaseModel, Field
 
-from ..issues import sort_issues
 from ..models import (
     SEVERITY_ORDER,
     AgentProfile,
@@ -56,6 +54,8 @@ def build_report(*, run_id: str, target: str, started_at: float, finished_at: fl
                  untested_sessions: list[UntestedSession] | None = None,
                  trials: TrialsSummary | None = None) -> Report:
     """A `Report` with agent issues most severe first and simulator issues kept apart."""
+    from ..issues import sort_issues  # here, not at import: the MCP server imports this module at start
+
     return Report(
         run_id=run_id,
         created_at=finished_at,
@@ -259,6 +259,8 @@ def _reproduction(case: TestCase) -> str:
     if case.context:
         data["context"] = case.context
     data["scripted_turns"] = list(case.scripted_turns)
+    import yaml  # here, not at import: the MCP server imports this module at start
+
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100, default_flow_style=False).rstrip()
     fence = "`" * max(3, _longest_backtick_run(text) + 1)  # a quoted ``` cannot close the block
     return f"{fence}yaml\n{text}\n{fence}"
