@@ -17,10 +17,10 @@ from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, TypeVar
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
-from mcp.types import ToolAnnotations
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, WithJsonSchema
 
-from engine import ConvsimError, JobRegistry, NotFound, Progress, RunStatus, RunSummary, Store, TargetSpec, TestCase, Workspace
+from engine import ConvsimError, JobRegistry, NotFound, Progress, RunStatus, Store, TargetSpec, TestCase, Workspace
 from engine.limits import MAX_JSON_DEPTH, has_lone_surrogate, json_depth
 from engine.secrets import redact
 from engine.text import clip
@@ -36,6 +36,8 @@ from engine.reports import ReportDigest, compact_result
 from engine.reports.comparison import FlippedCase, IssueChange, ScorerChange
 from engine.judging import list_builtin_scorers
 from engine.records import session_to_record
+
+from .views import MAX_PAGE, SESSIONS_SHOWN, RunView, compact_json, lean_schema, optional_without_null, run_view
 
 log = logging.getLogger("convsim.server")
 
@@ -56,53 +58,67 @@ list_scorers describes the built-in judges. simulate_conversations also takes sc
 Full transcripts are resources: convsim://runs/{run_id} and convsim://runs/{run_id}/sessions/{session_id};
 full verdicts with evidence: convsim://runs/{run_id}/scores."""
 
+def _short(schema: dict[str, Any], descriptions: dict[str, str]) -> dict[str, Any]:
+    """A model's JSON schema with these field descriptions (the others dropped) and no model docstring:
+    what a caller needs to fill it in, and nothing more."""
+    props = {name: {k: v for k, v in sub.items() if k != "description"} | (
+        {"description": descriptions[name]} if name in descriptions else {})
+        for name, sub in schema["properties"].items()}
+    return {k: v for k, v in schema.items() if k != "description"} | {"properties": props}
+
+
 TARGET_SCHEMA = {
     "anyOf": [
-        {"type": "string", "description": "'pkg.module:func', 'path/to/file.py:func', or an http(s) URL of an "
-                                          "OpenAI-compatible chat endpoint"},
-        TargetSpec.model_json_schema(),
+        {"type": "string"},
+        _short(TargetSpec.model_json_schema(), {
+            "kind": "Default: python for a path, openai for a URL.",
+            "path": "Python agent.",
+            "url": "HTTP agent.",
+            "model": "The 'model' an OpenAI-compatible agent is sent.",
+            "headers": "Values may be ${ENV_VAR}.",
+            "request": "kind json: body template ({{message}}, {{session_id}}, {{context.KEY}}).",
+            "response_path": "kind json: dotted path to the reply, e.g. 'reply.text'.",
+        }),
     ]
 }
 TEST_CASES_SCHEMA = {
     "anyOf": [
-        {"type": "array", "items": TestCase.model_json_schema()},
-        {"type": "string", "description": "Path to a .json, .jsonl, .yaml or .yml file of test cases"},
+        {"type": "array", "items": _short(TestCase.model_json_schema(), {
+            "goal": "What the user wants (and the expected outcome).",
+            "persona": "Who the user is, how they talk.",
+            "simulation_guidelines": "Rules for the simulated user.",
+            "context": "Keyword arguments for a Python agent.",
+            "scripted_turns": "Opening user messages, sent verbatim.",
+            "id": "Default: the index.",
+            "tags": "Your labels; never shown to the user or the judges.",
+        })},
+        {"type": "string"},
     ]
 }
+TARGET_DESCRIPTION = "The agent: 'pkg.mod:func', 'file.py:func', an OpenAI-compatible chat URL, or an object."
 # Loose types plus a precise published schema: the engine validates, so errors name the case index and field.
-TargetArg = Annotated[str | dict[str, Any], WithJsonSchema(TARGET_SCHEMA), Field(description="The agent under test.")]
-TestCasesArg = Annotated[
-    list[Any] | str,
-    WithJsonSchema(TEST_CASES_SCHEMA),
-    Field(description="Test cases (goal required; persona, simulation_guidelines, context, expectations, "
-                      "scripted_turns, id optional), inline or as a file path."),
-]
-
+TargetArg = Annotated[str | dict[str, Any], WithJsonSchema(TARGET_SCHEMA), Field(description=TARGET_DESCRIPTION)]
+# Other tools that take an agent: test_agent's forms, without repeating them.
+LooseTargetArg = Annotated[str | dict[str, Any] | None, WithJsonSchema({"type": ["string", "object", "null"]})]
+TestCasesArg = Annotated[list[Any] | str, WithJsonSchema(TEST_CASES_SCHEMA),
+                         Field(description="Inline, a .json/.jsonl/.yaml file, or a test set id.")]
 
 ScorersArg = Annotated[
     list[str | dict[str, Any]] | None,
-    Field(description="Scorers: built-in judge names (see list_scorers), {name: 'guidelines', guidelines: [...]}, "
-                      "custom judges {name, instructions with {{ conversation }}, output: 'bool' | "
-                      "{labels, pass} | {range, threshold}}, or code scorers 'pkg.mod:fn' / 'file.py:fn'."),
+    Field(description="Judge names (list_scorers), custom judges {name, instructions, output} or code scorers "
+                      "'pkg.mod:fn'."),
 ]
 
-FromRunArg = Annotated[str | None, Field(description="An earlier run's id: play its test cases (same ids and "
-                                                     "indexes, so the runs can be compared) instead of test_cases.")]
-ModeArg = Annotated[str | None, WithJsonSchema({"anyOf": [{"enum": ["resimulate", "replay"]}, {"type": "null"}]}), Field(
-    description="With from_run: 'resimulate' (default) plays new simulated users on the same cases; 'replay' "
-                "sends each earlier session's user messages verbatim, in order (same case and repeat); when they "
-                "run out first the session ends replay_end.")]
-ContinueArg = Annotated[bool, Field(description="With mode 'replay': when the recorded user messages run out, the "
-                                                "simulated user takes over from there instead of ending replay_end.")]
+FromRunArg = Annotated[str | None, Field(description="Run this earlier run's test cases instead (comparable with "
+                                                     "compare_runs).")]
+ModeArg = Annotated[str | None, WithJsonSchema({"enum": ["resimulate", "replay", None]}), Field(
+    description="With from_run: new simulated users (default), or its user messages verbatim.")]
+ContinueArg = Annotated[bool, Field(description="replay: the simulated user goes on when the recorded messages run "
+                                                "out.")]
 
-
-CacheArg = Annotated[bool | None, Field(description="Answer model requests seen before from the response cache (no "
-                                                   "call, no cost; hits count in usage.cache_hits), and store new "
-                                                   "replies. Default: CONVSIM_CACHE (off).")]
-TemperatureArg = Annotated[float | None, Field(description="Sampling temperature of every model call, 0-2. Default: "
-                                                           "CONVSIM_TEMPERATURE, else the provider's.")]
-SeedArg = Annotated[int | None, Field(description="Sampling seed sent with every model call (providers that take one "
-                                                  "sample reproducibly). Default: CONVSIM_SEED, else none.")]
+CacheArg = Annotated[bool | None, Field(description="Use the response cache. Default: CONVSIM_CACHE.")]
+TemperatureArg = Annotated[float | None, Field(description="0-2. Default: CONVSIM_TEMPERATURE.")]
+SeedArg = Annotated[int | None, Field(description="Default: CONVSIM_SEED.")]
 
 
 class ScorerInfo(BaseModel):
@@ -166,8 +182,7 @@ class ResumeResult(BaseModel):
     continued: int = Field(description="Sessions played on from their last stored turn.")
     restarted: int = Field(description="Sessions that had not started, run from scratch.")
     kept: int = Field(description="Sessions that had finished, kept as they were.")
-    run: RunSummary = Field(description="The run now (status, resumed count, stop reasons, scores); per-session "
-                                        "summaries via get_run.")
+    run: RunView = Field(description="The run now; more sessions via get_run.")
     report: ReportDigest | None = Field(None, description="test_agent: the issues and numbers once done.")
     note: str | None = None
 
@@ -221,6 +236,24 @@ class RunBrief(BaseModel):
 
 class RunList(BaseModel):
     runs: list[RunBrief]
+
+
+class LeanServer(MCPServer):
+    """An MCPServer that costs an assistant less: it publishes lean schemas (`views.lean_schema`; output
+    schemas without descriptions) and sends a structured result's text as compact JSON."""
+
+    async def list_tools(self) -> list[Any]:
+        return [t.model_copy(update={
+            "input_schema": optional_without_null(lean_schema(t.input_schema)),
+            "output_schema": lean_schema(t.output_schema, descriptions=False) if t.output_schema else None,
+        }) for t in await super().list_tools()]
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None) -> Any:
+        result = await super().call_tool(name, arguments, context)
+        if isinstance(result, CallToolResult) and result.structured_content is not None and not result.is_error:
+            result = result.model_copy(update={"content": [TextContent(type="text",
+                                                                        text=compact_json(result.structured_content))]})
+        return result
 
 
 def _guarded(error: type[ToolError] | type[ResourceError]) -> Callable[[F], F]:
@@ -280,44 +313,35 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         async with registry.running():
             yield {}
 
-    server = MCPServer("convsim", instructions=INSTRUCTIONS, log_level="WARNING", lifespan=lifespan,
-                       **(server_options or {}))
+    server = LeanServer("convsim", instructions=INSTRUCTIONS, log_level="WARNING", lifespan=lifespan,
+                        **(server_options or {}))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     @tool_errors
     async def simulate_conversations(
         target: TargetArg,
         ctx: Context,
-        test_cases: Annotated[TestCasesArg | None, Field(description="Test cases (goal required; persona, "
-                                                                     "simulation_guidelines, context, expectations, "
-                                                                     "scripted_turns, id optional), inline or as a "
-                                                                     "file path. Required unless from_run.")] = None,
-        max_turns: Annotated[int, Field(description="Most user messages per conversation (1-100).")] = 10,
-        model: Annotated[str | None, Field(description="Simulated user's model, e.g. 'openai/gpt-4o-mini' or "
-                                                       "'openai:/gpt-4o-mini'; 'offline' for the no-LLM heuristic. "
-                                                       "Default: CONVSIM_MODEL, else by available API key.")] = None,
-        concurrency: Annotated[int, Field(description="Conversations run at the same time.")] = 8,
-        repeats: Annotated[int, Field(description="Run each test case this many times (separate sessions).")] = 1,
-        user_agent: Annotated[str | None, Field(description="Custom simulated user: 'pkg.mod:Class' subclassing "
-                                                            "engine.SimulatedUser.")] = None,
-        scorers: Annotated[ScorersArg, Field(description="Score each session as it finishes (see score_sessions). "
-                                                         "Default: none.")] = None,
-        judge_model: Annotated[str | None, Field(description="Judges' model; default: the user's model.")] = None,
+        test_cases: Annotated[TestCasesArg | None, Field(description="Inline, a .json/.jsonl/.yaml file, or a test "
+                                                                     "set id. Required unless from_run.")] = None,
+        max_turns: Annotated[int, Field(description="User messages per conversation, at most (1-100).")] = 10,
+        model: Annotated[str | None, Field(description="Simulated user's: 'provider/model', or 'offline' (no LLM). "
+                                                       "Default: CONVSIM_MODEL.")] = None,
+        concurrency: int = 8,
+        repeats: Annotated[int, Field(description="Sessions per test case.")] = 1,
+        user_agent: Annotated[str | None, Field(description="'pkg.mod:Class' subclassing engine.SimulatedUser.")] = None,
+        scorers: Annotated[ScorersArg, Field(description="Score as sessions finish: judge names (list_scorers), "
+                                                         "custom judges or 'pkg.mod:fn'.")] = None,
+        judge_model: Annotated[str | None, Field(description="Default: model.")] = None,
         from_run: FromRunArg = None,
         mode: ModeArg = None,
         continue_after_replay: ContinueArg = False,
-        wait: Annotated[bool, Field(description="true: return when done, reporting progress per turn. false: "
-                                                "return the run id at once; poll get_run.")] = True,
+        wait: Annotated[bool, Field(description="false: return at once; poll get_run.")] = True,
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
-    ) -> RunSummary:
-        """Play simulated users against an agent for many turns and store the conversations.
-
-        Returns per session the stop reason (goal_achieved, user_ended, max_turns, agent_error,
-        agent_empty, simulator_error, cancelled, replay_end), the turn count and the last exchange.
-        With from_run, re-tests a new version on an earlier run's cases (mode 'replay': its user messages verbatim).
-        """
+    ) -> RunView:
+        """Play simulated users against an agent and store the conversations. Returns the aggregates and the
+        first sessions, failed and untested first; get_run pages on."""
         job = await prepare_simulation(
             store, target, test_cases, max_turns=max_turns, model=model, concurrency=concurrency,
             repeats=repeats, user_agent=user_agent, scorers=scorers, judge_model=judge_model, workspace=workspace,
@@ -326,7 +350,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         )
         if not wait:
             registry.start(job)
-            return await run_summary(store, job.run_id)
+            return await run_view(store, await run_summary(store, job.run_id))
 
         registry.start(job, on_progress=_forward(ctx))
         try:
@@ -334,51 +358,41 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         except anyio.get_cancelled_exc_class():
             registry.cancel(job.run_id)  # the caller gave up waiting: stop the run, keep its turns
             raise
-        return await run_summary(store, job.run_id)
+        return await run_view(store, await run_summary(store, job.run_id))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     @tool_errors
     async def test_agent(
         target: TargetArg,
         ctx: Context,
-        description: Annotated[str | None, Field(description="What the agent is for, in plain text (optional: "
-                                                             "the agent is also asked, and Python agents' source "
-                                                             "is read).")] = None,
-        test_cases: Annotated[TestCasesArg | None, Field(description="Your own cases (or a test set id) to run "
-                                                                     "besides the generated ones.")] = None,
+        description: Annotated[str | None, Field(description="What the agent is for (it is also asked, and a "
+                                                             "Python agent's source read).")] = None,
+        test_cases: Annotated[list[Any] | str | None, WithJsonSchema({"type": ["array", "string", "null"]}), Field(
+            description="Your cases too, as in simulate_conversations.")] = None,
         num_test_cases: Annotated[int, Field(description="Cases to generate (0-50).")] = 7,
-        guidance: Annotated[str | None, Field(description="What to focus the generated cases on.")] = None,
+        guidance: Annotated[str | None, Field(description="What the generated cases focus on.")] = None,
         adversarial: Annotated[float, Field(description="Share of red-team cases (0-1).")] = 0.0,
-        max_turns: Annotated[int, Field(description="Most user messages per conversation.")] = 8,
-        model: Annotated[str | None, Field(description="Model for every role unless set per role; 'offline' for "
-                                                       "the no-LLM heuristics.")] = None,
-        user_model: Annotated[str | None, Field(description="Simulated user's model.")] = None,
-        judge_model: Annotated[str | None, Field(description="Judges' and issue analysis's model.")] = None,
-        generator_model: Annotated[str | None, Field(description="Test-case generator's model.")] = None,
-        scorers: Annotated[ScorersArg, Field(description="Default: goal_achievement, conversation_completeness, "
-                                                         "user_frustration, knowledge_retention, "
-                                                         "tool_call_efficiency.")] = None,
-        repeats: Annotated[int, Field(description="Run each case this many times (finds intermittent issues).")] = 1,
-        concurrency: Annotated[int, Field(description="Conversations at the same time.")] = 8,
-        shrink: Annotated[bool | None, Field(description="Shrink each issue's reproducing case to the user turns "
-                                                         "it needs (replays; default: on when the user and judge "
-                                                         "are offline, off with a model since replays cost calls).")] = None,
-        from_run: Annotated[FromRunArg, Field(description="Re-test on this earlier run's test cases (same ids); "
-                                                          "nothing is generated.")] = None,
+        max_turns: int = 8,
+        model: Annotated[str | None, Field(description="Every role's unless set per role; 'offline': no LLM.")] = None,
+        user_model: str | None = None,
+        judge_model: Annotated[str | None, Field(description="Judges' and issue analysis's.")] = None,
+        generator_model: str | None = None,
+        scorers: Annotated[ScorersArg, Field(description="Default: the default judges (list_scorers).")] = None,
+        repeats: Annotated[int, Field(description="Sessions per case (finds intermittent issues).")] = 1,
+        concurrency: int = 8,
+        shrink: Annotated[bool | None, Field(description="Shrink reproductions to the user turns they need. "
+                                                         "Default: on offline, off with a model.")] = None,
+        from_run: Annotated[FromRunArg, Field(description="Re-test this earlier run's cases; nothing is "
+                                                          "generated.")] = None,
         mode: ModeArg = None,
         continue_after_replay: ContinueArg = False,
-        wait: Annotated[bool, Field(description="true: return the issues when done (progress per stage and turn). "
-                                                "false: return the run id at once; poll get_run, then get_report.")] = True,
+        wait: Annotated[bool, Field(description="false: return at once; poll get_run, then get_report.")] = True,
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
     ) -> TestAgentResult:
-        """Test an agent end to end: describe it, generate cases, simulate users, judge, and report issues.
-
-        Returns the issues ranked by severity (what broke, how badly, where: session, turn, quote) and the
-        numbers; each issue in the full report has a reproducing test case. After changing the agent, call
-        rerun_issue to see whether each issue still reproduces.
-        """
+        """Test an agent end to end: describe it, generate cases, simulate users, judge, report issues ranked
+        by severity with evidence (session, turn, quote) and a reproducing case. After a fix: rerun_issue."""
         job = await prepare_agent_test(
             store, target, description=description, test_cases=test_cases, num_test_cases=num_test_cases,
             guidance=guidance, adversarial=adversarial, max_turns=max_turns, repeats=repeats,
@@ -411,9 +425,9 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
     @tool_errors
     async def get_report(
         run_id: Annotated[str, Field(description="A test_agent run.")],
-        markdown: Annotated[bool, Field(description="Include the Markdown report a person reads.")] = False,
+        markdown: Annotated[bool, Field(description="Include the report for a person.")] = False,
     ) -> TestAgentResult:
-        """The issues and numbers of a finished test_agent run (optionally with the Markdown report)."""
+        """The issues and numbers of a finished test_agent run."""
         report, text = await store.get_report(run_id)
         return _done(report, markdown=text if markdown else None)
 
@@ -422,17 +436,15 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
     async def rerun_issue(
         run_id: Annotated[str, Field(description="The test_agent run whose issues to check.")],
         ctx: Context,
-        issue_id: Annotated[str | None, Field(description="One issue (its reproducing case is re-run); omit to "
-                                                          "re-run every case of the run.")] = None,
-        target: Annotated[TargetArg | None, Field(description="The agent, if it moved or its headers held "
-                                                               "secrets; default: the run's target.")] = None,
+        issue_id: Annotated[str | None, Field(description="Re-run its reproducing case; default: every case.")] = None,
+        target: Annotated[LooseTargetArg, Field(description="The agent, if it moved. Default: the run's.")] = None,
         max_turns: Annotated[int | None, Field(description="Default: the run's.")] = None,
-        model: Annotated[str | None, Field(description="Default: the run's models.")] = None,
-        repeats: Annotated[int | None, Field(description="Re-runs per case; default: the run's, at least 3 for an "
-                                                         "issue seen in only some sessions.", ge=1, le=20)] = None,
+        model: Annotated[str | None, Field(description="Default: the run's.")] = None,
+        repeats: Annotated[int | None, Field(description="Per case. Default: the run's (3 for an intermittent "
+                                                         "issue).", ge=1, le=20)] = None,
     ) -> RerunResult:
-        """After changing the agent: re-run and say, per issue, whether it reproduces, is fixed, or could not be
-        checked (inconclusive: the failing turn was not reached), plus any new issues."""
+        """After changing the agent: per issue, whether it reproduces, is fixed, or is inconclusive (the failing
+        turn was not reached), plus new issues."""
         outcome = await rerun_issues(store, run_id, issue_id=issue_id, target=target, max_turns=max_turns,
                                      model=model, repeats=repeats, progress=_forward(ctx), workspace=workspace)
         count = {s: sum(c.status == s for c in outcome.issues) for s in ("reproduces", "fixed", "inconclusive")}
@@ -442,13 +454,11 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
     @server.tool(name="compare_runs", annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
     @tool_errors
     async def compare_runs_tool(
-        base: Annotated[str, Field(description="The earlier run id (e.g. before the change).")],
-        candidate: Annotated[str, Field(description="The run id to judge against it (same test cases).")],
+        base: Annotated[str, Field(description="The earlier run (before the change).")],
+        candidate: Annotated[str, Field(description="The later run, on the same test cases.")],
     ) -> CompareResult:
-        """Compare two runs of the same test cases (e.g. before and after a change to the agent): per scorer the
-        paired pass rates, difference, exact McNemar p-value and bootstrap 95% interval; the cases that flipped;
-        issues new, fixed or persisting; cost and latency. The whole comparison: convsim://compare/{base}/{candidate}
-        (Markdown: .../report.md)."""
+        """Did the agent get better or worse between two runs of the same cases: per scorer paired pass rates,
+        McNemar p-value and 95% interval; flipped cases; issues new, fixed, persisting."""
         c = await compare_runs(store, base, candidate)
         uri = compare_uri(base, candidate)
         return CompareResult(base=c.base, candidate=c.candidate, regression=c.regression,
@@ -462,28 +472,24 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     @tool_errors
     async def generate_test_cases(
-        description: Annotated[str | None, Field(description="What the agent does, in plain text.")] = None,
-        target: Annotated[TargetArg | None, Field(description="The agent: it is asked to describe itself, and a "
-                                                               "Python agent's source (system prompt, tools, "
-                                                               "docstrings) is read.")] = None,
-        run_id: Annotated[str | None, Field(description="Distill cases from this run's conversations.")] = None,
-        session_ids: Annotated[list[str] | None, Field(description="Distill cases from these sessions.")] = None,
-        file: Annotated[str | None, Field(description="Distill cases from a JSONL file of conversations.")] = None,
-        num_test_cases: Annotated[int, Field(description="Cases to generate (1-50); each distinct transcript adds "
-                                                         "one distilled case.")] = 7,
+        description: Annotated[str | None, Field(description="What the agent does.")] = None,
+        target: Annotated[LooseTargetArg, Field(description="The agent (as in test_agent): asked to describe "
+                                                            "itself; a Python agent's source is read.")] = None,
+        run_id: Annotated[str | None, Field(description="Distill cases from its conversations.")] = None,
+        session_ids: list[str] | None = None,
+        file: Annotated[str | None, Field(description="A JSONL file of conversations to distill.")] = None,
+        num_test_cases: Annotated[int, Field(description="1-50, plus one per distilled transcript.")] = 7,
         guidance: Annotated[str | None, Field(description="What to focus on.")] = None,
         adversarial: Annotated[float, Field(description="Share of red-team cases (0-1).")] = 0.0,
-        ask_agent: Annotated[bool, Field(description="Ask the target to describe itself.")] = True,
-        model: Annotated[str | None, Field(description="Generator's model; 'offline' for templates.")] = None,
-        name: Annotated[str | None, Field(description="A name for the test set.")] = None,
+        ask_agent: bool = True,
+        model: Annotated[str | None, Field(description="'offline': templates.")] = None,
+        name: str | None = None,
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
     ) -> TestSetResult:
-        """Write realistic test cases (goal, persona, guidelines, expectations) and store them as a test set.
-
-        Sources, any combination: a description, the agent itself, its source, existing transcripts.
-        """
+        """Write test cases (goal, persona, guidelines, expectations) from a description, the agent, its source
+        or transcripts, and store them as a test set."""
         test_set = await build_test_set(store, description=description, target=target, run_id=run_id,
                                         session_ids=session_ids, file=file, num_test_cases=num_test_cases,
                                         guidance=guidance, adversarial=adversarial, ask_agent=ask_agent,
@@ -501,27 +507,22 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
     @tool_errors
     async def score_sessions(
         ctx: Context,
-        run_id: Annotated[str | None, Field(description="Score every session of this run.")] = None,
-        session_ids: Annotated[list[str] | None, Field(description="Score these stored sessions.")] = None,
+        run_id: str | None = None,
+        session_ids: list[str] | None = None,
         transcripts: Annotated[list[dict[str, Any]] | None, Field(
-            description="Conversations you already have: [{session_id?, messages: [{role, content, tool_calls?}], "
-                        "goal?, expectations?}]. Stored as a new run.")] = None,
-        file: Annotated[str | None, Field(description="A JSONL file: one session per line (convsim export format) "
-                                                      "or one list of OpenAI messages per line.")] = None,
-        scorers: Annotated[ScorersArg, Field(description="Default: goal_achievement, conversation_completeness, "
-                                                         "user_frustration, knowledge_retention, tool_call_efficiency.")] = None,
-        model: Annotated[str | None, Field(description="Judges' model ('provider/model'); 'offline' for the "
-                                                       "deterministic heuristics. Default as for simulation.")] = None,
-        concurrency: Annotated[int, Field(description="Judge calls at the same time.")] = 8,
+            description="[{session_id?, messages: [{role, content, tool_calls?}], goal?, expectations?}], stored "
+                        "as a new run.")] = None,
+        file: Annotated[str | None, Field(description="JSONL: a convsim session or a list of OpenAI messages per "
+                                                      "line.")] = None,
+        scorers: Annotated[ScorersArg, Field(description="Default: the default judges (list_scorers).")] = None,
+        model: Annotated[str | None, Field(description="Judges': 'provider/model' or 'offline'.")] = None,
+        concurrency: int = 8,
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
     ) -> ScoreSummary:
-        """Judge whole conversations: per scorer, the pass rate and the failing sessions with one-line rationales.
-
-        Give exactly one of run_id, session_ids, transcripts or file. Full verdicts (rationale, evidence turns
-        and quotes) are in convsim://runs/{run_id}/scores. Reports progress per scored (session, scorer) pair.
-        """
+        """Judge conversations (exactly one of run_id, session_ids, transcripts, file): per scorer the pass rate
+        and the first failing sessions; every verdict in convsim://runs/{run_id}/scores."""
         job = await prepare_scoring(store, run_id=run_id, session_ids=session_ids, transcripts=transcripts,
                                     file=file, scorers=scorers, model=model, concurrency=concurrency,
                                     workspace=workspace, cache=cache, temperature=temperature, seed=seed)
@@ -545,9 +546,13 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
     @tool_errors
-    async def get_run(run_id: Annotated[str, Field(description="Id returned by simulate_conversations.")]) -> RunSummary:
-        """Status, progress and per-session summaries of a run."""
-        return await run_summary(store, run_id)
+    async def get_run(
+        run_id: str,
+        offset: Annotated[int, Field(ge=0, description="A page's next_offset.")] = 0,
+        limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] = SESSIONS_SHOWN,
+    ) -> RunView:
+        """A run's status, progress, aggregates, and a page of sessions: failed, untested, running, then ok."""
+        return await run_view(store, await run_summary(store, run_id), offset=offset, limit=limit)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
     @tool_errors
@@ -563,31 +568,27 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, openWorldHint=False))
     @tool_errors
-    async def cancel_run(run_id: Annotated[str, Field(description="The run to stop.")]) -> RunSummary:
-        """Stop a running run. Completed turns are kept; unfinished sessions end with stop reason 'cancelled'."""
+    async def cancel_run(run_id: Annotated[str, Field(description="The run to stop.")]) -> RunView:
+        """Stop a running run; completed turns are kept (resume_run goes on)."""
         summary = await run_summary(store, run_id)
         if summary.status != RunStatus.RUNNING:
             raise ToolError(f"run '{run_id}' is not running (status: {summary.status.value}); nothing to cancel")
         if not registry.cancel(run_id):
             raise ToolError(f"run '{run_id}' is running in another process; stop that process to cancel it")
         await registry.wait(run_id)
-        return await run_summary(store, run_id)
+        return await run_view(store, await run_summary(store, run_id))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, openWorldHint=True))
     @tool_errors
     async def resume_run(
-        run_id: Annotated[str, Field(description="An interrupted (its process died) or cancelled run.")],
+        run_id: Annotated[str, Field(description="An interrupted or cancelled run.")],
         ctx: Context,
-        target: Annotated[TargetArg | None, Field(description="The agent again, only if its stored spec had a "
-                                                               "secret masked (a literal header value); default: "
-                                                               "the run's target.")] = None,
-        wait: Annotated[bool, Field(description="true: return when done. false: return at once; poll get_run "
-                                                "(and get_report for a test_agent run).")] = True,
+        target: Annotated[LooseTargetArg, Field(description="Only if the stored target had a secret masked. "
+                                                            "Default: the run's.")] = None,
+        wait: Annotated[bool, Field(description="false: return at once; poll get_run.")] = True,
     ) -> ResumeResult:
-        """Continue an interrupted or cancelled run from its last stored turns, then score (and, for a test_agent
-        run, find issues and report) as the original job would. Finished sessions are kept; unfinished ones go on
-        with their stored history; sessions never started run from scratch. No completed turn is lost or
-        repeated."""
+        """Continue an interrupted or cancelled run from its last stored turns (none lost or repeated), then
+        score and report as the original job would."""
         check_run_id(run_id)
         if registry.is_live(run_id):
             raise ToolError(f"run '{run_id}' is running in this server; wait for it, or cancel_run it first")
@@ -595,7 +596,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         counts = {"continued": job.continued, "restarted": job.restarted, "kept": job.kept}
         if not wait:
             registry.start(job)
-            return ResumeResult(run_id=run_id, kind=job.kind, **counts, run=await run_summary(store, run_id),
+            return ResumeResult(run_id=run_id, kind=job.kind, **counts,
+                                run=await run_view(store, await run_summary(store, run_id), limit=0),
                                 note=f"Resuming in the background: call get_run with run_id '{run_id}' for progress"
                                      + (", then get_report." if job.kind == "test_agent" else "."))
         registry.start(job, on_progress=_forward(ctx))
@@ -609,7 +611,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         if job.kind == "test_agent" and summary.status == RunStatus.COMPLETED:
             full, _ = await store.get_report(run_id)
             report = compact_result(full, resources=_resources(run_id))
-        return ResumeResult(run_id=run_id, kind=job.kind, **counts, run=summary.model_copy(update={"sessions": []}),
+        return ResumeResult(run_id=run_id, kind=job.kind, **counts, run=await run_view(store, summary, limit=0),
                             report=report, note=summary.note)
 
     @server.resource("convsim://runs/{run_id}", mime_type="application/json",

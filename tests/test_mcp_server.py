@@ -35,7 +35,7 @@ async def test_tools_publish_schemas_with_descriptions(server):
     assert {"simulate_conversations", "get_run", "list_runs", "cancel_run"} <= set(tools)
     sim = tools["simulate_conversations"]
     props = sim.input_schema["properties"]
-    assert props["test_cases"]["anyOf"][0]["items"]["properties"]["goal"]["description"]
+    assert props["test_cases"]["items"]["properties"]["goal"]["description"]
     assert "wait" in props and "description" in props["max_turns"]
     assert sim.output_schema["properties"]["sessions"]
 
