@@ -37,7 +37,8 @@ from engine.reports.comparison import FlippedCase, IssueChange, ScorerChange
 from engine.judging import list_builtin_scorers
 from engine.records import session_to_record
 
-from .views import MAX_PAGE, SESSIONS_SHOWN, RunView, compact_json, lean_schema, optional_without_null, run_view
+from .views import (MAX_PAGE, MAX_RESULT_BYTES, SESSIONS_SHOWN, RunView, cap, compact_json, fit, lean_schema, trim,
+                    optional_without_null, result_bytes, run_view)
 
 log = logging.getLogger("convsim.server")
 
@@ -144,6 +145,10 @@ class TestAgentResult(BaseModel):
     report: ReportDigest | None = Field(None, description="Issues ranked by severity, pass rates, usage; None "
                                                           "while the run is in progress.")
     markdown: str | None = Field(None, description="The human-readable report (get_report with markdown=true).")
+    offset: int = Field(0, description="Index of the first of report.issues.")
+    next_offset: int | None = Field(None, description="get_report with this offset lists more issues.")
+    left_out: int = Field(0, description="Agent issues not listed here.")
+    simulator_issues_left_out: int = 0
     resources: dict[str, str] = Field(default_factory=dict)
     note: str | None = None
 
@@ -152,7 +157,8 @@ class TestSetResult(BaseModel):
     __test__ = False
     test_set_id: str
     name: str
-    cases: list[TestCase]
+    cases: list[TestCase] = Field(description="The first cases; every case: resource.")
+    cases_left_out: int = 0
     agent: AgentProfile | None = None
     sources: list[str]
     offline: bool
@@ -168,6 +174,8 @@ class RerunResult(BaseModel):
                                                  "(the failing turn was not reached), and the reason.")
     new_issues: list[Issue] = Field(description="Failures of the re-run that no old issue explains, with "
                                                 "evidence and reproducing cases.")
+    issues_left_out: int = 0
+    new_issues_left_out: int = Field(0, description="Not listed here: see the new run's report.")
     reproduces: int
     fixed: int
     inconclusive: int
@@ -183,7 +191,8 @@ class ResumeResult(BaseModel):
     restarted: int = Field(description="Sessions that had not started, run from scratch.")
     kept: int = Field(description="Sessions that had finished, kept as they were.")
     run: RunView = Field(description="The run now; more sessions via get_run.")
-    report: ReportDigest | None = Field(None, description="test_agent: the issues and numbers once done.")
+    report: ReportDigest | None = Field(None, description="test_agent: the numbers and the first issues "
+                                                          "(get_report pages on).")
     note: str | None = None
 
 
@@ -207,6 +216,8 @@ class CompareResult(BaseModel):
                                                               "resource.")
     new_issues: list[IssueChange]
     fixed_issues: list[IssueChange]
+    new_issues_left_out: int = 0
+    fixed_issues_left_out: int = Field(0, description="Not listed here: see the comparison resource.")
     persisting_issues: int
     resources: dict[str, str]
 
@@ -216,11 +227,33 @@ def _resources(run_id: str) -> dict[str, str]:
             "scores": scores_uri(run_id)}
 
 
-def _done(report: Report, markdown: str | None = None) -> TestAgentResult:
+RESUMED_ISSUES_SHOWN = 3  # beside the run's aggregates
+ISSUES_SHOWN = 5  # agent issues a test_agent result lists by default (get_report pages on)
+SIMULATOR_ISSUES_SHOWN = 3
+FLAKY_CASES_SHOWN = 5
+
+
+def _done(report: Report, markdown: str | None = None, *, offset: int = 0, limit: int = ISSUES_SHOWN) -> TestAgentResult:
+    """A finished report for a tool result: its numbers and a page of issues, within MAX_RESULT_BYTES (the
+    Markdown only when it fits too: otherwise resources.report_md)."""
     resources = _resources(report.run_id)
-    return TestAgentResult(run_id=report.run_id, status=RunStatus.COMPLETED,
-                           report=compact_result(report, resources=resources), markdown=markdown,
-                           resources=resources, note=report.note)
+    digest = compact_result(report, resources=resources)
+    issues = digest.issues
+    simulator_issues, simulator_left_out = cap(digest.simulator_issues, SIMULATOR_ISSUES_SHOWN)
+    trials = digest.trials.model_copy(update={"case_results": digest.trials.case_results[:FLAKY_CASES_SHOWN]}) \
+        if digest.trials else None
+    digest = digest.model_copy(update={"issues": issues[offset:offset + limit], "simulator_issues": simulator_issues,
+                                       "trials": trials})
+    result = fit(TestAgentResult(run_id=report.run_id, status=RunStatus.COMPLETED, report=digest, offset=offset,
+                                 simulator_issues_left_out=simulator_left_out, resources=resources,
+                                 note=report.note), "report.issues", total=len(issues))
+    if markdown is not None:
+        with_text = result.model_copy(update={"markdown": markdown})
+        if result_bytes(with_text.model_dump(mode="json")) <= MAX_RESULT_BYTES:
+            return with_text
+        result = result.model_copy(update={"note": " ".join(filter(None, [
+            result.note, f"The Markdown report is too long to inline: read {resources['report_md']}."]))})
+    return result
 
 
 class RunBrief(BaseModel):
@@ -426,10 +459,12 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
     async def get_report(
         run_id: Annotated[str, Field(description="A test_agent run.")],
         markdown: Annotated[bool, Field(description="Include the report for a person.")] = False,
+        offset: Annotated[int, Field(ge=0, description="A result's next_offset: more issues.")] = 0,
+        limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] = ISSUES_SHOWN,
     ) -> TestAgentResult:
-        """The issues and numbers of a finished test_agent run."""
+        """The issues and numbers of a finished test_agent run, a page of issues at a time."""
         report, text = await store.get_report(run_id)
-        return _done(report, markdown=text if markdown else None)
+        return _done(report, markdown=text if markdown else None, offset=offset, limit=limit)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     @tool_errors
@@ -448,8 +483,9 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         outcome = await rerun_issues(store, run_id, issue_id=issue_id, target=target, max_turns=max_turns,
                                      model=model, repeats=repeats, progress=_forward(ctx), workspace=workspace)
         count = {s: sum(c.status == s for c in outcome.issues) for s in ("reproduces", "fixed", "inconclusive")}
-        return RerunResult(run_id=outcome.run_id, rerun_of=run_id, issues=outcome.issues,
-                           new_issues=outcome.new_issues, **count, resource=run_uri(outcome.run_id))
+        return trim(RerunResult(run_id=outcome.run_id, rerun_of=run_id, issues=outcome.issues,
+                                new_issues=outcome.new_issues, **count, resource=run_uri(outcome.run_id)),
+                    ("new_issues", "new_issues_left_out"), ("issues", "issues_left_out"))
 
     @server.tool(name="compare_runs", annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
     @tool_errors
@@ -461,13 +497,14 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         McNemar p-value and 95% interval; flipped cases; issues new, fixed, persisting."""
         c = await compare_runs(store, base, candidate)
         uri = compare_uri(base, candidate)
-        return CompareResult(base=c.base, candidate=c.candidate, regression=c.regression,
+        return trim(CompareResult(base=c.base, candidate=c.candidate, regression=c.regression,
                              regression_reasons=c.regression_reasons, improvements=c.improvements, pairs=c.pairs,
                              left_out=c.left_out, scorers=c.scorers, pass_to_fail=len(c.flipped.pass_to_fail),
                              fail_to_pass=len(c.flipped.fail_to_pass),
                              first_pass_to_fail=c.flipped.pass_to_fail[:MAX_FLIPS_SHOWN], new_issues=c.issues.new,
                              fixed_issues=c.issues.fixed, persisting_issues=len(c.issues.persisting),
-                             resources={"comparison": uri, "report_md": uri + "/report.md"})
+                             resources={"comparison": uri, "report_md": uri + "/report.md"}),
+                    ("fixed_issues", "fixed_issues_left_out"), ("new_issues", "new_issues_left_out"))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     @tool_errors
@@ -495,13 +532,13 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
                                         guidance=guidance, adversarial=adversarial, ask_agent=ask_agent,
                                         model=model, name=name, workspace=workspace, cache=cache,
                                         temperature=temperature, seed=seed)
-        return TestSetResult(
-            test_set_id=test_set.id, name=test_set.name, cases=test_set.cases, agent=test_set.profile,
+        return trim(TestSetResult(
+            test_set_id=test_set.id, name=test_set.name, cases=test_set.cases, agent=_brief_profile(test_set.profile),
             sources=test_set.sources, offline=test_set.offline, usage=test_set.usage,
             resource=f"convsim://test-sets/{test_set.id}",
             note=f"Pass test_cases='{test_set.id}' to simulate_conversations or test_agent to run these cases."
                  + (" Written by the offline templates, not a model." if test_set.offline else ""),
-        )
+        ), ("cases", "cases_left_out"))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     @tool_errors
@@ -527,7 +564,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
                                     file=file, scorers=scorers, model=model, concurrency=concurrency,
                                     workspace=workspace, cache=cache, temperature=temperature, seed=seed)
 
-        return await job.run(_forward(ctx))
+        summary = await job.run(_forward(ctx))
+        return _bounded_scores(summary)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
     @tool_errors
@@ -610,7 +648,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         report = None
         if job.kind == "test_agent" and summary.status == RunStatus.COMPLETED:
             full, _ = await store.get_report(run_id)
-            report = compact_result(full, resources=_resources(run_id))
+            report = _done(full, limit=RESUMED_ISSUES_SHOWN).report
         return ResumeResult(run_id=run_id, kind=job.kind, **counts, run=await run_view(store, summary, limit=0),
                             report=report, note=summary.note)
 
@@ -679,6 +717,36 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         return json.dumps(session_to_record(session), ensure_ascii=False)
 
     return server
+
+
+PROMPT_CHARS = 300  # an agent profile's system prompt, inline (whole in the test set's resource)
+
+
+def _brief_profile(profile: AgentProfile | None) -> AgentProfile | None:
+    if profile is None or not profile.system_prompt:
+        return profile
+    return profile.model_copy(update={"system_prompt": clip(profile.system_prompt, PROMPT_CHARS)})
+
+
+FAILING_SHOWN = 3  # per scorer, failing (and unscored) sessions a scoring result lists
+
+
+def _bounded_scores(summary: ScoreSummary) -> ScoreSummary:
+    """A scoring result within MAX_RESULT_BYTES: per scorer the first failing and unscored sessions (their
+    counts stay whole: failed, unscored), fewer when many scorers would not fit; every verdict is in the
+    scores resources."""
+    for keep in range(FAILING_SHOWN, -1, -1):
+        bounded = summary.model_copy(update={"untested_sessions": summary.untested_sessions[:keep], "scorers": [
+            s.model_copy(update={"failing": s.failing[:keep], "errors": s.errors[:keep]}) for s in summary.scorers]})
+        if result_bytes(bounded.model_dump(mode="json")) <= MAX_RESULT_BYTES:
+            break
+    listed = sum(len(s.failing) + len(s.errors) for s in bounded.scorers) + len(bounded.untested_sessions)
+    whole = sum(s.failed + s.unscored for s in summary.scorers) + summary.untested
+    if listed < whole:
+        bounded = bounded.model_copy(update={"note": " ".join(filter(None, [
+            summary.note, f"Listed {listed} of {whole} failing, unscored or untested; every verdict: "
+                          f"{', '.join(summary.resources)}."]))})
+    return bounded
 
 
 def _forward(ctx: Context):

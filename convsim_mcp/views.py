@@ -357,16 +357,43 @@ async def run_view(store: Store, summary: RunSummary, *, offset: int = 0, limit:
 
 
 def fit(view: Any, field: str, *, total: int, budget: int = MAX_RESULT_BYTES) -> Any:
-    """`view` with its page `field` shortened from the end until the result fits in `budget`; sets
-    `next_offset` and `left_out` from what is listed (so paging loses and repeats nothing). A page keeps at
-    least one entry, so paging always moves on; every entry is clipped, so one fits."""
-    items = list(getattr(view, field))
+    """`view` with its page `field` (a dotted path: 'report.issues') shortened from the end until the result
+    fits in `budget`; sets `next_offset` and `left_out` from what is listed (so paging loses and repeats
+    nothing). A page keeps at least one entry, so paging always moves on; every entry is clipped, so one fits."""
+    items = list(_get(view, field))
     offset = view.offset
     while True:
         shown = len(items)
         end = offset + shown
-        candidate = view.model_copy(update={field: items, "left_out": max(0, total - shown),
-                                            "next_offset": end if end < total else None})
+        candidate = _set(view, field, items).model_copy(update={
+            "left_out": max(0, total - shown), "next_offset": end if end < total else None})
         if shown <= 1 or result_bytes(candidate.model_dump(mode="json")) <= budget:  # one entry always goes
             return candidate
         items.pop()
+
+
+def trim(model: Any, *fields: tuple[str, str], budget: int = MAX_RESULT_BYTES) -> Any:
+    """`model` with its lists (field, left-out counter) shortened from the end, the first pair's list first,
+    until the result fits in `budget`; each counter grows by the entries dropped from its list."""
+    for field, counter in fields:
+        items = list(_get(model, field))
+        while items and result_bytes(model.model_dump(mode="json")) > budget:
+            items.pop()
+            model = _set(model, field, items).model_copy(update={counter: getattr(model, counter) + 1})
+    return model
+
+
+def cap(items: list[Any], keep: int) -> tuple[list[Any], int]:
+    """The first `keep` items, and how many were left out."""
+    return items[:keep], max(0, len(items) - keep)
+
+
+def _get(model: Any, path: str) -> Any:
+    for name in path.split("."):
+        model = getattr(model, name)
+    return model
+
+
+def _set(model: Any, path: str, value: Any) -> Any:
+    head, _, rest = path.partition(".")
+    return model.model_copy(update={head: _set(getattr(model, head), rest, value) if rest else value})
