@@ -383,7 +383,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         )
         if not wait:
             registry.start(job)
-            return await run_view(store, await run_summary(store, job.run_id))
+            return await run_view(store, await run_summary(store, job.run_id, max_sessions=0))
 
         registry.start(job, on_progress=_forward(ctx))
         try:
@@ -391,7 +391,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         except anyio.get_cancelled_exc_class():
             registry.cancel(job.run_id)  # the caller gave up waiting: stop the run, keep its turns
             raise
-        return await run_view(store, await run_summary(store, job.run_id))
+        return await run_view(store, await run_summary(store, job.run_id, max_sessions=0))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     @tool_errors
@@ -590,7 +590,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] = SESSIONS_SHOWN,
     ) -> RunView:
         """A run's status, progress, aggregates, and a page of sessions: failed, untested, running, then ok."""
-        return await run_view(store, await run_summary(store, run_id), offset=offset, limit=limit)
+        return await run_view(store, await run_summary(store, run_id, max_sessions=0), offset=offset, limit=limit)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
     @tool_errors
@@ -608,13 +608,13 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
     @tool_errors
     async def cancel_run(run_id: Annotated[str, Field(description="The run to stop.")]) -> RunView:
         """Stop a running run; completed turns are kept (resume_run goes on)."""
-        summary = await run_summary(store, run_id)
+        summary = await run_summary(store, run_id, max_sessions=0)
         if summary.status != RunStatus.RUNNING:
             raise ToolError(f"run '{run_id}' is not running (status: {summary.status.value}); nothing to cancel")
         if not registry.cancel(run_id):
             raise ToolError(f"run '{run_id}' is running in another process; stop that process to cancel it")
         await registry.wait(run_id)
-        return await run_view(store, await run_summary(store, run_id))
+        return await run_view(store, await run_summary(store, run_id, max_sessions=0))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, openWorldHint=True))
     @tool_errors
@@ -635,7 +635,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         if not wait:
             registry.start(job)
             return ResumeResult(run_id=run_id, kind=job.kind, **counts,
-                                run=await run_view(store, await run_summary(store, run_id), limit=0),
+                                run=await run_view(store, await run_summary(store, run_id, max_sessions=0), limit=0),
                                 note=f"Resuming in the background: call get_run with run_id '{run_id}' for progress"
                                      + (", then get_report." if job.kind == "test_agent" else "."))
         registry.start(job, on_progress=_forward(ctx))
@@ -644,7 +644,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         except anyio.get_cancelled_exc_class():
             registry.cancel(run_id)
             raise
-        summary = await run_summary(store, run_id)
+        summary = await run_summary(store, run_id, max_sessions=0)
         report = None
         if job.kind == "test_agent" and summary.status == RunStatus.COMPLETED:
             full, _ = await store.get_report(run_id)

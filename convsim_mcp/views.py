@@ -14,6 +14,7 @@ An assistant pays for every byte of `tools/list` and of each tool result. Here:
 from __future__ import annotations
 
 import json
+import re
 from contextlib import aclosing
 from typing import Any, Literal
 
@@ -24,10 +25,10 @@ from engine.models import Assessment, Session, Usage
 from engine.text import one_line
 
 MAX_RESULT_BYTES = 8000  # a tool result as the client receives it: structured content + its JSON text
-SESSIONS_SHOWN = 8  # sessions a run result lists by default
+SESSIONS_SHOWN = 6  # sessions a run result lists by default (about 400 bytes each, twice)
 MAX_PAGE = 50  # most entries one page may ask for
 REPLY_CHARS = 160  # a listed session's last agent reply and reason, clipped
-GOAL_CHARS = 100
+GOAL_CHARS = 80
 SCORERS_SHOWN = 12
 CASES_SHOWN = 5  # a repeated run's per-case trials listed
 PASS_HAT_SHOWN = 10  # pass^j listed for j = 1..10 and k; the rest in the run's resources
@@ -301,7 +302,7 @@ def _note_verdict(row: _Row | None, a: Assessment) -> None:
 def _line(row: _Row, reply: str | None, run_uri: str) -> SessionLine:
     s = row.head
     status = row.status
-    why = row.why if status == "failed" else row.untested if status == "untested" else s.stop_detail
+    why = row.why if status == "failed" else row.untested if status == "untested" else None
     return SessionLine(
         session_id=s.id, case_index=s.case_index, case_id=s.test_case.id if s.test_case else None, repeat=s.repeat,
         goal=one_line(s.test_case.goal, GOAL_CHARS) if s.test_case else None,
@@ -323,6 +324,14 @@ def _trials(summary: RunSummary) -> TrialsLine | None:
                       case_results=[CaseLine(**c.model_dump(include=set(CaseLine.model_fields)))
                                     for c in cases[:CASES_SHOWN]],
                       cases_left_out=max(0, t.cases - min(len(cases), CASES_SHOWN)))
+
+
+_SHOWING = re.compile(r"\s*Showing \d+ of \d+ sessions; read \S+ for all\.")
+
+
+def _note(summary: RunSummary) -> str | None:
+    """The summary's note without its count of listed sessions (a view lists its own page, and says so)."""
+    return _SHOWING.sub("", summary.note or "").strip() or None
 
 
 async def run_view(store: Store, summary: RunSummary, *, offset: int = 0, limit: int = SESSIONS_SHOWN,
@@ -351,7 +360,7 @@ async def run_view(store: Store, summary: RunSummary, *, offset: int = 0, limit:
         error=one_line(summary.error, 500) if summary.error else None, resumed=summary.resumed,
         sessions=[_line(r, replies.get(r.head.id), run_uri) for r in page], offset=offset,
         resource=run_uri, resources={"scores": f"{run_uri}/scores", **(resources or {})},
-        note=summary.note,
+        note=_note(summary),
     )
     return fit(view, "sessions", total=len(rows), budget=budget)
 
