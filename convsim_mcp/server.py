@@ -72,10 +72,9 @@ TARGET_SCHEMA = {
     "anyOf": [
         {"type": "string"},
         _short(TargetSpec.model_json_schema(), {
-            "kind": "Default: python for a path, openai for a URL.",
             "path": "Python agent.",
             "url": "HTTP agent.",
-            "model": "The 'model' an OpenAI-compatible agent is sent.",
+            "model": "Sent as 'model' (kind openai).",
             "headers": "Values may be ${ENV_VAR}.",
             "request": "kind json: body template ({{message}}, {{session_id}}, {{context.KEY}}).",
             "response_path": "kind json: dotted path to the reply, e.g. 'reply.text'.",
@@ -114,8 +113,7 @@ FromRunArg = Annotated[str | None, Field(description="Run this earlier run's tes
                                                      "compare_runs).")]
 ModeArg = Annotated[str | None, WithJsonSchema({"enum": ["resimulate", "replay", None]}), Field(
     description="With from_run: new simulated users (default), or its user messages verbatim.")]
-ContinueArg = Annotated[bool, Field(description="replay: the simulated user goes on when the recorded messages run "
-                                                "out.")]
+ContinueArg = Annotated[bool, Field(description="replay: the simulated user goes on after the recorded messages.")]
 
 CacheArg = Annotated[bool | None, Field(description="Use the response cache. Default: CONVSIM_CACHE.")]
 TemperatureArg = Annotated[float | None, Field(description="0-2. Default: CONVSIM_TEMPERATURE.")]
@@ -356,14 +354,13 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         ctx: Context,
         test_cases: Annotated[TestCasesArg | None, Field(description="Inline, a .json/.jsonl/.yaml file, or a test "
                                                                      "set id. Required unless from_run.")] = None,
-        max_turns: Annotated[int, Field(description="User messages per conversation, at most (1-100).")] = 10,
-        model: Annotated[str | None, Field(description="Simulated user's: 'provider/model', or 'offline' (no LLM). "
-                                                       "Default: CONVSIM_MODEL.")] = None,
+        max_turns: Annotated[int, Field(description="1-100.")] = 10,
+        model: Annotated[str | None, Field(description="The user's: 'provider/model' or 'offline'. Default: "
+                                                       "CONVSIM_MODEL.")] = None,
         concurrency: int = 8,
         repeats: Annotated[int, Field(description="Sessions per test case.")] = 1,
         user_agent: Annotated[str | None, Field(description="'pkg.mod:Class' subclassing engine.SimulatedUser.")] = None,
-        scorers: Annotated[ScorersArg, Field(description="Score as sessions finish: judge names (list_scorers), "
-                                                         "custom judges or 'pkg.mod:fn'.")] = None,
+        scorers: Annotated[ScorersArg, Field(description="Judges (list_scorers), custom judges or 'pkg.mod:fn'.")] = None,
         judge_model: Annotated[str | None, Field(description="Default: model.")] = None,
         from_run: FromRunArg = None,
         mode: ModeArg = None,
@@ -398,23 +395,22 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
     async def test_agent(
         target: TargetArg,
         ctx: Context,
-        description: Annotated[str | None, Field(description="What the agent is for (it is also asked, and a "
-                                                             "Python agent's source read).")] = None,
+        description: Annotated[str | None, Field(description="What the agent is for.")] = None,
         test_cases: Annotated[list[Any] | str | None, WithJsonSchema({"type": ["array", "string", "null"]}), Field(
             description="Your cases too, as in simulate_conversations.")] = None,
         num_test_cases: Annotated[int, Field(description="Cases to generate (0-50).")] = 7,
         guidance: Annotated[str | None, Field(description="What the generated cases focus on.")] = None,
         adversarial: Annotated[float, Field(description="Share of red-team cases (0-1).")] = 0.0,
         max_turns: int = 8,
-        model: Annotated[str | None, Field(description="Every role's unless set per role; 'offline': no LLM.")] = None,
+        model: Annotated[str | None, Field(description="Every role's; 'offline': no LLM.")] = None,
         user_model: str | None = None,
-        judge_model: Annotated[str | None, Field(description="Judges' and issue analysis's.")] = None,
+        judge_model: str | None = None,
         generator_model: str | None = None,
         scorers: Annotated[ScorersArg, Field(description="Default: the default judges (list_scorers).")] = None,
-        repeats: Annotated[int, Field(description="Sessions per case (finds intermittent issues).")] = 1,
+        repeats: Annotated[int, Field(description="Sessions per case.")] = 1,
         concurrency: int = 8,
-        shrink: Annotated[bool | None, Field(description="Shrink reproductions to the user turns they need. "
-                                                         "Default: on offline, off with a model.")] = None,
+        shrink: Annotated[bool | None, Field(description="Shrink reproductions (default: on offline, off with a "
+                                                         "model).")] = None,
         from_run: Annotated[FromRunArg, Field(description="Re-test this earlier run's cases; nothing is "
                                                           "generated.")] = None,
         mode: ModeArg = None,
@@ -493,8 +489,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         base: Annotated[str, Field(description="The earlier run (before the change).")],
         candidate: Annotated[str, Field(description="The later run, on the same test cases.")],
     ) -> CompareResult:
-        """Did the agent get better or worse between two runs of the same cases: per scorer paired pass rates,
-        McNemar p-value and 95% interval; flipped cases; issues new, fixed, persisting."""
+        """Better or worse between two runs of the same cases: per scorer paired pass rates, p-value and 95%
+        interval; flipped cases; new and fixed issues."""
         c = await compare_runs(store, base, candidate)
         uri = compare_uri(base, candidate)
         return trim(CompareResult(base=c.base, candidate=c.candidate, regression=c.regression,
@@ -558,8 +554,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
     ) -> ScoreSummary:
-        """Judge conversations (exactly one of run_id, session_ids, transcripts, file): per scorer the pass rate
-        and the first failing sessions; every verdict in convsim://runs/{run_id}/scores."""
+        """Judge conversations (give one of run_id, session_ids, transcripts, file): per scorer the pass rate and
+        the first failing sessions."""
         job = await prepare_scoring(store, run_id=run_id, session_ids=session_ids, transcripts=transcripts,
                                     file=file, scorers=scorers, model=model, concurrency=concurrency,
                                     workspace=workspace, cache=cache, temperature=temperature, seed=seed)

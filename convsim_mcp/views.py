@@ -72,20 +72,31 @@ def lean_schema(schema: Any, *, descriptions: bool = True) -> Any:
     return _merge_types(_merge_null(out))
 
 
-def optional_without_null(schema: dict[str, Any]) -> dict[str, Any]:
-    """A tool's input schema whose optional arguments drop `null` from their types: leaving one out is how
-    to say "default" (the server still takes an explicit null)."""
-    required = set(schema.get("required", ()))
-    props = {}
-    for name, sub in schema.get("properties", {}).items():
-        kind = sub.get("type")
-        if name not in required and isinstance(kind, list) and "null" in kind and len(kind) > 1:
-            rest = [k for k in kind if k != "null"]
-            sub = sub | {"type": rest[0] if len(rest) == 1 else rest}
-        elif name not in required and isinstance(sub.get("enum"), list) and None in sub["enum"]:
-            sub = sub | {"enum": [v for v in sub["enum"] if v is not None]}
-        props[name] = sub
-    return schema | {"properties": props} if "properties" in schema else schema
+def optional_without_null(schema: Any) -> Any:
+    """An input schema whose optional fields (the tool's arguments, and those of the objects they take) drop
+    `null` from their types: leaving one out is how to say "default" (the server still takes an explicit null)."""
+    if isinstance(schema, list):
+        return [optional_without_null(sub) for sub in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: optional_without_null(v) if k in ("items", "anyOf", "oneOf", "$defs") else v for k, v in schema.items()}
+    if isinstance(schema.get("$defs"), dict):
+        out["$defs"] = {name: optional_without_null(sub) for name, sub in schema["$defs"].items()}
+    if isinstance(schema.get("properties"), dict):
+        required = set(schema.get("required", ()))
+        props = {}
+        for name, sub in schema["properties"].items():
+            sub = optional_without_null(sub)
+            kind = sub.get("type") if isinstance(sub, dict) else None
+            if name not in required and isinstance(kind, list) and "null" in kind and len(kind) > 1:
+                rest = [k for k in kind if k != "null"]
+                sub = sub | {"type": rest[0] if len(rest) == 1 else rest}
+            elif name not in required and isinstance(sub, dict) and isinstance(sub.get("enum"), list) \
+                    and None in sub["enum"]:
+                sub = sub | {"enum": [v for v in sub["enum"] if v is not None]}
+            props[name] = sub
+        out["properties"] = props
+    return out
 
 
 # Keywords that constrain only instances of one type, so options of different types can share a schema.
