@@ -54,6 +54,8 @@ got better or worse on the same test cases, with p-values and intervals.
 Finer steps: generate_test_cases, simulate_conversations (target = the agent, test_cases = goals and personas).
 Long runs: pass wait=false, then poll get_run; cancel_run stops a run and keeps completed turns, and resume_run
 continues a cancelled or interrupted run from its last stored turns.
+Results stay small whatever the run's size: a run lists its failed and untested sessions first and says how many
+it left out; get_run(offset=next_offset) and get_report(offset=next_offset) page on.
 Judge conversations with score_sessions (a run id, session ids, inline transcripts or a JSONL file);
 list_scorers describes the built-in judges. simulate_conversations also takes scorers to score as it goes.
 Full transcripts are resources: convsim://runs/{run_id} and convsim://runs/{run_id}/sessions/{session_id};

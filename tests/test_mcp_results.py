@@ -140,3 +140,25 @@ async def test_tools_list_is_lean(store):
 ])
 def test_lean_schema_drops_only_what_accepts_nothing_more(schema, lean):
     assert lean_schema(schema) == lean
+
+
+async def test_test_agent_results_page_their_issues_within_the_budget(store):
+    async with Client(build_server(store)) as client:
+        done = await client.call_tool("test_agent", {"target": "examples/support_agent.py:support_agent",
+                                                     "test_cases": "examples/support_cases.yaml",
+                                                     "num_test_cases": 0, "max_turns": 6})
+        run_id = done.structured_content["run_id"]
+        pages, offset = [], 0
+        while offset is not None:
+            page = await client.call_tool("get_report", {"run_id": run_id, "offset": offset, "limit": 1})
+            pages.append(page)
+            offset = page.structured_content["next_offset"]
+        full = json.loads((await client.read_resource(f"convsim://runs/{run_id}/report")).contents[0].text)
+
+    assert all(received(r) <= MAX_RESULT_BYTES for r in (done, *pages))
+    every = [i["id"] for i in full["issues"]]
+    assert len(every) > 1 and [p.structured_content["report"]["issues"][0]["id"] for p in pages] == every
+    first = done.structured_content
+    listed = [i["id"] for i in first["report"]["issues"]]
+    assert listed == every[:len(listed)] and first["left_out"] == len(every) - len(listed)
+    assert pages[-1].structured_content["left_out"] == len(every) - 1
