@@ -395,9 +395,9 @@ async def bench_context(root: str, home: str) -> dict:
                 if sim.is_error:
                     raise RuntimeError(f"simulate_conversations failed: {sim.content}")
                 got = await client.call_tool("get_run", {"run_id": sim.structured_content["run_id"]})
+                listed = len(got.structured_content["sessions"])
                 out["runs"].append({"sessions": n, "simulate_bytes": received(sim), "get_run_bytes": received(got),
-                                    "sessions_listed": len(got.structured_content["sessions"]),
-                                    "left_out": got.structured_content["left_out"]})
+                                    "sessions_listed": listed, "left_out": n - listed})
     finally:
         store.close()
     return out

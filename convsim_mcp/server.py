@@ -273,12 +273,13 @@ class RunList(BaseModel):
 
 class LeanServer(MCPServer):
     """An MCPServer that costs an assistant less: it publishes lean schemas (`views.lean_schema`; output
-    schemas without descriptions) and sends a structured result's text as compact JSON."""
+    schemas without descriptions or defaults) and sends a structured result's text as compact JSON."""
 
     async def list_tools(self) -> list[Any]:
         return [t.model_copy(update={
             "input_schema": optional_without_null(lean_schema(t.input_schema)),
-            "output_schema": lean_schema(t.output_schema, descriptions=False) if t.output_schema else None,
+            "output_schema": lean_schema(t.output_schema, descriptions=False, defaults=False)
+            if t.output_schema else None,
         }) for t in await super().list_tools()]
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None) -> Any:

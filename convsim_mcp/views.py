@@ -3,11 +3,12 @@
 An assistant pays for every byte of `tools/list` and of each tool result. Here:
 - `lean_schema` rewrites a published JSON schema without changing what it accepts: no pydantic
   titles, `X | None` as a type list, no `default: null`, no `additionalProperties: true`, and (for
-  output schemas) no descriptions;
+  output schemas) no descriptions or defaults;
 - `RunView` is a run for a tool result: the aggregates, then one page of sessions, those that failed or
   could not test the agent first, with how many were left out; `offset`/`limit` page on, and the run's
   resources stay complete;
-- `fit` keeps a result under MAX_RESULT_BYTES (structured content and its JSON text together) by listing
+- the MCP layer also publishes optional arguments without `null` (`optional_without_null`);
+- `fit` and `trim` keep a result under MAX_RESULT_BYTES (structured content and its JSON text together) by listing
   fewer entries of its pages, never by cutting one.
 """
 
@@ -50,24 +51,25 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_ONE = ("items", "additionalProperties", "not", "contains", "if", "then", "else")
 
 
-def lean_schema(schema: Any, *, descriptions: bool = True) -> Any:
-    """The same schema (it accepts the same documents), in fewer bytes."""
+def lean_schema(schema: Any, *, descriptions: bool = True, defaults: bool = True) -> Any:
+    """The same schema (it accepts the same documents), in fewer bytes; without `descriptions` or `defaults`
+    (annotations only: an output schema validates, its field names say the rest)."""
     if not isinstance(schema, dict):
         return schema
     out: dict[str, Any] = {}
     for key, value in schema.items():
         if key == "title" or (key == "description" and not descriptions):
             continue
-        if key == "default" and value is None:
+        if key == "default" and (value is None or not defaults):
             continue
         if key == "additionalProperties" and value is True:
             continue
         if key in _SCHEMA_MAPS and isinstance(value, dict):
-            value = {name: lean_schema(sub, descriptions=descriptions) for name, sub in value.items()}
+            value = {name: lean_schema(sub, descriptions=descriptions, defaults=defaults) for name, sub in value.items()}
         elif key in _SCHEMA_LISTS and isinstance(value, list):
-            value = [lean_schema(sub, descriptions=descriptions) for sub in value]
+            value = [lean_schema(sub, descriptions=descriptions, defaults=defaults) for sub in value]
         elif key in _SCHEMA_ONE:
-            value = lean_schema(value, descriptions=descriptions)
+            value = lean_schema(value, descriptions=descriptions, defaults=defaults)
         out[key] = value
     return _merge_types(_merge_null(out))
 

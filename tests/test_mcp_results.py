@@ -120,7 +120,7 @@ async def test_tools_list_is_lean(store):
     for t in tools:
         assert "title" not in json.dumps(t.input_schema).replace('"title": {', ""), t.name  # no pydantic titles
         if t.output_schema:
-            assert lean_schema(t.output_schema, descriptions=False) == t.output_schema, t.name
+            assert lean_schema(t.output_schema, descriptions=False, defaults=False) == t.output_schema, t.name
 
 
 @pytest.mark.parametrize("schema, lean", [
