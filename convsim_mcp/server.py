@@ -193,6 +193,7 @@ class ResumeResult(BaseModel):
     run: RunView = Field(description="The run now; more sessions via get_run.")
     report: ReportDigest | None = Field(None, description="test_agent: the numbers and the first issues "
                                                           "(get_report pages on).")
+    issues_left_out: int = 0
     note: str | None = None
 
 
@@ -269,6 +270,7 @@ class RunBrief(BaseModel):
 
 class RunList(BaseModel):
     runs: list[RunBrief]
+    left_out: int = Field(0, description="Runs asked for but not listed (the result's size bound).")
 
 
 class LeanServer(MCPServer):
@@ -596,12 +598,12 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
     async def list_runs(limit: Annotated[int, Field(ge=1, le=200, description="Most recent runs to list.")] = 20) -> RunList:
         """The most recent runs, newest first."""
         runs = await store.list_runs(limit)
-        return RunList(runs=[
+        return trim(RunList(runs=[
             RunBrief(run_id=r["id"], kind=r["kind"], status=RunStatus(r["status"]), created_at=r["created_at"],
                      target=describe_target(r["target"]),
                      model=r["model"], sessions_total=r["sessions_total"], resource=run_uri(r["id"]))
             for r in runs
-        ])
+        ]), ("runs", "left_out"))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, openWorldHint=False))
     @tool_errors
@@ -644,12 +646,14 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
             registry.cancel(run_id)
             raise
         summary = await run_summary(store, run_id, max_sessions=0)
-        report = None
+        report, left_out = None, 0
         if job.kind == "test_agent" and summary.status == RunStatus.COMPLETED:
             full, _ = await store.get_report(run_id)
-            report = _done(full, limit=RESUMED_ISSUES_SHOWN).report
-        return ResumeResult(run_id=run_id, kind=job.kind, **counts, run=await run_view(store, summary, limit=0),
-                            report=report, note=summary.note)
+            done = _done(full, limit=RESUMED_ISSUES_SHOWN)
+            report, left_out = done.report, done.left_out
+        return trim(ResumeResult(run_id=run_id, kind=job.kind, **counts, run=await run_view(store, summary, limit=0),
+                                 report=report, issues_left_out=left_out, note=summary.note),
+                    ("report.issues", "issues_left_out"))
 
     @server.resource("convsim://runs/{run_id}", mime_type="application/json",
                      description="A run: summary and every session's full transcript (JSON).")

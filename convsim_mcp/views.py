@@ -398,7 +398,7 @@ def trim(model: Any, *fields: tuple[str, str], budget: int = MAX_RESULT_BYTES) -
     """`model` with its lists (field, left-out counter) shortened from the end, the first pair's list first,
     until the result fits in `budget`; each counter grows by the entries dropped from its list."""
     for field, counter in fields:
-        items = list(_get(model, field))
+        items = list(_get(model, field) or ())  # a list under a None (a report not made yet) is no list
         while items and result_bytes(model.model_dump(mode="json")) > budget:
             items.pop()
             model = _set(model, field, items).model_copy(update={counter: getattr(model, counter) + 1})
@@ -412,7 +412,7 @@ def cap(items: list[Any], keep: int) -> tuple[list[Any], int]:
 
 def _get(model: Any, path: str) -> Any:
     for name in path.split("."):
-        model = getattr(model, name)
+        model = getattr(model, name) if model is not None else None
     return model
 
 
