@@ -162,3 +162,27 @@ async def test_test_agent_results_page_their_issues_within_the_budget(store):
     listed = [i["id"] for i in first["report"]["issues"]]
     assert listed == every[:len(listed)] and first["left_out"] == len(every) - len(listed)
     assert pages[-1].structured_content["left_out"] == len(every) - 1
+
+
+async def test_list_runs_stays_bounded_and_counts_the_runs_it_left_out(store):
+    asked = 120
+    for i in range(asked):
+        await store.create_run(run_id=f"run-{i:012x}", kind="simulate", target={"path": "tests.agents:echo"},
+                               options={}, model="offline", offline=True, test_cases=[], sessions_total=0)
+    async with Client(build_server(store)) as client:
+        result = await client.call_tool("list_runs", {"limit": asked})
+    listed = result.structured_content
+    assert received(result) <= MAX_RESULT_BYTES
+    assert 0 < len(listed["runs"]) < asked and len(listed["runs"]) + listed["left_out"] == asked
+
+
+async def test_scoring_a_run_stays_bounded_and_says_how_many_verdicts_it_listed(store):
+    async with Client(build_server(store)) as client:
+        run = (await _simulate(client, 60, 3)).structured_content
+        scored = await client.call_tool("score_sessions", {"run_id": run["run_id"], "model": "offline"})
+    assert not scored.is_error, scored.content
+    summary = scored.structured_content
+    whole = sum(s["failed"] + s["unscored"] for s in summary["scorers"]) + summary["untested"]
+    listed = sum(len(s["failing"]) + len(s["errors"]) for s in summary["scorers"]) + len(summary["untested_sessions"])
+    assert received(scored) <= MAX_RESULT_BYTES and 0 < listed < whole
+    assert f"Listed {listed} of {whole}" in summary["note"]
