@@ -61,6 +61,7 @@ list_scorers describes the built-in judges. simulate_conversations also takes sc
 Full transcripts are resources: convsim://runs/{run_id} and convsim://runs/{run_id}/sessions/{session_id};
 full verdicts with evidence: convsim://runs/{run_id}/scores."""
 
+
 def _short(schema: dict[str, Any], descriptions: dict[str, str]) -> dict[str, Any]:
     """A model's JSON schema with these field descriptions (the others dropped) and no model docstring:
     what a caller needs to fill it in, and nothing more."""

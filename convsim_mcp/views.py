@@ -23,13 +23,14 @@ from pydantic import BaseModel, Field
 
 from engine import RunStatus, RunSummary, Store, StopReason
 from engine.models import Assessment, Session, Usage
-from engine.text import one_line
+from engine.text import clip, one_line
 
 MAX_RESULT_BYTES = 8000  # a tool result as the client receives it: structured content + its JSON text
 SESSIONS_SHOWN = 6  # sessions a run result lists by default (about 400 bytes each, twice)
 MAX_PAGE = 50  # most entries one page may ask for
 REPLY_CHARS = 160  # a listed session's last agent reply and reason, clipped
 GOAL_CHARS = 80
+ID_CHARS = 200  # a case id, target or model name as listed (an id may be 50,000 characters; case_index says which)
 SCORERS_SHOWN = 12
 CASES_SHOWN = 5  # a repeated run's per-case trials listed
 PASS_HAT_SHOWN = 10  # pass^j listed for j = 1..10 and k; the rest in the run's resources
@@ -317,7 +318,8 @@ def _line(row: _Row, reply: str | None, run_uri: str) -> SessionLine:
     status = row.status
     why = row.why if status == "failed" else row.untested if status == "untested" else None
     return SessionLine(
-        session_id=s.id, case_index=s.case_index, case_id=s.test_case.id if s.test_case else None, repeat=s.repeat,
+        session_id=s.id, case_index=s.case_index, repeat=s.repeat,
+        case_id=clip(s.test_case.id, ID_CHARS) if s.test_case and s.test_case.id else None,
         goal=one_line(s.test_case.goal, GOAL_CHARS) if s.test_case else None,
         status=status, stop_reason=s.stop_reason, turns=s.turns, failed=row.failed,
         why=one_line(why, REPLY_CHARS) if why else None,
@@ -333,8 +335,9 @@ def _trials(summary: RunSummary) -> TrialsLine | None:
     shown = [p for p in t.pass_hat if p.k <= PASS_HAT_SHOWN or p.k == t.repeats]
     cases = sorted(t.case_results, key=lambda c: 0 if c.flaky or (c.pass_hat_k or 0) < 1 else 1)
     return TrialsLine(repeats=t.repeats, cases=t.cases, trials=t.trials, passed=t.passed, untested=t.untested,
-                      pass_hat={str(p.k): p.value for p in shown}, flaky=t.flaky, flaky_cases=t.flaky_cases[:5],
-                      case_results=[CaseLine(**c.model_dump(include=set(CaseLine.model_fields)))
+                      pass_hat={str(p.k): p.value for p in shown}, flaky=t.flaky, flaky_cases=[clip(c, ID_CHARS) for c in t.flaky_cases[:5]],
+                      case_results=[CaseLine(**c.model_dump(include=set(CaseLine.model_fields))
+                                             | {"case_id": clip(c.case_id, ID_CHARS) if c.case_id else None})
                                     for c in cases[:CASES_SHOWN]],
                       cases_left_out=max(0, t.cases - min(len(cases), CASES_SHOWN)))
 
@@ -362,8 +365,8 @@ async def run_view(store: Store, summary: RunSummary, *, offset: int = 0, limit:
                         pass_rate=x.pass_rate, judged_by=x.judged_by) for x in summary.scores]
     run_uri = summary.resource
     view = RunView(
-        run_id=summary.run_id, kind=summary.kind, status=summary.status, target=summary.target,
-        model=summary.model, offline=summary.offline, temperature=summary.temperature, seed=summary.seed,
+        run_id=summary.run_id, kind=summary.kind, status=summary.status, target=clip(summary.target, ID_CHARS),
+        model=clip(summary.model, ID_CHARS), offline=summary.offline, temperature=summary.temperature, seed=summary.seed,
         cache=summary.cache, created_at=summary.created_at,
         finished_at=summary.finished_at, sessions_total=summary.sessions_total,
         sessions_done=summary.sessions_done, turns_done=summary.turns_done, progress=summary.progress,
