@@ -464,6 +464,76 @@ def bench_startup(root: str, home: str, tries: int) -> dict:
     }
 
 
+# --- the assistant's context: bytes of tools/list and of run results, through the MCP client ------
+
+CONTEXT_RUNS = (100, 1000)  # sessions per run, offline user, instant agent, 3 turns
+
+
+async def bench_context(root: str, home: str) -> dict:
+    """What an assistant reads, in bytes (UTF-8, compact JSON): tools/list (all of it, and input schemas plus
+    descriptions), and the results of simulate_conversations and get_run for 100- and 1,000-session runs
+    (structured content plus its text, as the client receives them)."""
+    import json
+    from pathlib import Path
+
+    from mcp import Client
+
+    from convsim_mcp.server import build_server
+    from engine import Store, Workspace
+
+    def size(data) -> int:
+        return len(json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode())
+
+    def received(result) -> int:
+        return size(result.structured_content) + sum(len(c.text.encode()) for c in result.content if c.type == "text")
+
+    store = Store(Path(home) / "context.sqlite")
+    try:
+        async with Client(build_server(store, workspace=Workspace.default(base=root))) as client:
+            listed = await client.list_tools()
+            tools = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in listed.tools]
+            out: dict = {"tools_list_bytes": size(listed.model_dump(mode="json", by_alias=True, exclude_none=True)),
+                         "input_schemas_and_descriptions_bytes": sum(size(t["inputSchema"]) + len(
+                             t.get("description", "").encode()) for t in tools),
+                         "output_schemas_bytes": sum(size(t.get("outputSchema", {})) for t in tools),
+                         "tools": len(tools), "runs": []}
+            for n in CONTEXT_RUNS:
+                cases = [{"goal": GOAL, "id": f"case-{i}"} for i in range(n)]
+                with anyio.fail_after(RUN_TIMEOUT_S):
+                    sim = await client.call_tool("simulate_conversations", {
+                        "target": "benchmarks/bench.py:instant_agent", "test_cases": cases, "max_turns": 3,
+                        "model": "offline", "concurrency": min(n, 256)})
+                if sim.is_error:
+                    raise RuntimeError(f"simulate_conversations failed: {sim.content}")
+                got = await client.call_tool("get_run", {"run_id": sim.structured_content["run_id"]})
+                listed = len(got.structured_content["sessions"])
+                out["runs"].append({"sessions": n, "simulate_bytes": received(sim), "get_run_bytes": received(got),
+                                    "sessions_listed": listed, "left_out": n - listed})
+    finally:
+        store.close()
+    return out
+
+
+def render_context(ctx: dict) -> list[str]:
+    out = [
+        "",
+        "## 5. The assistant's context (bytes of compact JSON, through the in-process MCP client)",
+        "",
+        f"`tools/list` ({ctx['tools']} tools): {ctx['tools_list_bytes']:,} bytes in all; input schemas + "
+        f"descriptions {ctx['input_schemas_and_descriptions_bytes']:,}, output schemas "
+        f"{ctx['output_schemas_bytes']:,}.",
+        "",
+        "| sessions in the run | simulate_conversations result | get_run result | sessions listed | left out |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in ctx["runs"]:
+        out.append(f"| {r['sessions']:,} | {r['simulate_bytes']:,} | {r['get_run_bytes']:,} | "
+                   f"{r['sessions_listed']} | {r['left_out']:,} |")
+    out += ["", "A result is its structured content plus the same JSON as text; the rest of a run is paged "
+                "(get_run offset/limit) or read from its resources."]
+    return out
+
+
 def _child_env(root: str, home: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TMPDIR")}
     env.update({"HOME": home, "CONVSIM_HOME": home, "PYTHONPATH": root})
@@ -551,6 +621,8 @@ def render(result: dict) -> str:
     ]
     if "prompt_cache" in result:
         out += _render_prompt_cache(result["prompt_cache"])
+    if "context" in result:
+        out += render_context(result["context"])
     return "\n".join(out)
 
 
@@ -753,6 +825,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  startup done", file=sys.stderr)
         result["file_cases"] = bench_file_cases(root, home, turns=2 if args.quick else 3)
         print("  file cases done", file=sys.stderr)
+        result["context"] = anyio.run(bench_context, root, home)
+        print("  context sizes done", file=sys.stderr)
     result["meta"]["total_s"] = time.perf_counter() - started
 
     print(render(result))

@@ -17,10 +17,10 @@ from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, TypeVar
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
-from mcp.types import ToolAnnotations
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, WithJsonSchema
 
-from engine import ConvsimError, JobRegistry, NotFound, Progress, RunStatus, RunSummary, Store, TargetSpec, TestCase, Workspace
+from engine import ConvsimError, JobRegistry, NotFound, Progress, RunStatus, Store, TargetSpec, TestCase, Workspace
 from engine.limits import MAX_JSON_DEPTH, has_lone_surrogate, json_depth
 from engine.secrets import redact
 from engine.text import clip
@@ -46,6 +46,9 @@ build_test_set = deferred("engine.pipeline.generation", "build_test_set")
 list_builtin_scorers = deferred("engine.judging", "list_builtin_scorers")
 comparison_html, run_report_html = deferred("engine.reports.html", "comparison_html", "run_report_html")
 
+from .views import (MAX_PAGE, MAX_RESULT_BYTES, SESSIONS_SHOWN, RunView, cap, compact_json, fit, lean_schema, trim,
+                    optional_without_null, result_bytes, run_view)
+
 log = logging.getLogger("convsim.server")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -60,58 +63,73 @@ got better or worse on the same test cases, with p-values and intervals.
 Finer steps: generate_test_cases, simulate_conversations (target = the agent, test_cases = goals and personas).
 Long runs: pass wait=false, then poll get_run; cancel_run stops a run and keeps completed turns, and resume_run
 continues a cancelled or interrupted run from its last stored turns.
+Results stay small whatever the run's size: a run lists its failed and untested sessions first and says how many
+it left out; get_run(offset=next_offset) and get_report(offset=next_offset) page on.
 Judge conversations with score_sessions (a run id, session ids, inline transcripts or a JSONL file);
 list_scorers describes the built-in judges. simulate_conversations also takes scorers to score as it goes.
 Full transcripts are resources: convsim://runs/{run_id} and convsim://runs/{run_id}/sessions/{session_id};
 full verdicts with evidence: convsim://runs/{run_id}/scores."""
 
+
+def _short(schema: dict[str, Any], descriptions: dict[str, str]) -> dict[str, Any]:
+    """A model's JSON schema with these field descriptions (the others dropped) and no model docstring:
+    what a caller needs to fill it in, and nothing more."""
+    props = {name: {k: v for k, v in sub.items() if k != "description"} | (
+        {"description": descriptions[name]} if name in descriptions else {})
+        for name, sub in schema["properties"].items()}
+    return {k: v for k, v in schema.items() if k != "description"} | {"properties": props}
+
+
 TARGET_SCHEMA = {
     "anyOf": [
-        {"type": "string", "description": "'pkg.module:func', 'path/to/file.py:func', or an http(s) URL of an "
-                                          "OpenAI-compatible chat endpoint"},
-        TargetSpec.model_json_schema(),
+        {"type": "string"},
+        _short(TargetSpec.model_json_schema(), {
+            "path": "Python agent.",
+            "url": "HTTP agent.",
+            "model": "Sent as 'model' (kind openai).",
+            "headers": "Values may be ${ENV_VAR}.",
+            "request": "kind json: body template ({{message}}, {{session_id}}, {{context.KEY}}).",
+            "response_path": "kind json: dotted path to the reply, e.g. 'reply.text'.",
+        }),
     ]
 }
 TEST_CASES_SCHEMA = {
     "anyOf": [
-        {"type": "array", "items": TestCase.model_json_schema()},
-        {"type": "string", "description": "Path to a .json, .jsonl, .yaml or .yml file of test cases"},
+        {"type": "array", "items": _short(TestCase.model_json_schema(), {
+            "goal": "What the user wants (and the expected outcome).",
+            "persona": "Who the user is, how they talk.",
+            "simulation_guidelines": "Rules for the simulated user.",
+            "context": "Keyword arguments for a Python agent.",
+            "scripted_turns": "Opening user messages, sent verbatim.",
+            "id": "Default: the index.",
+            "tags": "Your labels; never shown to the user or the judges.",
+        })},
+        {"type": "string"},
     ]
 }
+TARGET_DESCRIPTION = "The agent: 'pkg.mod:func', 'file.py:func', an OpenAI-compatible chat URL, or an object."
 # Loose types plus a precise published schema: the engine validates, so errors name the case index and field.
-TargetArg = Annotated[str | dict[str, Any], WithJsonSchema(TARGET_SCHEMA), Field(description="The agent under test.")]
-TestCasesArg = Annotated[
-    list[Any] | str,
-    WithJsonSchema(TEST_CASES_SCHEMA),
-    Field(description="Test cases (goal required; persona, simulation_guidelines, context, expectations, "
-                      "scripted_turns, id optional), inline or as a file path."),
-]
-
+TargetArg = Annotated[str | dict[str, Any], WithJsonSchema(TARGET_SCHEMA), Field(description=TARGET_DESCRIPTION)]
+# Other tools that take an agent: test_agent's forms, without repeating them.
+LooseTargetArg = Annotated[str | dict[str, Any] | None, WithJsonSchema({"type": ["string", "object", "null"]})]
+TestCasesArg = Annotated[list[Any] | str, WithJsonSchema(TEST_CASES_SCHEMA),
+                         Field(description="Inline, a .json/.jsonl/.yaml file, or a test set id.")]
 
 ScorersArg = Annotated[
     list[str | dict[str, Any]] | None,
-    Field(description="Scorers: built-in judge names (see list_scorers), {name: 'guidelines', guidelines: [...]}, "
-                      "custom judges {name, instructions with {{ conversation }}, output: 'bool' | "
-                      "{labels, pass} | {range, threshold}}, or code scorers 'pkg.mod:fn' / 'file.py:fn'."),
+    Field(description="Judge names (list_scorers), custom judges {name, instructions, output} or code scorers "
+                      "'pkg.mod:fn'."),
 ]
 
-FromRunArg = Annotated[str | None, Field(description="An earlier run's id: play its test cases (same ids and "
-                                                     "indexes, so the runs can be compared) instead of test_cases.")]
-ModeArg = Annotated[str | None, WithJsonSchema({"anyOf": [{"enum": ["resimulate", "replay"]}, {"type": "null"}]}), Field(
-    description="With from_run: 'resimulate' (default) plays new simulated users on the same cases; 'replay' "
-                "sends each earlier session's user messages verbatim, in order (same case and repeat); when they "
-                "run out first the session ends replay_end.")]
-ContinueArg = Annotated[bool, Field(description="With mode 'replay': when the recorded user messages run out, the "
-                                                "simulated user takes over from there instead of ending replay_end.")]
+FromRunArg = Annotated[str | None, Field(description="Run this earlier run's test cases instead (comparable with "
+                                                     "compare_runs).")]
+ModeArg = Annotated[str | None, WithJsonSchema({"enum": ["resimulate", "replay", None]}), Field(
+    description="With from_run: new simulated users (default), or its user messages verbatim.")]
+ContinueArg = Annotated[bool, Field(description="replay: the simulated user goes on after the recorded messages.")]
 
-
-CacheArg = Annotated[bool | None, Field(description="Answer model requests seen before from the response cache (no "
-                                                   "call, no cost; hits count in usage.cache_hits), and store new "
-                                                   "replies. Default: CONVSIM_CACHE (off).")]
-TemperatureArg = Annotated[float | None, Field(description="Sampling temperature of every model call, 0-2. Default: "
-                                                           "CONVSIM_TEMPERATURE, else the provider's.")]
-SeedArg = Annotated[int | None, Field(description="Sampling seed sent with every model call (providers that take one "
-                                                  "sample reproducibly). Default: CONVSIM_SEED, else none.")]
+CacheArg = Annotated[bool | None, Field(description="Use the response cache. Default: CONVSIM_CACHE.")]
+TemperatureArg = Annotated[float | None, Field(description="0-2. Default: CONVSIM_TEMPERATURE.")]
+SeedArg = Annotated[int | None, Field(description="Default: CONVSIM_SEED.")]
 
 
 class ScorerInfo(BaseModel):
@@ -137,6 +155,10 @@ class TestAgentResult(BaseModel):
     report: ReportDigest | None = Field(None, description="Issues ranked by severity, pass rates, usage; None "
                                                           "while the run is in progress.")
     markdown: str | None = Field(None, description="The human-readable report (get_report with markdown=true).")
+    offset: int = Field(0, description="Index of the first of report.issues.")
+    next_offset: int | None = Field(None, description="get_report with this offset lists more issues.")
+    left_out: int = Field(0, description="Agent issues not listed here.")
+    simulator_issues_left_out: int = 0
     resources: dict[str, str] = Field(default_factory=dict)
     note: str | None = None
 
@@ -145,7 +167,8 @@ class TestSetResult(BaseModel):
     __test__ = False
     test_set_id: str
     name: str
-    cases: list[TestCase]
+    cases: list[TestCase] = Field(description="The first cases; every case: resource.")
+    cases_left_out: int = 0
     agent: AgentProfile | None = None
     sources: list[str]
     offline: bool
@@ -161,6 +184,8 @@ class RerunResult(BaseModel):
                                                  "(the failing turn was not reached), and the reason.")
     new_issues: list[Issue] = Field(description="Failures of the re-run that no old issue explains, with "
                                                 "evidence and reproducing cases.")
+    issues_left_out: int = 0
+    new_issues_left_out: int = Field(0, description="Not listed here: see the new run's report.")
     reproduces: int
     fixed: int
     inconclusive: int
@@ -175,9 +200,10 @@ class ResumeResult(BaseModel):
     continued: int = Field(description="Sessions played on from their last stored turn.")
     restarted: int = Field(description="Sessions that had not started, run from scratch.")
     kept: int = Field(description="Sessions that had finished, kept as they were.")
-    run: RunSummary = Field(description="The run now (status, resumed count, stop reasons, scores); per-session "
-                                        "summaries via get_run.")
-    report: ReportDigest | None = Field(None, description="test_agent: the issues and numbers once done.")
+    run: RunView = Field(description="The run now; more sessions via get_run.")
+    report: ReportDigest | None = Field(None, description="test_agent: the numbers and the first issues "
+                                                          "(get_report pages on).")
+    issues_left_out: int = 0
     note: str | None = None
 
 
@@ -201,6 +227,8 @@ class CompareResult(BaseModel):
                                                               "resource.")
     new_issues: list[IssueChange]
     fixed_issues: list[IssueChange]
+    new_issues_left_out: int = 0
+    fixed_issues_left_out: int = Field(0, description="Not listed here: see the comparison resource.")
     persisting_issues: int
     resources: dict[str, str]
 
@@ -210,11 +238,33 @@ def _resources(run_id: str) -> dict[str, str]:
             "scores": scores_uri(run_id)}
 
 
-def _done(report: Report, markdown: str | None = None) -> TestAgentResult:
+RESUMED_ISSUES_SHOWN = 3  # beside the run's aggregates
+ISSUES_SHOWN = 5  # agent issues a test_agent result lists by default (get_report pages on)
+SIMULATOR_ISSUES_SHOWN = 3
+FLAKY_CASES_SHOWN = 5
+
+
+def _done(report: Report, markdown: str | None = None, *, offset: int = 0, limit: int = ISSUES_SHOWN) -> TestAgentResult:
+    """A finished report for a tool result: its numbers and a page of issues, within MAX_RESULT_BYTES (the
+    Markdown only when it fits too: otherwise resources.report_md)."""
     resources = _resources(report.run_id)
-    return TestAgentResult(run_id=report.run_id, status=RunStatus.COMPLETED,
-                           report=compact_result(report, resources=resources), markdown=markdown,
-                           resources=resources, note=report.note)
+    digest = compact_result(report, resources=resources)
+    issues = digest.issues
+    simulator_issues, simulator_left_out = cap(digest.simulator_issues, SIMULATOR_ISSUES_SHOWN)
+    trials = digest.trials.model_copy(update={"case_results": digest.trials.case_results[:FLAKY_CASES_SHOWN]}) \
+        if digest.trials else None
+    digest = digest.model_copy(update={"issues": issues[offset:offset + limit], "simulator_issues": simulator_issues,
+                                       "trials": trials})
+    result = fit(TestAgentResult(run_id=report.run_id, status=RunStatus.COMPLETED, report=digest, offset=offset,
+                                 simulator_issues_left_out=simulator_left_out, resources=resources,
+                                 note=report.note), "report.issues", total=len(issues))
+    if markdown is not None:
+        with_text = result.model_copy(update={"markdown": markdown})
+        if result_bytes(with_text.model_dump(mode="json")) <= MAX_RESULT_BYTES:
+            return with_text
+        result = result.model_copy(update={"note": " ".join(filter(None, [
+            result.note, f"The Markdown report is too long to inline: read {resources['report_md']}."]))})
+    return result
 
 
 class RunBrief(BaseModel):
@@ -230,6 +280,26 @@ class RunBrief(BaseModel):
 
 class RunList(BaseModel):
     runs: list[RunBrief]
+    left_out: int = Field(0, description="Runs asked for but not listed (the result's size bound).")
+
+
+class LeanServer(MCPServer):
+    """An MCPServer that costs an assistant less: it publishes lean schemas (`views.lean_schema`; output
+    schemas without descriptions or defaults) and sends a structured result's text as compact JSON."""
+
+    async def list_tools(self) -> list[Any]:
+        return [t.model_copy(update={
+            "input_schema": optional_without_null(lean_schema(t.input_schema)),
+            "output_schema": lean_schema(t.output_schema, descriptions=False, defaults=False)
+            if t.output_schema else None,
+        }) for t in await super().list_tools()]
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None) -> Any:
+        result = await super().call_tool(name, arguments, context)
+        if isinstance(result, CallToolResult) and result.structured_content is not None and not result.is_error:
+            result = result.model_copy(update={"content": [TextContent(type="text",
+                                                                        text=compact_json(result.structured_content))]})
+        return result
 
 
 def _guarded(error: type[ToolError] | type[ResourceError]) -> Callable[[F], F]:
@@ -289,44 +359,34 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         async with registry.running():
             yield {}
 
-    server = MCPServer("convsim", instructions=INSTRUCTIONS, log_level="WARNING", lifespan=lifespan,
-                       **(server_options or {}))
+    server = LeanServer("convsim", instructions=INSTRUCTIONS, log_level="WARNING", lifespan=lifespan,
+                        **(server_options or {}))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     @tool_errors
     async def simulate_conversations(
         target: TargetArg,
         ctx: Context,
-        test_cases: Annotated[TestCasesArg | None, Field(description="Test cases (goal required; persona, "
-                                                                     "simulation_guidelines, context, expectations, "
-                                                                     "scripted_turns, id optional), inline or as a "
-                                                                     "file path. Required unless from_run.")] = None,
-        max_turns: Annotated[int, Field(description="Most user messages per conversation (1-100).")] = 10,
-        model: Annotated[str | None, Field(description="Simulated user's model, e.g. 'openai/gpt-4o-mini' or "
-                                                       "'openai:/gpt-4o-mini'; 'offline' for the no-LLM heuristic. "
-                                                       "Default: CONVSIM_MODEL, else by available API key.")] = None,
-        concurrency: Annotated[int, Field(description=f"Conversations run at the same time (1-{MAX_CONCURRENCY}).")] = 8,
-        repeats: Annotated[int, Field(description="Run each test case this many times (separate sessions).")] = 1,
-        user_agent: Annotated[str | None, Field(description="Custom simulated user: 'pkg.mod:Class' subclassing "
-                                                            "engine.SimulatedUser.")] = None,
-        scorers: Annotated[ScorersArg, Field(description="Score each session as it finishes (see score_sessions). "
-                                                         "Default: none.")] = None,
-        judge_model: Annotated[str | None, Field(description="Judges' model; default: the user's model.")] = None,
+        test_cases: Annotated[TestCasesArg | None, Field(description="Inline, a .json/.jsonl/.yaml file, or a test "
+                                                                     "set id. Required unless from_run.")] = None,
+        max_turns: Annotated[int, Field(description="1-100.")] = 10,
+        model: Annotated[str | None, Field(description="The user's: 'provider/model' or 'offline'. Default: "
+                                                       "CONVSIM_MODEL.")] = None,
+        concurrency: Annotated[int, Field(description=f"At once: 1-{MAX_CONCURRENCY}.")] = 8,
+        repeats: Annotated[int, Field(description="Sessions per test case.")] = 1,
+        user_agent: Annotated[str | None, Field(description="'pkg.mod:Class' subclassing engine.SimulatedUser.")] = None,
+        scorers: Annotated[ScorersArg, Field(description="Judges (list_scorers), custom judges or 'pkg.mod:fn'.")] = None,
+        judge_model: Annotated[str | None, Field(description="Default: model.")] = None,
         from_run: FromRunArg = None,
         mode: ModeArg = None,
         continue_after_replay: ContinueArg = False,
-        wait: Annotated[bool, Field(description="true: return when done, reporting progress per turn. false: "
-                                                "return the run id at once; poll get_run.")] = True,
+        wait: Annotated[bool, Field(description="false: return at once; poll get_run.")] = True,
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
-    ) -> RunSummary:
-        """Play simulated users against an agent for many turns and store the conversations.
-
-        Returns per session the stop reason (goal_achieved, user_ended, max_turns, agent_error,
-        agent_empty, simulator_error, cancelled, replay_end), the turn count and the last exchange.
-        With from_run, re-tests a new version on an earlier run's cases (mode 'replay': its user messages verbatim).
-        """
+    ) -> RunView:
+        """Play simulated users against an agent and store the conversations. Returns the aggregates and the
+        first sessions, failed and untested first; get_run pages on."""
         job = await prepare_simulation(
             store, target, test_cases, max_turns=max_turns, model=model, concurrency=concurrency,
             repeats=repeats, user_agent=user_agent, scorers=scorers, judge_model=judge_model, workspace=workspace,
@@ -335,7 +395,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         )
         if not wait:
             registry.start(job)
-            return await run_summary(store, job.run_id)
+            return await run_view(store, await run_summary(store, job.run_id, max_sessions=0))
 
         registry.start(job, on_progress=_forward(ctx))
         try:
@@ -343,53 +403,41 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         except anyio.get_cancelled_exc_class():
             registry.cancel(job.run_id)  # the caller gave up waiting: stop the run, keep its turns
             raise
-        return await run_summary(store, job.run_id)
+        return await run_view(store, await run_summary(store, job.run_id, max_sessions=0))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     @tool_errors
     async def test_agent(
         target: TargetArg,
         ctx: Context,
-        description: Annotated[str | None, Field(description="What the agent is for, in plain text (optional: "
-                                                             "the agent is also asked, and Python agents' source "
-                                                             "is read).")] = None,
-        test_cases: Annotated[TestCasesArg | None, Field(description="Your own cases (or a test set id) to run "
-                                                                     "besides the generated ones.")] = None,
+        description: Annotated[str | None, Field(description="What the agent is for.")] = None,
+        test_cases: Annotated[list[Any] | str | None, WithJsonSchema({"type": ["array", "string", "null"]}), Field(
+            description="Your cases too, as in simulate_conversations.")] = None,
         num_test_cases: Annotated[int, Field(description="Cases to generate (0-50).")] = 7,
-        guidance: Annotated[str | None, Field(description="What to focus the generated cases on.")] = None,
+        guidance: Annotated[str | None, Field(description="What the generated cases focus on.")] = None,
         adversarial: Annotated[float, Field(description="Share of red-team cases (0-1).")] = 0.0,
-        max_turns: Annotated[int, Field(description="Most user messages per conversation.")] = 8,
-        model: Annotated[str | None, Field(description="Model for every role unless set per role; 'offline' for "
-                                                       "the no-LLM heuristics.")] = None,
-        user_model: Annotated[str | None, Field(description="Simulated user's model.")] = None,
-        judge_model: Annotated[str | None, Field(description="Judges' and issue analysis's model.")] = None,
-        generator_model: Annotated[str | None, Field(description="Test-case generator's model.")] = None,
-        user_agent: Annotated[str | None, Field(description="Custom simulated user: 'pkg.mod:Class' subclassing "
-                                                            "engine.SimulatedUser.")] = None,
-        scorers: Annotated[ScorersArg, Field(description="Default: goal_achievement, conversation_completeness, "
-                                                         "user_frustration, knowledge_retention, "
-                                                         "tool_call_efficiency.")] = None,
-        repeats: Annotated[int, Field(description="Run each case this many times (finds intermittent issues).")] = 1,
-        concurrency: Annotated[int, Field(description=f"Conversations at the same time (1-{MAX_CONCURRENCY}).")] = 8,
-        shrink: Annotated[bool | None, Field(description="Shrink each issue's reproducing case to the user turns "
-                                                         "it needs (replays; default: on when the user and judge "
-                                                         "are offline, off with a model since replays cost calls).")] = None,
-        from_run: Annotated[FromRunArg, Field(description="Re-test on this earlier run's test cases (same ids); "
-                                                          "nothing is generated.")] = None,
+        max_turns: int = 8,
+        model: Annotated[str | None, Field(description="Every role's; 'offline': no LLM.")] = None,
+        user_model: str | None = None,
+        judge_model: str | None = None,
+        generator_model: str | None = None,
+        user_agent: Annotated[str | None, Field(description="'pkg.mod:Class' subclassing engine.SimulatedUser.")] = None,
+        scorers: Annotated[ScorersArg, Field(description="Default: the default judges (list_scorers).")] = None,
+        repeats: Annotated[int, Field(description="Sessions per case.")] = 1,
+        concurrency: Annotated[int, Field(description=f"At once: 1-{MAX_CONCURRENCY}.")] = 8,
+        shrink: Annotated[bool | None, Field(description="Shrink reproductions (default: on offline, off with a "
+                                                         "model).")] = None,
+        from_run: Annotated[FromRunArg, Field(description="Re-test this earlier run's cases; nothing is "
+                                                          "generated.")] = None,
         mode: ModeArg = None,
         continue_after_replay: ContinueArg = False,
-        wait: Annotated[bool, Field(description="true: return the issues when done (progress per stage and turn). "
-                                                "false: return the run id at once; poll get_run, then get_report.")] = True,
+        wait: Annotated[bool, Field(description="false: return at once; poll get_run, then get_report.")] = True,
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
     ) -> TestAgentResult:
-        """Test an agent end to end: describe it, generate cases, simulate users, judge, and report issues.
-
-        Returns the issues ranked by severity (what broke, how badly, where: session, turn, quote) and the
-        numbers; each issue in the full report has a reproducing test case. After changing the agent, call
-        rerun_issue to see whether each issue still reproduces.
-        """
+        """Test an agent end to end: describe it, generate cases, simulate users, judge, report issues ranked
+        by severity with evidence (session, turn, quote) and a reproducing case. After a fix: rerun_issue."""
         job = await prepare_agent_test(
             store, target, description=description, test_cases=test_cases, num_test_cases=num_test_cases,
             guidance=guidance, adversarial=adversarial, max_turns=max_turns, repeats=repeats,
@@ -423,122 +471,114 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
     @tool_errors
     async def get_report(
         run_id: Annotated[str, Field(description="A test_agent run.")],
-        markdown: Annotated[bool, Field(description="Include the Markdown report a person reads.")] = False,
+        markdown: Annotated[bool, Field(description="Include the report for a person.")] = False,
+        offset: Annotated[int, Field(ge=0, description="A result's next_offset: more issues.")] = 0,
+        limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] = ISSUES_SHOWN,
     ) -> TestAgentResult:
-        """The issues and numbers of a finished test_agent run (optionally with the Markdown report)."""
+        """The issues and numbers of a finished test_agent run, a page of issues at a time."""
         report, text = await store.get_report(run_id)
-        return _done(report, markdown=text if markdown else None)
+        return _done(report, markdown=text if markdown else None, offset=offset, limit=limit)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     @tool_errors
     async def rerun_issue(
         run_id: Annotated[str, Field(description="The test_agent run whose issues to check.")],
         ctx: Context,
-        issue_id: Annotated[str | None, Field(description="One issue (its reproducing case is re-run); omit to "
-                                                          "re-run every case of the run.")] = None,
-        target: Annotated[TargetArg | None, Field(description="The agent, if it moved or its headers held "
-                                                               "secrets; default: the run's target.")] = None,
+        issue_id: Annotated[str | None, Field(description="Re-run its reproducing case; default: every case.")] = None,
+        target: Annotated[LooseTargetArg, Field(description="The agent, if it moved. Default: the run's.")] = None,
         max_turns: Annotated[int | None, Field(description="Default: the run's.")] = None,
-        model: Annotated[str | None, Field(description="Default: the run's models.")] = None,
-        repeats: Annotated[int | None, Field(description="Re-runs per case; default: the run's, at least 3 for an "
-                                                         "issue seen in only some sessions.", ge=1, le=20)] = None,
+        model: Annotated[str | None, Field(description="Default: the run's.")] = None,
+        repeats: Annotated[int | None, Field(description="Per case. Default: the run's (3 for an intermittent "
+                                                         "issue).", ge=1, le=20)] = None,
     ) -> RerunResult:
-        """After changing the agent: re-run and say, per issue, whether it reproduces, is fixed, or could not be
-        checked (inconclusive: the failing turn was not reached), plus any new issues."""
+        """After changing the agent: per issue, whether it reproduces, is fixed, or is inconclusive (the failing
+        turn was not reached), plus new issues."""
         outcome = await rerun_issues(store, run_id, issue_id=issue_id, target=target, max_turns=max_turns,
                                      model=model, repeats=repeats, progress=_forward(ctx), workspace=workspace)
         count = {s: sum(c.status == s for c in outcome.issues) for s in ("reproduces", "fixed", "inconclusive")}
-        return RerunResult(run_id=outcome.run_id, rerun_of=run_id, issues=outcome.issues,
-                           new_issues=outcome.new_issues, **count, resource=run_uri(outcome.run_id))
+        return trim(RerunResult(run_id=outcome.run_id, rerun_of=run_id, issues=outcome.issues,
+                                new_issues=outcome.new_issues, **count, resource=run_uri(outcome.run_id)),
+                    ("new_issues", "new_issues_left_out"), ("issues", "issues_left_out"))
 
     @server.tool(name="compare_runs", annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
     @tool_errors
     async def compare_runs_tool(
-        base: Annotated[str, Field(description="The earlier run id (e.g. before the change).")],
-        candidate: Annotated[str, Field(description="The run id to judge against it (same test cases).")],
+        base: Annotated[str, Field(description="The earlier run (before the change).")],
+        candidate: Annotated[str, Field(description="The later run, on the same test cases.")],
     ) -> CompareResult:
-        """Compare two runs of the same test cases (e.g. before and after a change to the agent): per scorer the
-        paired pass rates, difference, exact McNemar p-value and bootstrap 95% interval; the cases that flipped;
-        issues new, fixed or persisting; cost and latency. The whole comparison: convsim://compare/{base}/{candidate}
-        (Markdown: .../report.md)."""
+        """Better or worse between two runs of the same cases: per scorer paired pass rates, p-value and 95%
+        interval; flipped cases; new and fixed issues."""
         c = await compare_runs(store, base, candidate)
         uri = compare_uri(base, candidate)
-        return CompareResult(base=c.base, candidate=c.candidate, regression=c.regression,
+        return trim(CompareResult(base=c.base, candidate=c.candidate, regression=c.regression,
                              regression_reasons=c.regression_reasons, improvements=c.improvements, pairs=c.pairs,
                              left_out=c.left_out, scorers=c.scorers, pass_to_fail=len(c.flipped.pass_to_fail),
                              fail_to_pass=len(c.flipped.fail_to_pass),
                              first_pass_to_fail=c.flipped.pass_to_fail[:MAX_FLIPS_SHOWN], new_issues=c.issues.new,
                              fixed_issues=c.issues.fixed, persisting_issues=len(c.issues.persisting),
-                             resources={"comparison": uri, "report_md": uri + "/report.md"})
+                             resources={"comparison": uri, "report_md": uri + "/report.md"}),
+                    ("fixed_issues", "fixed_issues_left_out"), ("new_issues", "new_issues_left_out"))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     @tool_errors
     async def generate_test_cases(
-        description: Annotated[str | None, Field(description="What the agent does, in plain text.")] = None,
-        target: Annotated[TargetArg | None, Field(description="The agent: it is asked to describe itself, and a "
-                                                               "Python agent's source (system prompt, tools, "
-                                                               "docstrings) is read.")] = None,
-        run_id: Annotated[str | None, Field(description="Distill cases from this run's conversations.")] = None,
-        session_ids: Annotated[list[str] | None, Field(description="Distill cases from these sessions.")] = None,
-        file: Annotated[str | None, Field(description="Distill cases from a JSONL file of conversations.")] = None,
-        num_test_cases: Annotated[int, Field(description="Cases to generate (1-50); each distinct transcript adds "
-                                                         "one distilled case.")] = 7,
+        description: Annotated[str | None, Field(description="What the agent does.")] = None,
+        target: Annotated[LooseTargetArg, Field(description="The agent (as in test_agent): asked to describe "
+                                                            "itself; a Python agent's source is read.")] = None,
+        run_id: Annotated[str | None, Field(description="Distill cases from its conversations.")] = None,
+        session_ids: list[str] | None = None,
+        file: Annotated[str | None, Field(description="A JSONL file of conversations to distill.")] = None,
+        num_test_cases: Annotated[int, Field(description="1-50, plus one per distilled transcript.")] = 7,
         guidance: Annotated[str | None, Field(description="What to focus on.")] = None,
         adversarial: Annotated[float, Field(description="Share of red-team cases (0-1).")] = 0.0,
-        ask_agent: Annotated[bool, Field(description="Ask the target to describe itself.")] = True,
-        model: Annotated[str | None, Field(description="Generator's model; 'offline' for templates.")] = None,
-        name: Annotated[str | None, Field(description="A name for the test set.")] = None,
+        ask_agent: bool = True,
+        model: Annotated[str | None, Field(description="'offline': templates.")] = None,
+        name: str | None = None,
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
     ) -> TestSetResult:
-        """Write realistic test cases (goal, persona, guidelines, expectations) and store them as a test set.
-
-        Sources, any combination: a description, the agent itself, its source, existing transcripts.
-        """
+        """Write test cases (goal, persona, guidelines, expectations) from a description, the agent, its source
+        or transcripts, and store them as a test set."""
         test_set = await build_test_set(store, description=description, target=target, run_id=run_id,
                                         session_ids=session_ids, file=file, num_test_cases=num_test_cases,
                                         guidance=guidance, adversarial=adversarial, ask_agent=ask_agent,
                                         model=model, name=name, workspace=workspace, cache=cache,
                                         temperature=temperature, seed=seed)
-        return TestSetResult(
-            test_set_id=test_set.id, name=test_set.name, cases=test_set.cases, agent=test_set.profile,
+        return trim(TestSetResult(
+            test_set_id=test_set.id, name=test_set.name, cases=test_set.cases, agent=_brief_profile(test_set.profile),
             sources=test_set.sources, offline=test_set.offline, usage=test_set.usage,
             resource=f"convsim://test-sets/{test_set.id}",
             note=f"Pass test_cases='{test_set.id}' to simulate_conversations or test_agent to run these cases."
                  + (" Written by the offline templates, not a model." if test_set.offline else ""),
-        )
+        ), ("cases", "cases_left_out"))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, openWorldHint=True))
     @tool_errors
     async def score_sessions(
         ctx: Context,
-        run_id: Annotated[str | None, Field(description="Score every session of this run.")] = None,
-        session_ids: Annotated[list[str] | None, Field(description="Score these stored sessions.")] = None,
+        run_id: str | None = None,
+        session_ids: list[str] | None = None,
         transcripts: Annotated[list[dict[str, Any]] | None, Field(
-            description="Conversations you already have: [{session_id?, messages: [{role, content, tool_calls?}], "
-                        "goal?, expectations?}]. Stored as a new run.")] = None,
-        file: Annotated[str | None, Field(description="A JSONL file: one session per line (convsim export format) "
-                                                      "or one list of OpenAI messages per line.")] = None,
-        scorers: Annotated[ScorersArg, Field(description="Default: goal_achievement, conversation_completeness, "
-                                                         "user_frustration, knowledge_retention, tool_call_efficiency.")] = None,
-        model: Annotated[str | None, Field(description="Judges' model ('provider/model'); 'offline' for the "
-                                                       "deterministic heuristics. Default as for simulation.")] = None,
-        concurrency: Annotated[int, Field(description=f"Judge calls at the same time (1-{MAX_CONCURRENCY}).")] = 8,
+            description="[{session_id?, messages: [{role, content, tool_calls?}], goal?, expectations?}], stored "
+                        "as a new run.")] = None,
+        file: Annotated[str | None, Field(description="JSONL: a convsim session or a list of OpenAI messages per "
+                                                      "line.")] = None,
+        scorers: Annotated[ScorersArg, Field(description="Default: the default judges (list_scorers).")] = None,
+        model: Annotated[str | None, Field(description="Judges': 'provider/model' or 'offline'.")] = None,
+        concurrency: Annotated[int, Field(description=f"At once: 1-{MAX_CONCURRENCY}.")] = 8,
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
     ) -> ScoreSummary:
-        """Judge whole conversations: per scorer, the pass rate and the failing sessions with one-line rationales.
-
-        Give exactly one of run_id, session_ids, transcripts or file. Full verdicts (rationale, evidence turns
-        and quotes) are in convsim://runs/{run_id}/scores. Reports progress per scored (session, scorer) pair.
-        """
+        """Judge conversations (give one of run_id, session_ids, transcripts, file): per scorer the pass rate and
+        the first failing sessions."""
         job = await prepare_scoring(store, run_id=run_id, session_ids=session_ids, transcripts=transcripts,
                                     file=file, scorers=scorers, model=model, concurrency=concurrency,
                                     workspace=workspace, cache=cache, temperature=temperature, seed=seed)
 
-        return await job.run(_forward(ctx))
+        summary = await job.run(_forward(ctx))
+        return _bounded_scores(summary)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
     @tool_errors
@@ -557,49 +597,49 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
     @tool_errors
-    async def get_run(run_id: Annotated[str, Field(description="Id returned by simulate_conversations.")]) -> RunSummary:
-        """Status, progress and per-session summaries of a run."""
-        return await run_summary(store, run_id)
+    async def get_run(
+        run_id: str,
+        offset: Annotated[int, Field(ge=0, description="A page's next_offset.")] = 0,
+        limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] = SESSIONS_SHOWN,
+    ) -> RunView:
+        """A run's status, progress, aggregates, and a page of sessions: failed, untested, running, then ok."""
+        return await run_view(store, await run_summary(store, run_id, max_sessions=0), offset=offset, limit=limit)
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
     @tool_errors
     async def list_runs(limit: Annotated[int, Field(ge=1, le=200, description="Most recent runs to list.")] = 20) -> RunList:
         """The most recent runs, newest first."""
         runs = await store.list_runs(limit)
-        return RunList(runs=[
+        return trim(RunList(runs=[
             RunBrief(run_id=r["id"], kind=r["kind"], status=RunStatus(r["status"]), created_at=r["created_at"],
                      target=describe_target(r["target"]),
                      model=r["model"], sessions_total=r["sessions_total"], resource=run_uri(r["id"]))
             for r in runs
-        ])
+        ]), ("runs", "left_out"))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, openWorldHint=False))
     @tool_errors
-    async def cancel_run(run_id: Annotated[str, Field(description="The run to stop.")]) -> RunSummary:
-        """Stop a running run. Completed turns are kept; unfinished sessions end with stop reason 'cancelled'."""
-        summary = await run_summary(store, run_id)
+    async def cancel_run(run_id: Annotated[str, Field(description="The run to stop.")]) -> RunView:
+        """Stop a running run; completed turns are kept (resume_run goes on)."""
+        summary = await run_summary(store, run_id, max_sessions=0)
         if summary.status != RunStatus.RUNNING:
             raise ToolError(f"run '{run_id}' is not running (status: {summary.status.value}); nothing to cancel")
         if not registry.cancel(run_id):
             raise ToolError(f"run '{run_id}' is running in another process; stop that process to cancel it")
         await registry.wait(run_id)
-        return await run_summary(store, run_id)
+        return await run_view(store, await run_summary(store, run_id, max_sessions=0))
 
     @server.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, openWorldHint=True))
     @tool_errors
     async def resume_run(
-        run_id: Annotated[str, Field(description="An interrupted (its process died) or cancelled run.")],
+        run_id: Annotated[str, Field(description="An interrupted or cancelled run.")],
         ctx: Context,
-        target: Annotated[TargetArg | None, Field(description="The agent again, only if its stored spec had a "
-                                                               "secret masked (a literal header value); default: "
-                                                               "the run's target.")] = None,
-        wait: Annotated[bool, Field(description="true: return when done. false: return at once; poll get_run "
-                                                "(and get_report for a test_agent run).")] = True,
+        target: Annotated[LooseTargetArg, Field(description="Only if the stored target had a secret masked. "
+                                                            "Default: the run's.")] = None,
+        wait: Annotated[bool, Field(description="false: return at once; poll get_run.")] = True,
     ) -> ResumeResult:
-        """Continue an interrupted or cancelled run from its last stored turns, then score (and, for a test_agent
-        run, find issues and report) as the original job would. Finished sessions are kept; unfinished ones go on
-        with their stored history; sessions never started run from scratch. No completed turn is lost or
-        repeated."""
+        """Continue an interrupted or cancelled run from its last stored turns (none lost or repeated), then
+        score and report as the original job would."""
         check_run_id(run_id)
         if registry.is_live(run_id):
             raise ToolError(f"run '{run_id}' is running in this server; wait for it, or cancel_run it first")
@@ -607,7 +647,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         counts = {"continued": job.continued, "restarted": job.restarted, "kept": job.kept}
         if not wait:
             registry.start(job)
-            return ResumeResult(run_id=run_id, kind=job.kind, **counts, run=await run_summary(store, run_id),
+            return ResumeResult(run_id=run_id, kind=job.kind, **counts,
+                                run=await run_view(store, await run_summary(store, run_id, max_sessions=0), limit=0),
                                 note=f"Resuming in the background: call get_run with run_id '{run_id}' for progress"
                                      + (", then get_report." if job.kind == "test_agent" else "."))
         registry.start(job, on_progress=_forward(ctx))
@@ -616,13 +657,15 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         except anyio.get_cancelled_exc_class():
             registry.cancel(run_id)
             raise
-        summary = await run_summary(store, run_id)
-        report = None
+        summary = await run_summary(store, run_id, max_sessions=0)
+        report, left_out = None, 0
         if job.kind == "test_agent" and summary.status == RunStatus.COMPLETED:
             full, _ = await store.get_report(run_id)
-            report = compact_result(full, resources=_resources(run_id))
-        return ResumeResult(run_id=run_id, kind=job.kind, **counts, run=summary.model_copy(update={"sessions": []}),
-                            report=report, note=summary.note)
+            done = _done(full, limit=RESUMED_ISSUES_SHOWN)
+            report, left_out = done.report, done.left_out
+        return trim(ResumeResult(run_id=run_id, kind=job.kind, **counts, run=await run_view(store, summary, limit=0),
+                                 report=report, issues_left_out=left_out, note=summary.note),
+                    ("report.issues", "issues_left_out"))
 
     @server.resource("convsim://runs/{run_id}", mime_type="application/json",
                      description="A run: summary and every session's full transcript (JSON).")
@@ -703,6 +746,36 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         return json.dumps(session_to_record(session), ensure_ascii=False)
 
     return server
+
+
+PROMPT_CHARS = 300  # an agent profile's system prompt, inline (whole in the test set's resource)
+
+
+def _brief_profile(profile: AgentProfile | None) -> AgentProfile | None:
+    if profile is None or not profile.system_prompt:
+        return profile
+    return profile.model_copy(update={"system_prompt": clip(profile.system_prompt, PROMPT_CHARS)})
+
+
+FAILING_SHOWN = 3  # per scorer, failing (and unscored) sessions a scoring result lists
+
+
+def _bounded_scores(summary: ScoreSummary) -> ScoreSummary:
+    """A scoring result within MAX_RESULT_BYTES: per scorer the first failing and unscored sessions (their
+    counts stay whole: failed, unscored), fewer when many scorers would not fit; every verdict is in the
+    scores resources."""
+    for keep in range(FAILING_SHOWN, -1, -1):
+        bounded = summary.model_copy(update={"untested_sessions": summary.untested_sessions[:keep], "scorers": [
+            s.model_copy(update={"failing": s.failing[:keep], "errors": s.errors[:keep]}) for s in summary.scorers]})
+        if result_bytes(bounded.model_dump(mode="json")) <= MAX_RESULT_BYTES:
+            break
+    listed = sum(len(s.failing) + len(s.errors) for s in bounded.scorers) + len(bounded.untested_sessions)
+    whole = sum(s.failed + s.unscored for s in summary.scorers) + summary.untested
+    if listed < whole:
+        bounded = bounded.model_copy(update={"note": " ".join(filter(None, [
+            summary.note, f"Listed {listed} of {whole} failing, unscored or untested; every verdict: "
+                          f"{', '.join(summary.resources)}."]))})
+    return bounded
 
 
 def _forward(ctx: Context):

@@ -492,7 +492,7 @@ GOOD: dict[str, st.SearchStrategy[Any]] = {
     "adversarial": st.floats(0, 1),
     "wait": st.booleans(), "markdown": st.booleans(), "ask_agent": st.booleans(),
     "max_turns": st.integers(1, 3), "repeats": st.integers(1, 2), "num_test_cases": st.integers(1, 3),
-    "concurrency": st.integers(1, 8), "limit": st.integers(1, 200),
+    "concurrency": st.integers(1, 8), "limit": st.integers(1, 200), "offset": st.integers(0, 30),
     **{key: st.sampled_from([None, "offline", " offline "]) for key in MODEL_KEYS},
 }
 GOOD_FOR_TOOL = {  # (tool, argument): what gets that tool past its first checks
@@ -502,6 +502,8 @@ GOOD_FOR_TOOL = {  # (tool, argument): what gets that tool past its first checks
     ("resume_run", "run_id"): st.one_of(known("running"), known("run")),
     ("test_agent", "num_test_cases"): st.integers(0, 2),
     ("test_agent", "max_turns"): st.integers(1, 2),
+    ("get_run", "limit"): st.integers(1, 50),
+    ("get_report", "limit"): st.integers(1, 50),
 }
 ODD: dict[str, st.SearchStrategy[Any]] = {  # valid JSON of about the right shape, wrong inside
     "target": target_odd,
@@ -519,7 +521,7 @@ ODD: dict[str, st.SearchStrategy[Any]] = {  # valid JSON of about the right shap
                                              "scorer.py:always", *TRAVERSAL]), text),
     "description": st.one_of(text, huge), "guidance": st.one_of(text, huge), "name": st.one_of(text, huge),
     "adversarial": st.one_of(st.floats(), st.sampled_from([-0.1, 1.1, 2])),
-    **{key: small_int for key in ("max_turns", "repeats", "num_test_cases", "concurrency", "limit")},
+    **{key: small_int for key in ("max_turns", "repeats", "num_test_cases", "concurrency", "limit", "offset")},
     **{key: st.one_of(st.sampled_from(["gpt-4o", "", "OFFLINE", "openai:/gpt-4o-mini", "a/b", "://"]), text)
        for key in MODEL_KEYS},
 }

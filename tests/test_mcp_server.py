@@ -9,6 +9,7 @@ import pytest
 from mcp import Client
 
 from convsim_mcp.server import build_server
+from convsim_mcp.views import MAX_RESULT_BYTES, result_bytes
 
 pytestmark = pytest.mark.anyio
 
@@ -35,7 +36,7 @@ async def test_tools_publish_schemas_with_descriptions(server):
     assert {"simulate_conversations", "get_run", "list_runs", "cancel_run"} <= set(tools)
     sim = tools["simulate_conversations"]
     props = sim.input_schema["properties"]
-    assert props["test_cases"]["anyOf"][0]["items"]["properties"]["goal"]["description"]
+    assert props["test_cases"]["items"]["properties"]["goal"]["description"]
     assert "wait" in props and "description" in props["max_turns"]
     assert sim.output_schema["properties"]["sessions"]
 
@@ -228,7 +229,11 @@ async def test_test_agent_in_background_with_progress_then_report(server):
     digest = result["report"]
     assert digest["issues"][0]["severity"] == "high" and "KeyError" in digest["issues"][0]["title"]
     assert digest["issues"][0]["evidence"]["turn"] == 2
-    assert result["markdown"] == report_md and report_md.startswith("# ")
+    assert report_md.startswith("# ")
+    if result_bytes(result) + 2 * len(report_md.encode()) > MAX_RESULT_BYTES:  # inline only what fits
+        assert result["markdown"] is None and f"convsim://runs/{run_id}/report.md" in result["note"]
+    else:
+        assert result["markdown"] == report_md
     assert report_json["issues"][0]["reproduction"]["scripted_turns"]
     assert set(result["resources"]) == {"report", "report_md", "run", "scores"}
 
@@ -256,8 +261,10 @@ async def test_generate_test_cases_then_simulate_by_test_set_id(server):
         sim = (await client.call_tool("simulate_conversations", {
             "target": AGENT, "test_cases": generated["test_set_id"], "max_turns": 4})).structured_content
         stored = json.loads((await client.read_resource(generated["resource"])).contents[0].text)
-    assert len(generated["cases"]) == 3 and generated["offline"]
-    assert sum(c["expectations"].get("kind") == "adversarial" for c in generated["cases"]) == 1
+    assert generated["offline"] and len(stored["cases"]) == 3  # inline: the first cases that fit, and a count
+    assert generated["cases"] == stored["cases"][:len(generated["cases"])]
+    assert len(generated["cases"]) + generated["cases_left_out"] == 3 and result_bytes(generated) <= MAX_RESULT_BYTES
+    assert sum(c["expectations"].get("kind") == "adversarial" for c in stored["cases"]) == 1
     assert "lookup_order" in " ".join(generated["agent"]["tools"])
     assert sim["sessions_total"] == 3 and stored["id"] == generated["test_set_id"]
 
