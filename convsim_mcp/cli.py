@@ -50,7 +50,7 @@ from typing import Any, Callable, Sequence
 
 import anyio
 
-from engine import ConvsimError, CouldNotTest, InvalidOption, LLMError, JobRegistry, Progress, RunSummary, Store, UserInputError, Workspace
+from engine import ConvsimError, CouldNotTest, InvalidOption, LLMError, JobRegistry, RunSummary, Store, UserInputError, Workspace
 from engine import secrets
 from engine.models import SEVERITY_ORDER, Report, ScorerSummary, TrialsSummary
 from engine.pipeline._shared import MAX_CONCURRENCY
@@ -68,6 +68,8 @@ compare_runs, comparison_markdown = deferred("engine.pipeline.compare", "compare
 build_test_set, export_test_set = deferred("engine.pipeline.generation", "build_test_set", "export_test_set")
 comparison_html, run_report_html = deferred("engine.reports.html", "comparison_html", "run_report_html")
 junit_xml = deferred("engine.reports.junit", "junit_xml")
+
+from .progress import ProgressBar
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNTESTED = 0, 1, 2, 3
@@ -815,28 +817,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr (a line per finished session when stderr is not a terminal)."""
-
-    def __init__(self, width: int = 30):
-        self.width = width
-        self.tty = sys.stderr.isatty()
-        self.shown = False
-
-    async def update(self, p: Progress) -> None:
-        if self.tty:
-            filled = int(self.width * p.done / max(p.total, 1))
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {p.done}/{p.total} {one_line(p.message, 50):<50}")
-            sys.stderr.flush()
-            self.shown = True
-        elif "ended" in p.message:
-            print(f"[{p.done}/{p.total}] {p.message}", file=sys.stderr)
-
-    def close(self) -> None:
-        if self.shown:
-            sys.stderr.write("\n")
 
 
 if __name__ == "__main__":

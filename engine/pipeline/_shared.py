@@ -26,9 +26,17 @@ FILES_SPARE = 256  # the database, its WAL, logs, the server's own transport
 
 @dataclass
 class Progress:
+    """How far a job is: `done` of `total` steps (a simulation's step is a turn), and what just happened.
+
+    While conversations play, the session counts are set too: finished of all, and how many of the finished
+    ones failed (the agent failed, or the simulated user could not test it), for a progress bar to show."""
+
     done: int
     total: int
     message: str
+    sessions_done: int | None = None
+    sessions_total: int | None = None
+    failures: int | None = None
 
 
 ProgressFn = Callable[[Progress], Awaitable[None]]

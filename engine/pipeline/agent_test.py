@@ -84,9 +84,11 @@ class AgentTestJob:
         sim_steps = sessions_total * self.max_turns
         total = 2 + sim_steps + 2
 
-        async def stage(done: int, message: str) -> None:
+        async def stage(done: int, message: str, sim: Progress | None = None) -> None:
             if progress:
-                await progress(Progress(min(done, total), total, message))
+                await progress(Progress(min(done, total), total, message,
+                                        **({"sessions_done": sim.sessions_done, "sessions_total": sim.sessions_total,
+                                            "failures": sim.failures} if sim else {})))
 
         try:
             profile: AgentProfile | None = self.test_set.profile if self.test_set else self.profile
@@ -113,7 +115,7 @@ class AgentTestJob:
             await stage(2, f"simulate: {sessions_total} conversations")
 
             async def sim_progress(p: Progress) -> None:
-                await stage(2 + round(p.done * sim_steps / max(p.total, 1)), f"simulate: {p.message}")
+                await stage(2 + round(p.done * sim_steps / max(p.total, 1)), f"simulate: {p.message}", p)
 
             simulation = SimulationJob(self.store, self.run_id, self.target, cases, self.user_llm, self.user_class,
                                        self.max_turns, self.concurrency, self.repeats, self.scorers, self.judge_llm,

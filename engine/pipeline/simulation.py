@@ -43,6 +43,9 @@ from .scoring import score_one, tally_verdicts
 
 log = logging.getLogger("convsim.pipeline")
 
+# Stop reasons a progress bar counts as failures: the agent failed, or the simulated user could not test it
+FAILURE_STOPS = frozenset({StopReason.AGENT_ERROR, StopReason.AGENT_EMPTY, StopReason.SIMULATOR_ERROR})
+
 MAX_CASES_LISTED = 50  # per-case trial results a run summary lists (the report lists every case)
 
 
@@ -129,14 +132,24 @@ class SimulationJob:
         live: dict[str, Session] = {}
         recorder = _StoreRecorder(self.store)
 
+        ended = {"done": 0, "failures": 0}  # finished sessions, and those of them that failed
+        if self.sessions is not None:
+            kept = [s for s in self.sessions if s.stop_reason is not None]
+            ended.update(done=len(kept), failures=sum(s.stop_reason in FAILURE_STOPS for s in kept))
+
         async def on_event(event: TurnEvent) -> None:
             nonlocal done_steps
             step = self.max_turns if event.finished else event.turn
             done_steps += step - steps.get(event.session_id, step)
             steps[event.session_id] = step
+            if event.finished:
+                ended["done"] += 1
+                ended["failures"] += event.stop_reason in FAILURE_STOPS
             if progress:
                 what = f"ended: {event.stop_reason.value}" if event.finished and event.stop_reason else f"turn {event.turn}"
-                await progress(Progress(done_steps, self.total_steps, f"{event.session_id} {what}"))
+                await progress(Progress(done_steps, self.total_steps, f"{event.session_id} {what}",
+                                        sessions_done=ended["done"], sessions_total=self.sessions_total,
+                                        failures=ended["failures"]))
 
         async def play(session: Session, stop: anyio.CancelScope) -> None:
             CACHE_TRIAL.set(session.repeat)  # this task's own context: each repeat is its own cached trial
