@@ -19,6 +19,7 @@ from ..errors import LLMAuthError, LLMError, LLMOutputError
 from ..models import Usage
 from .base import LLM, RETRYABLE_KINDS, LLMResult, LLMSettings, T, log, strict_schema
 from .providers import key_variable
+from .ratelimit import RateLimitExhausted, estimate_tokens, limiter_for, retry_after_seconds
 
 REPAIR_PROMPT = """\
 Your previous reply could not be used: {error}
@@ -47,6 +48,7 @@ class LiteLLMBackend(LLM):
         self._answered = False  # a request got an answer other than "bad credentials": no more gating
         self._first_call = anyio.Lock()
         self._endpoint = (settings.api_base, settings.model)
+        self._rate = limiter_for(settings.api_base, settings.model, rpm=settings.rpm, tpm=settings.tpm)
 
     def cache_identity(self) -> dict[str, Any]:
         """The endpoint counts too: one model name at two servers (a local `openai/...`) may be two models.
@@ -118,8 +120,13 @@ class LiteLLMBackend(LLM):
                     log.warning("model %s at %s refused response_format %s (%s); using %s from now on",
                                 s.model, s.api_base or "its provider", err.mode, err, fallback)
                 continue
+            except RateLimitExhausted as err:  # refused for too long: no request was sent this time
+                err.usage = usage
+                raise
             except LLMError as err:  # the provider answered with an error (or never answered)
                 usage = usage.add(Usage.failed(err.kind))
+                if err.kind == "rate_limit" and err.retryable:  # waited out in the rate limiter, not the budget:
+                    continue  # it paused and slowed down; RateLimitExhausted once refused rate_limit_wait_s
                 if not err.retryable or attempt == s.max_retries:
                     err.usage = usage
                     raise
@@ -151,13 +158,21 @@ class LiteLLMBackend(LLM):
         return await self._request(litellm, build)  # answered while this call waited: no more gating
 
     async def _request(self, litellm: Any, build: Callable[[], tuple[dict[str, Any], str]]) -> Any:
-        mode = JSON_SCHEMA
+        mode, ticket, rate = JSON_SCHEMA, None, self._rate
         try:
             async with self._limiter:
                 kwargs, mode = build()
+                ticket = await rate.acquire(estimate_tokens(kwargs["messages"]) if rate.counts_tokens else 0,
+                                            give_up_after=self.settings.rate_limit_wait_s)
+                if _working_modes.get(self._endpoint, JSON_SCHEMA) != mode:  # learnt while this call queued
+                    kwargs, mode = build()
                 resp = await litellm.acompletion(**kwargs)
+        except RateLimitExhausted:
+            raise
         except Exception as e:  # classify at the boundary, decide in the caller
             err = _classify(e)
+            if err.kind == "rate_limit":
+                rate.rate_limited(ticket, _retry_after(e))
             if err.kind != "auth" and _refuses_format(e, err.status_code):
                 self._answered = True
                 raise _FormatRefused(str(err), mode=mode, status_code=err.status_code) from e
@@ -166,6 +181,7 @@ class LiteLLMBackend(LLM):
             self._answered = True
             raise err from e
         self._answered = True
+        rate.succeeded(ticket, _total_tokens(resp) if rate.counts_tokens else None)
         if resp is None:  # litellm gives up this way after a 422 it retried with parameters dropped
             raise LLMError(f"model {self.model}: the server refused the request (HTTP 422) and litellm returned no "
                            "response", status_code=422, kind="other")
@@ -285,17 +301,11 @@ def _classify(e: Exception) -> LLMError:
 
 
 def _retry_after(e: BaseException | None) -> float | None:
-    """Seconds from a Retry-After header on the error's response, if any."""
+    """Seconds from the error response's Retry-After (or retry-after-ms) header, if any."""
     for headers in (getattr(getattr(e, "response", None), "headers", None), getattr(e, "litellm_response_headers", None)):
-        if not headers:
-            continue
-        value = headers.get("retry-after") or headers.get("Retry-After")
-        if value is None:
-            continue
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            return None
+        seconds = retry_after_seconds(headers)
+        if seconds is not None:
+            return seconds
     return None
 
 
@@ -316,6 +326,11 @@ def _usage_of(resp: Any) -> Usage:
         cost_usd=float(cost) if cost else 0.0,
         cost_unknown_calls=0 if cost is not None else 1,
     )
+
+
+def _total_tokens(resp: Any) -> int | None:
+    u = _usage_of(resp) if resp is not None else None
+    return u.prompt_tokens + u.completion_tokens if u is not None and u.prompt_tokens else None
 
 
 def _parse(text: str, schema: type[T]) -> T:
