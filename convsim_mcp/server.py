@@ -103,6 +103,9 @@ TemperatureArg = Annotated[float | None, Field(description="Sampling temperature
                                                            "CONVSIM_TEMPERATURE, else the provider's.")]
 SeedArg = Annotated[int | None, Field(description="Sampling seed sent with every model call (providers that take one "
                                                   "sample reproducibly). Default: CONVSIM_SEED, else none.")]
+RpmArg = Annotated[float | None, Field(description="Most requests per minute to each model: queued and evenly paced, "
+                                                   "slowed on 429. Default: CONVSIM_LLM_RPM, else unpaced.")]
+TpmArg = Annotated[float | None, Field(description="Most tokens per minute to each model. Default: CONVSIM_LLM_TPM.")]
 
 
 class ScorerInfo(BaseModel):
@@ -311,6 +314,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
+        rpm: RpmArg = None,
+        tpm: TpmArg = None,
     ) -> RunSummary:
         """Play simulated users against an agent for many turns and store the conversations.
 
@@ -322,7 +327,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
             store, target, test_cases, max_turns=max_turns, model=model, concurrency=concurrency,
             repeats=repeats, user_agent=user_agent, scorers=scorers, judge_model=judge_model, workspace=workspace,
             from_run=from_run, mode=mode, continue_after_replay=continue_after_replay,
-            cache=cache, temperature=temperature, seed=seed,
+            cache=cache, temperature=temperature, seed=seed, rpm=rpm, tpm=tpm,
         )
         if not wait:
             registry.start(job)
@@ -372,6 +377,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
+        rpm: RpmArg = None,
+        tpm: TpmArg = None,
     ) -> TestAgentResult:
         """Test an agent end to end: describe it, generate cases, simulate users, judge, and report issues.
 
@@ -385,7 +392,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
             concurrency=concurrency, scorers=scorers, model=model, user_model=user_model,
             judge_model=judge_model, generator_model=generator_model, shrink=shrink, workspace=workspace,
             from_run=from_run, mode=mode, continue_after_replay=continue_after_replay,
-            cache=cache, temperature=temperature, seed=seed,
+            cache=cache, temperature=temperature, seed=seed, rpm=rpm, tpm=tpm,
         )
         if not wait:
             registry.start(job)
@@ -430,11 +437,14 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         model: Annotated[str | None, Field(description="Default: the run's models.")] = None,
         repeats: Annotated[int | None, Field(description="Re-runs per case; default: the run's, at least 3 for an "
                                                          "issue seen in only some sessions.", ge=1, le=20)] = None,
+        rpm: Annotated[float | None, Field(description="As for test_agent; default: the run's.")] = None,
+        tpm: Annotated[float | None, Field(description="As for test_agent; default: the run's.")] = None,
     ) -> RerunResult:
         """After changing the agent: re-run and say, per issue, whether it reproduces, is fixed, or could not be
         checked (inconclusive: the failing turn was not reached), plus any new issues."""
         outcome = await rerun_issues(store, run_id, issue_id=issue_id, target=target, max_turns=max_turns,
-                                     model=model, repeats=repeats, progress=_forward(ctx), workspace=workspace)
+                                     model=model, repeats=repeats, progress=_forward(ctx), workspace=workspace,
+                                     rpm=rpm, tpm=tpm)
         count = {s: sum(c.status == s for c in outcome.issues) for s in ("reproduces", "fixed", "inconclusive")}
         return RerunResult(run_id=outcome.run_id, rerun_of=run_id, issues=outcome.issues,
                            new_issues=outcome.new_issues, **count, resource=run_uri(outcome.run_id))
@@ -479,6 +489,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
+        rpm: RpmArg = None,
+        tpm: TpmArg = None,
     ) -> TestSetResult:
         """Write realistic test cases (goal, persona, guidelines, expectations) and store them as a test set.
 
@@ -488,7 +500,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
                                         session_ids=session_ids, file=file, num_test_cases=num_test_cases,
                                         guidance=guidance, adversarial=adversarial, ask_agent=ask_agent,
                                         model=model, name=name, workspace=workspace, cache=cache,
-                                        temperature=temperature, seed=seed)
+                                        temperature=temperature, seed=seed, rpm=rpm, tpm=tpm)
         return TestSetResult(
             test_set_id=test_set.id, name=test_set.name, cases=test_set.cases, agent=test_set.profile,
             sources=test_set.sources, offline=test_set.offline, usage=test_set.usage,
@@ -516,6 +528,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
+        rpm: RpmArg = None,
+        tpm: TpmArg = None,
     ) -> ScoreSummary:
         """Judge whole conversations: per scorer, the pass rate and the failing sessions with one-line rationales.
 
@@ -524,7 +538,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         """
         job = await prepare_scoring(store, run_id=run_id, session_ids=session_ids, transcripts=transcripts,
                                     file=file, scorers=scorers, model=model, concurrency=concurrency,
-                                    workspace=workspace, cache=cache, temperature=temperature, seed=seed)
+                                    workspace=workspace, cache=cache, temperature=temperature, seed=seed,
+                                    rpm=rpm, tpm=tpm)
 
         return await job.run(_forward(ctx))
 

@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from engine import InvalidOption, LLMError, Role, StopReason, UserTurn, resolve_llm, simulate
+from engine.llm import ratelimit
 from engine.llm.base import LLMSettings
 from engine.llm.litellm_backend import LiteLLMBackend
 from engine.llm.ratelimit import (
@@ -326,3 +327,53 @@ async def test_a_run_configured_for_the_providers_rate_loses_no_session(store, f
     sessions = await store.get_sessions(summary.run_id)
     assert len(sessions) == 12 and all(s.stop_reason == StopReason.MAX_TURNS for s in sessions)
     assert len(provider.accepted) == 36 and fake_llm.calls == 36 + provider.refused
+
+
+# --- the options, through the MCP tools and the command line -------------------------------------
+
+async def test_the_mcp_tools_take_rpm_and_tpm_and_a_run_records_them(store, fake_llm, monkeypatch):
+    from mcp import Client
+
+    from convsim_mcp.server import build_server
+
+    fake_llm.set_handler(lambda req: turn("more"))
+    monkeypatch.setenv("CONVSIM_API_BASE", fake_llm.url)
+    monkeypatch.setenv("CONVSIM_API_KEY", "k")
+    args = {"target": agent("echo"), "test_cases": [{"goal": "g"}], "max_turns": 2, "model": "openai/fake-rpm",
+            "rpm": 6000, "tpm": 1_000_000}
+    async with Client(build_server(store)) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        for name in ("simulate_conversations", "test_agent", "score_sessions", "generate_test_cases", "rerun_issue"):
+            assert {"rpm", "tpm"} <= set(tools[name].input_schema["properties"]), name
+        done = await client.call_tool("simulate_conversations", args)
+        bad = await client.call_tool("simulate_conversations", {**args, "rpm": 0})
+    assert not done.is_error, done.content
+    options = (await store.get_run(done.structured_content["run_id"]))["options"]
+    assert (options["rpm"], options["tpm"]) == (6000.0, 1_000_000.0)
+    assert ratelimit._limiters[(fake_llm.url, "openai/fake-rpm")].rpm == 6000.0  # the backend's limiter
+    assert bad.is_error and "rpm must be a positive number" in bad.content[0].text
+
+
+@pytest.mark.slow
+def test_the_command_line_takes_rpm_and_refuses_a_bad_one(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps([{"goal": "track my order"}]), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items()
+           if not k.endswith("_API_KEY") and not k.startswith("CONVSIM_") and k != "PYTHONPATH"}
+    env.update(CONVSIM_HOME=str(tmp_path), PYTHONPATH=str(ROOT), CONVSIM_ROOTS=str(tmp_path))
+
+    def convsim(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "convsim_mcp", "simulate", "tests.agents:echo", str(cases),
+                               "--max-turns", "2", "--db", str(tmp_path / "db.sqlite"), *args], cwd=ROOT,
+                              env={**env, **extra}, capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+
+    ok, bad, bad_env = convsim("--rpm", "600", "--tpm", "90000"), convsim("--rpm", "0"), convsim(CONVSIM_LLM_TPM="x")
+    assert ok.returncode == 0, ok.stderr
+    assert bad.returncode == 2 and "rpm must be a positive number" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad_env.returncode == 2 and "CONVSIM_LLM_TPM" in bad_env.stderr
