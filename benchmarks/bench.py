@@ -338,9 +338,11 @@ async def bench_rate_limit(store, root: str, fake: FakeLLMProcess, *, quick: boo
     from engine import resolve_llm
     from engine.llm.ratelimit import RateLimiter
 
-    n, t = (20, 4) if quick else (40, 6)
+    n, t = (20, 6) if quick else (40, 8)
     fake.ask("delay 0.2")
     os.environ[AGENT_DELAY_ENV] = "0.1"
+    warm = resolve_llm("openai/fake-ratelimit-warmup", api_base=fake.url, api_key="x", timeout_s=30, max_concurrency=n)
+    await _simulate_once(store, root, n=n, t=1, target="benchmarks/bench.py:agent", llm=warm)  # litellm warmed up
     rows = []
     for label, rpm in (("rpm = 60 R", RATE_R * 60), ("no rpm (adaptive)", None)):
         fake.ask(f"ratelimit {RATE_R}")

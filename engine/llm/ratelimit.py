@@ -8,8 +8,10 @@ model at the same endpoint (a run's simulated user and its judges, two runs of a
     limiter.succeeded(ticket, actual_tokens)      # or
     limiter.rate_limited(ticket, retry_after_s)   # on a 429
 
-How it paces. Requests leave one at a time from a FIFO queue. With `rpm`, two requests leave at least
-60/rpm seconds apart: evenly spread, never a burst that trips a provider's per-second window. With `tpm`,
+How it paces. Requests leave one at a time from a FIFO queue. With `rpm`, they leave 60/rpm seconds apart
+on a grid (a head the busy event loop woke late, by up to CATCH_UP_S, is made up), and the last second's
+worth of departures always spans a second (x WINDOW_MARGIN): evenly spread, never a burst that trips a
+provider's per-second window. With `tpm`,
 a request of `e` estimated tokens pushes the next departure back by e x 60/tpm seconds; the estimate
 (characters / 4) is corrected by the usage the provider reports. Waiting costs a slot only once a request
 leaves: a waiter cancelled in the queue takes nothing and the next one moves up.
@@ -42,14 +44,17 @@ from ..errors import LLMError
 
 log = logging.getLogger("convsim.llm")
 
-DECREASE = 0.7  # rate multiplier on each new 429 episode
-RECOVERY_PER_S = 0.05  # of the base rate, regained per second without a new episode
+DECREASE = 0.8  # rate multiplier on each new 429 episode
+RECOVERY_PER_S = 0.1  # of the base rate, regained per second without a new episode
 MIN_FACTOR = 0.05  # the rate never falls below this share of its base
 ADAPTIVE_CEILING = 2.0  # unconfigured: back to unpaced at this multiple of the rate measured at the 429
 ADAPTIVE_FALLBACK_RPM = 60.0  # unconfigured, a 429 reported before any request left
 MAX_PAUSE_S = 60.0
 BACKOFF_S = 1.0  # pause after a 429 without Retry-After, doubled per episode until a success
-HISTORY = 64  # departures remembered to measure the rate (unconfigured)
+HISTORY = 256  # departures remembered: the window below, and the rate measured at a 429 (unconfigured)
+MEASURED = 64  # departures the measured rate is taken over
+CATCH_UP_S = 0.1  # a late wake-up (a busy event loop) up to this long is made up, within the window below
+WINDOW_MARGIN = 1.04  # any B consecutive departures span at least B intervals x this (B: about a second's worth)
 
 EXHAUSTED = ("model {model}: the provider has answered only 429 (rate limited) for {waited:.0f}s; lower the request "
              "rate (rpm / CONVSIM_LLM_RPM, tpm / CONVSIM_LLM_TPM) or the concurrency, or try again later")
@@ -158,15 +163,29 @@ class RateLimiter:
         if self._paced():
             factor = self._factor(now)
             rpm = self.rpm if self.rpm is not None else self._adaptive_rpm
-            if rpm is not None:
-                self._next_request = max(now, self._next_request) + 60.0 / (rpm * factor)
+            if rpm is not None:  # on a grid, so a late wake-up (a busy event loop) does not lower the rate
+                interval = 60.0 / (rpm * factor)
+                on_grid = now - self._next_request <= max(CATCH_UP_S, interval / 2)  # else idle: a new grid
+                self._next_request = (self._next_request if on_grid else now) + interval
             if self.tpm is not None and tokens:
                 self._next_token = max(now, self._next_token) + tokens * 60.0 / (self.tpm * factor)
         return Ticket(now, tokens)
 
     def _ready_in(self, now: float) -> float:
-        """Seconds until the rates let the next request leave."""
-        return max(self._next_request, self._next_token if self.tpm is not None else 0.0) - now
+        """Seconds until the rates let the next request leave.
+
+        Besides the grid, a window: the last B departures (about one second's worth) must span B intervals
+        (x WINDOW_MARGIN), so catching up never puts more than a second's worth into any second. Departures
+        before the last cut are left out: the cut slows the grid, not retroactively the second before it.
+        """
+        ready = max(self._next_request, self._next_token if self.tpm is not None else 0.0)
+        rpm = self.rpm if self.rpm is not None else self._adaptive_rpm
+        if rpm is not None:
+            count = min(HISTORY, max(1, round(rpm / 60.0)))
+            if len(self._history) >= count and self._history[-count] > self._cut_at:  # those since the last cut
+                interval = 60.0 / (rpm * self._factor(now))
+                ready = max(ready, self._history[-count] + count * interval * WINDOW_MARGIN)
+        return ready - now
 
     def _factor(self, now: float) -> float:
         """The share of the base rate allowed now: cut on 429 episodes, climbing back linearly."""
@@ -219,14 +238,16 @@ class RateLimiter:
         else:
             pause = 0.0
         self._paused_until = max(self._paused_until, now + pause)
+        self._next_request = max(self._next_request, self._paused_until)  # no catching up after a 429
         if new_episode:
             self._recover_from = self._paused_until
 
     def _measured_rpm(self, now: float) -> float:
         if not self._history:
             return ADAPTIVE_FALLBACK_RPM
-        span = max(now - self._history[0], 1e-3)  # up to the 429: its latency counts, so one request is a rate too
-        return len(self._history) / span * 60.0
+        count = min(len(self._history), MEASURED)
+        span = max(now - self._history[-count], 1e-3)  # up to the 429: its latency counts, so one request is a rate
+        return count / span * 60.0
 
     def _base_description(self) -> str:
         parts = [f"{self.rpm:g} rpm" if self.rpm is not None else "",
