@@ -338,7 +338,7 @@ async def bench_rate_limit(store, root: str, fake: FakeLLMProcess, *, quick: boo
     from engine import resolve_llm
     from engine.llm.ratelimit import RateLimiter
 
-    n, t = (20, 6) if quick else (40, 8)
+    n, t = (40, 6) if quick else (40, 8)  # long enough that the first and last second do not dominate
     fake.ask("delay 0.2")
     os.environ[AGENT_DELAY_ENV] = "0.1"
     warm = resolve_llm("openai/fake-ratelimit-warmup", api_base=fake.url, api_key="x", timeout_s=30, max_concurrency=n)
