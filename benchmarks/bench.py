@@ -51,17 +51,38 @@ STARTUP_TIMEOUT_S = 60.0
 def _fake_server_main(root: str) -> int:
     """Child-process mode: serve the fake LLM; answer line commands on stdin with one JSON line.
 
-    Commands: `delay SECONDS`, `stats` (then reset), `quit`.
+    Commands: `delay SECONDS`, `ratelimit R` (answer 429 above R requests in any one second; 0: off; resets
+    the counts), `limits` (requests accepted and refused since), `stats` (then reset), `quit`.
     """
     import json
     import sys
+    import threading
+    import time
 
     sys.path.insert(0, root)
     from tests.fake_llm import FakeLLMServer, FakeReply
 
-    state = {"delay": 0.0}
+    state = {"delay": 0.0, "rate": 0}
+    limited = {"accepted": [], "refused": 0}
+    lock = threading.Lock()
+
+    def over_rate() -> FakeReply | None:
+        """A provider allowing R requests in any one-second window: above it, 429 with the wait in ms."""
+        with lock:
+            now = time.monotonic()
+            accepted = limited["accepted"]
+            recent = [t for t in accepted[-state["rate"]:] if t > now - 1.0]
+            if len(recent) >= state["rate"]:
+                limited["refused"] += 1
+                wait_ms = max(1, int((recent[0] + 1.0 - now) * 1000) + 1)
+                return FakeReply(status=429, content="Rate limit reached for requests",
+                                 headers={"retry-after-ms": str(wait_ms), "Retry-After": "1"})
+            accepted.append(now)
+        return None
 
     def handler(request: dict) -> FakeReply:
+        if state["rate"] and (refusal := over_rate()) is not None:
+            return refusal
         n = sum(1 for m in request.get("messages") or [] if m.get("role") == "assistant") + 1
         return FakeReply(
             content={"message": f"Thanks. Next question, number {n}: what about the next item on my list?",
@@ -88,6 +109,16 @@ def _fake_server_main(root: str) -> int:
                     schema_chars = len(json.dumps(r.get("response_format") or {}))
                     rows.append([turn, chars, schema_chars])
                 print(json.dumps({"requests": rows, "errors": [repr(e) for e in fake.errors]}), flush=True)
+            elif cmd == "ratelimit":
+                with lock:
+                    state["rate"] = int(arg)
+                    limited.update(accepted=[], refused=0)
+                print(json.dumps({"ok": True}), flush=True)
+            elif cmd == "limits":
+                with lock:
+                    acc = limited["accepted"]
+                    print(json.dumps({"accepted": len(acc), "refused": limited["refused"],
+                                      "span_s": acc[-1] - acc[0] if len(acc) > 1 else 0.0}), flush=True)
             elif cmd == "quit":
                 break
     return 0
@@ -401,6 +432,80 @@ def _render_prompt_cache(pc: dict) -> list[str]:
     return out
 
 
+# --- Provider rate limit ------------------------------------------------------------------------
+
+RATE_R = 20  # requests/s the fake provider allows before it answers 429
+
+
+async def bench_rate_limit(store, root: str, fake: FakeLLMProcess, *, quick: bool) -> dict:
+    """A fake provider answering 429 above R requests/s; runs configured for R (rpm = 60 R) and unconfigured.
+
+    Demand is far above R (N conversations, L=0.2 s model, A=0.1 s agent: about 3 requests/s each), so the
+    achieved rate is the limiter's. Achieved = requests the provider accepted / the span from its first to
+    its last acceptance. Lost = sessions that did not reach their normal stop reason (max_turns here).
+    """
+    import time
+
+    from engine import resolve_llm
+    from engine.llm.ratelimit import RateLimiter
+
+    n, t = (40, 6) if quick else (40, 8)  # long enough that the first and last second do not dominate
+    fake.ask("delay 0.2")
+    os.environ[AGENT_DELAY_ENV] = "0.1"
+    warm = resolve_llm("openai/fake-ratelimit-warmup", api_base=fake.url, api_key="x", timeout_s=30, max_concurrency=n)
+    await _simulate_once(store, root, n=n, t=1, target="benchmarks/bench.py:agent", llm=warm)  # litellm warmed up
+    rows = []
+    for label, rpm in (("rpm = 60 R", RATE_R * 60), ("no rpm (adaptive)", None)):
+        fake.ask(f"ratelimit {RATE_R}")
+        llm = resolve_llm(f"openai/fake-ratelimit-{rpm or 0}", api_base=fake.url, api_key="x", timeout_s=30,
+                          max_concurrency=n, rpm=rpm)
+        run = await _simulate_once(store, root, n=n, t=t, target="benchmarks/bench.py:agent", llm=llm,
+                                   goal=LONG_GOAL)
+        limits = fake.ask("limits")
+        fake.ask("stats")
+        lost = n - int(run["stop_reasons"].get("max_turns", 0))  # every session should reach max_turns
+        rows.append({
+            "config": label, "r": RATE_R, "n": n, "t": t, "wall_s": run["wall_s"],
+            "accepted": limits["accepted"], "refused_429": limits["refused"],
+            "achieved_rps": (limits["accepted"] - 1) / limits["span_s"] if limits["span_s"] else None,
+            "achieved_rps_wall": limits["accepted"] / run["wall_s"],
+            "sessions": run["sessions"], "sessions_lost": lost,
+            "stop_reasons": run["stop_reasons"], "all_max_turns": run["all_max_turns"],
+        })
+    fake.ask("ratelimit 0")
+    fake.ask("delay 0")
+
+    async def per_acquire_us(lim: RateLimiter, count: int) -> float:
+        started = time.process_time()
+        for _ in range(count):
+            lim.succeeded(await lim.acquire(0))
+        return (time.process_time() - started) / count * 1e6
+
+    overhead = {"unpaced_us": await per_acquire_us(RateLimiter(), 20000),
+                "paced_uncontended_us": await per_acquire_us(RateLimiter(rpm=1e9), 20000)}
+    return {"rows": rows, "limiter_cpu": overhead}
+
+
+def render_rate_limit(rl: dict) -> list[str]:
+    out = [
+        "",
+        f"## Provider rate limit (fake answers 429 above R={RATE_R} requests/s; L=0.2 s, A=0.1 s)",
+        "",
+        "| run | N | T | wall s | accepted | 429s | achieved req/s (span) | achieved/R | sessions lost |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rl["rows"]:
+        rate = r["achieved_rps"]
+        out.append(f"| {r['config']} | {r['n']} | {r['t']} | {r['wall_s']:.1f} | {r['accepted']} | {r['refused_429']} "
+                   f"| {rate:.1f} | {rate / r['r']:.0%} | {r['sessions_lost']} |" if rate else
+                   f"| {r['config']} | {r['n']} | {r['t']} | {r['wall_s']:.1f} | {r['accepted']} | {r['refused_429']} "
+                   f"| - | - | {r['sessions_lost']} |")
+    c = rl["limiter_cpu"]
+    out += ["", "Targets: achieved/R >= 90% and 0 sessions lost for the run configured for R. Limiter CPU per "
+                f"request: {c['unpaced_us']:.1f} us unpaced, {c['paced_uncontended_us']:.1f} us paced (uncontended)."]
+    return out
+
+
 def bench_startup(root: str, home: str, tries: int) -> dict:
     import json
     import subprocess
@@ -621,6 +726,8 @@ def render(result: dict) -> str:
     ]
     if "prompt_cache" in result:
         out += _render_prompt_cache(result["prompt_cache"])
+    if "rate_limit" in result:
+        out += render_rate_limit(result["rate_limit"])
     if "context" in result:
         out += render_context(result["context"])
     return "\n".join(out)
@@ -816,6 +923,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("  scale runs done", file=sys.stderr)
                 result["prompt_cache"] = await bench_prompt_cache(store, root)
                 print("  prompt-cache run done", file=sys.stderr)
+                result["rate_limit"] = await bench_rate_limit(store, root, fake, quick=args.quick)
+                print("  rate-limit runs done", file=sys.stderr)
 
             anyio.run(engine_benches)
         finally:
@@ -838,6 +947,7 @@ def main(argv: list[str] | None = None) -> int:
               if not (r["all_max_turns"] and r["messages_stored"] == r["messages_expected"])]
     failed += [r for r in result["zero_delay"] if not (r["all_max_turns"] and r["messages_ok"])]
     failed += [r for r in [*result["scale"], result["file_cases"]] if not r["ok"]]
+    failed += [r for r in result["rate_limit"]["rows"] if r["sessions_lost"]]
     return 1 if failed else 0
 
 

@@ -11,7 +11,8 @@
     convsim-mcp simulate TARGET CASES [--max-turns N --model M --concurrency N --repeats N --junit PATH]
                       (CASES: a file, a test set id, or inline JSON: '[{"goal": "..."}]')
     convsim-mcp simulate TARGET --from-run RUN_ID [--replay [--continue-after-replay]]   (test-agent too)
-    (test-agent, generate, simulate, score: [--cache | --no-cache] [--temperature T] [--seed N])
+    (test-agent, generate, simulate, score: [--cache | --no-cache] [--temperature T] [--seed N] [--rpm N --tpm N];
+     rerun: [--rpm N --tpm N])
     convsim-mcp score (RUN_ID | --file FILE | --session ID ...) [--scorer NAME ...] [--model M] [--junit PATH]
     convsim-mcp runs list | show RUN_ID | export RUN_ID [-o FILE] | import FILE | resume RUN_ID
     convsim-mcp runs export RUN_ID --format mlflow --tracking-uri URI --experiment NAME
@@ -176,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("--json", dest="json_path", help="write {run_id, issues: [{id, status, reason, sessions}], "
                                                      "new_issues} here")
     _add_junit(rr)
+    _add_rate_limits(rr, default="the run's, else $CONVSIM_LLM_RPM")
     _add_allow_untested(rr)
     rr.add_argument("--db")
     _add_root(rr)
@@ -374,10 +376,19 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="sampling temperature of every model call, 0-2 "
                                                      "(default: $CONVSIM_TEMPERATURE, else the provider's)")
     p.add_argument("--seed", type=int, help="sampling seed sent with every model call (default: $CONVSIM_SEED)")
+    _add_rate_limits(p)
+
+
+def _add_rate_limits(p: argparse.ArgumentParser, default: str = "$CONVSIM_LLM_RPM, else unpaced") -> None:
+    p.add_argument("--rpm", type=float, help="most requests per minute to each model: queued, evenly paced, slowed "
+                                             f"on 429 (default: {default})")
+    p.add_argument("--tpm", type=float, help="most tokens per minute to each model "
+                                             f"(default: {default.replace('RPM', 'TPM')})")
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {"cache": args.cache, "temperature": args.temperature, "seed": args.seed}
+    return {"cache": args.cache, "temperature": args.temperature, "seed": args.seed, "rpm": args.rpm,
+            "tpm": args.tpm}
 
 
 def _add_root(p: argparse.ArgumentParser) -> None:
@@ -453,7 +464,7 @@ def _demo(args: argparse.Namespace) -> int:
                             user_agent=None, db=args.db,
                             root=[*args.root, str(EXAMPLES)], allow_untested=0.0, from_run=None, mode=None,
                             continue_after_replay=False, cache=None, temperature=None,
-                            seed=None)
+                            seed=None, rpm=None, tpm=None)
     return _test_agent(ns)
 
 
@@ -501,7 +512,8 @@ def _rerun(args: argparse.Namespace) -> int:
     bar = ProgressBar()
     outcome = anyio.run(lambda: rerun_issues(store, args.run_id, issue_id=args.issue, target=args.target,
                                              max_turns=args.max_turns, model=args.model, repeats=args.repeats,
-                                             workspace=_workspace(args), progress=bar.update))
+                                             workspace=_workspace(args), progress=bar.update, rpm=args.rpm,
+                                             tpm=args.tpm))
     bar.close()
     rows = [[c.id, c.severity, c.status.upper() if c.reproduces else c.status, one_line(c.title, 50),
              one_line(c.reason, 70)] for c in outcome.issues]

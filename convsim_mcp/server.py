@@ -130,6 +130,9 @@ ContinueArg = Annotated[bool, Field(description="replay: the simulated user goes
 CacheArg = Annotated[bool | None, Field(description="Use the response cache. Default: CONVSIM_CACHE.")]
 TemperatureArg = Annotated[float | None, Field(description="0-2. Default: CONVSIM_TEMPERATURE.")]
 SeedArg = Annotated[int | None, Field(description="Default: CONVSIM_SEED.")]
+RpmArg = Annotated[float | None, Field(description="Requests/minute per model, paced; slowed on 429. Default: "
+                                                   "CONVSIM_LLM_RPM.")]
+TpmArg = Annotated[float | None, Field(description="Tokens/minute per model. Default: CONVSIM_LLM_TPM.")]
 
 
 class ScorerInfo(BaseModel):
@@ -384,6 +387,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
+        rpm: RpmArg = None,
+        tpm: TpmArg = None,
     ) -> RunView:
         """Play simulated users against an agent and store the conversations. Returns the aggregates and the
         first sessions, failed and untested first; get_run pages on."""
@@ -391,7 +396,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
             store, target, test_cases, max_turns=max_turns, model=model, concurrency=concurrency,
             repeats=repeats, user_agent=user_agent, scorers=scorers, judge_model=judge_model, workspace=workspace,
             from_run=from_run, mode=mode, continue_after_replay=continue_after_replay,
-            cache=cache, temperature=temperature, seed=seed,
+            cache=cache, temperature=temperature, seed=seed, rpm=rpm, tpm=tpm,
         )
         if not wait:
             registry.start(job)
@@ -435,6 +440,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
+        rpm: RpmArg = None,
+        tpm: TpmArg = None,
     ) -> TestAgentResult:
         """Test an agent end to end: describe it, generate cases, simulate users, judge, report issues ranked
         by severity with evidence (session, turn, quote) and a reproducing case. After a fix: rerun_issue."""
@@ -445,7 +452,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
             judge_model=judge_model, generator_model=generator_model, user_agent=user_agent, shrink=shrink,
             workspace=workspace,
             from_run=from_run, mode=mode, continue_after_replay=continue_after_replay,
-            cache=cache, temperature=temperature, seed=seed,
+            cache=cache, temperature=temperature, seed=seed, rpm=rpm, tpm=tpm,
         )
         if not wait:
             registry.start(job)
@@ -490,11 +497,14 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         model: Annotated[str | None, Field(description="Default: the run's.")] = None,
         repeats: Annotated[int | None, Field(description="Per case. Default: the run's (3 for an intermittent "
                                                          "issue).", ge=1, le=20)] = None,
+        rpm: Annotated[float | None, Field(description="Default: the run's.")] = None,
+        tpm: Annotated[float | None, Field(description="Default: the run's.")] = None,
     ) -> RerunResult:
         """After changing the agent: per issue, whether it reproduces, is fixed, or is inconclusive (the failing
         turn was not reached), plus new issues."""
         outcome = await rerun_issues(store, run_id, issue_id=issue_id, target=target, max_turns=max_turns,
-                                     model=model, repeats=repeats, progress=_forward(ctx), workspace=workspace)
+                                     model=model, repeats=repeats, progress=_forward(ctx), workspace=workspace,
+                                     rpm=rpm, tpm=tpm)
         count = {s: sum(c.status == s for c in outcome.issues) for s in ("reproduces", "fixed", "inconclusive")}
         return trim(RerunResult(run_id=outcome.run_id, rerun_of=run_id, issues=outcome.issues,
                                 new_issues=outcome.new_issues, **count, resource=run_uri(outcome.run_id)),
@@ -537,6 +547,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
+        rpm: RpmArg = None,
+        tpm: TpmArg = None,
     ) -> TestSetResult:
         """Write test cases (goal, persona, guidelines, expectations) from a description, the agent, its source
         or transcripts, and store them as a test set."""
@@ -544,7 +556,7 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
                                         session_ids=session_ids, file=file, num_test_cases=num_test_cases,
                                         guidance=guidance, adversarial=adversarial, ask_agent=ask_agent,
                                         model=model, name=name, workspace=workspace, cache=cache,
-                                        temperature=temperature, seed=seed)
+                                        temperature=temperature, seed=seed, rpm=rpm, tpm=tpm)
         return trim(TestSetResult(
             test_set_id=test_set.id, name=test_set.name, cases=test_set.cases, agent=_brief_profile(test_set.profile),
             sources=test_set.sources, offline=test_set.offline, usage=test_set.usage,
@@ -570,12 +582,15 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         cache: CacheArg = None,
         temperature: TemperatureArg = None,
         seed: SeedArg = None,
+        rpm: RpmArg = None,
+        tpm: TpmArg = None,
     ) -> ScoreSummary:
         """Judge conversations (give one of run_id, session_ids, transcripts, file): per scorer the pass rate and
         the first failing sessions."""
         job = await prepare_scoring(store, run_id=run_id, session_ids=session_ids, transcripts=transcripts,
                                     file=file, scorers=scorers, model=model, concurrency=concurrency,
-                                    workspace=workspace, cache=cache, temperature=temperature, seed=seed)
+                                    workspace=workspace, cache=cache, temperature=temperature, seed=seed,
+                                    rpm=rpm, tpm=tpm)
 
         summary = await job.run(_forward(ctx))
         return _bounded_scores(summary)

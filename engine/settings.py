@@ -13,9 +13,13 @@ The variables, in one place:
     CONVSIM_API_BASE         OpenAI-compatible endpoint for every model call (http or https URL)
     CONVSIM_API_KEY          key sent to that endpoint
     CONVSIM_LLM_TIMEOUT      seconds per model call (default 60)
-    CONVSIM_LLM_RETRIES      retries on rate limits, server errors and timeouts (default 4)
+    CONVSIM_LLM_RETRIES      retries on server errors, timeouts and lost connections (default 4); 429s are
+                             waited out by the rate limiter instead (engine/llm/ratelimit.py)
     CONVSIM_LLM_CONCURRENCY  most model calls in flight (default: the run's concurrency)
     CONVSIM_LLM_TRANSPORT    auto (openai/* models over the direct HTTP path, the rest litellm) or litellm
+    CONVSIM_LLM_RPM          most requests per minute to each model, queued and evenly paced (default: unpaced
+                             until a 429)
+    CONVSIM_LLM_TPM          most tokens per minute to each model (default: not counted)
     CONVSIM_TEMPERATURE      sampling temperature of every model call, 0-2 (default: the provider's)
     CONVSIM_SEED             sampling seed sent with every model call, 0-2147483647 (default: none)
     CONVSIM_CACHE            1 to cache model replies in the database (default 0; see engine/llm/cache.py)

@@ -190,7 +190,6 @@ def test_nested_models_of_a_verdict_are_strict_too():
 @pytest.mark.parametrize(
     "reply, kind, attempts",
     [
-        pytest.param(FakeReply(status=429, headers={"Retry-After": "0"}), "rate_limit", 3, id="429"),
         pytest.param(FakeReply(status=503), "server_error", 3, id="503"),
         pytest.param(FakeReply(status=401, content="Incorrect API key provided"), "auth", 1, id="401"),
         pytest.param(FakeReply(status=403, content="not allowed"), "auth", 1, id="403"),

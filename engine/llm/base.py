@@ -51,6 +51,9 @@ class LLMSettings:
     max_concurrency: int = 64
     temperature: float | None = None
     seed: int | None = None
+    rpm: float | None = None  # requests per minute to this endpoint and model (None: unpaced until a 429)
+    tpm: float | None = None  # tokens per minute (None: not counted)
+    rate_limit_wait_s: float = 300.0  # 429s are waited out, not retried from the budget, until this long refused
 
 
 class LLM:

@@ -9,8 +9,8 @@ client raises, and `_classify` turns that into an `LLMError` of one kind (auth, 
 server_error, context_length, other) whichever transport it came from.
 
 The two seams every request passes: `_call_with_retries` (one logical call: the retry loop, the fallback, the
-back-off; a 429 is `err.kind == "rate_limit"` there) and `_request` (one HTTP request: inside the concurrency
-limiter, the payload built right before `self._send`).
+back-off; a 429 is waited out there, not spent from the retry budget) and `_request` (one HTTP request: inside the
+concurrency limiter and the endpoint's rate limiter, the payload built right before `self._send`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ..errors import LLMAuthError, LLMError, LLMOutputError
 from ..models import Usage
 from .base import LLM, RETRYABLE_KINDS, LLMResult, LLMSettings, T, log, strict_schema
 from .providers import key_variable
+from .ratelimit import RateLimitExhausted, estimate_tokens, limiter_for, retry_after_seconds
 
 REPAIR_PROMPT = """\
 Your previous reply could not be used: {error}
@@ -63,6 +64,7 @@ class ChatBackend(LLM):
         self._answered = False  # a request got an answer other than "bad credentials": no more gating
         self._first_call = anyio.Lock()
         self._endpoint = (settings.api_base, settings.model)
+        self._rate = limiter_for(settings.api_base, settings.model, rpm=settings.rpm, tpm=settings.tpm)
 
     def cache_identity(self) -> dict[str, Any]:
         """The endpoint counts too: one model name at two servers (a local `openai/...`) may be two models.
@@ -121,9 +123,10 @@ class ChatBackend(LLM):
         s = self.settings
         usage = Usage()
         attempt = 0
+        tokens = estimate_tokens(messages) if self._rate.counts_tokens else 0
         while True:
             try:
-                reply = await self._attempt(lambda: self._build(messages, schema))
+                reply = await self._attempt(lambda: self._build(messages, schema), tokens)
             except _FormatRefused as err:  # not transient: ask again at once in the next mode, no retry spent
                 usage = usage.add(Usage.failed(err.kind))
                 if err.mode == TEXT:
@@ -135,8 +138,13 @@ class ChatBackend(LLM):
                     log.warning("model %s at %s refused response_format %s (%s); using %s from now on",
                                 s.model, s.api_base or "its provider", err.mode, err, fallback)
                 continue
+            except RateLimitExhausted as err:  # refused for too long: no request was sent this time
+                err.usage = usage
+                raise
             except LLMError as err:  # the provider answered with an error (or never answered)
                 usage = usage.add(Usage.failed(err.kind))
+                if err.kind == "rate_limit" and err.retryable:  # waited out in the rate limiter, not the budget:
+                    continue  # it paused and slowed down; RateLimitExhausted once refused rate_limit_wait_s
                 if not err.retryable or attempt == s.max_retries:
                     err.usage = usage
                     raise
@@ -156,25 +164,33 @@ class ChatBackend(LLM):
                                usage=usage.add(Usage.failed("other", calls=0)))
             return text, usage
 
-    async def _attempt(self, build: Callable[[], tuple[Any, str]]) -> tuple[str | None, Usage] | None:
+    async def _attempt(self, build: Callable[[], tuple[Any, str]], tokens: int) -> tuple[str | None, Usage] | None:
         """One request, or None when the credentials were refused meanwhile. Raises the classified LLMError."""
         if self._answered:
-            return await self._request(build)
+            return await self._request(build, tokens)
         async with self._first_call:  # until a first answer, one request at a time (a bad key costs one)
             if self.auth_error is not None:
                 return None
             if not self._answered:
-                return await self._request(build)
-        return await self._request(build)  # answered while this call waited: no more gating
+                return await self._request(build, tokens)
+        return await self._request(build, tokens)  # answered while this call waited: no more gating
 
-    async def _request(self, build: Callable[[], tuple[Any, str]]) -> tuple[str | None, Usage]:
-        mode = JSON_SCHEMA
+    async def _request(self, build: Callable[[], tuple[Any, str]], tokens: int = 0) -> tuple[str | None, Usage]:
+        """One request: inside the concurrency limiter, then the rate limiter (ratelimit.py), sent at once."""
+        mode, ticket, rate = JSON_SCHEMA, None, self._rate
         try:
             async with self._limiter:
                 payload, mode = build()
+                ticket = await rate.acquire(tokens, give_up_after=self.settings.rate_limit_wait_s)
+                if _working_modes.get(self._endpoint, JSON_SCHEMA) != mode:  # learnt while this call queued
+                    payload, mode = build()
                 reply = await self._send(payload)
+        except RateLimitExhausted:
+            raise
         except Exception as e:  # classify at the boundary, decide in the caller
             err = _classify(e)
+            if err.kind == "rate_limit":
+                rate.rate_limited(ticket, _retry_after(e))
             if err.kind != "auth" and _refuses_format(e, err.status_code):
                 self._answered = True
                 raise _FormatRefused(str(err), mode=mode, status_code=err.status_code) from e
@@ -183,6 +199,11 @@ class ChatBackend(LLM):
             self._answered = True
             raise err from e
         self._answered = True
+        if rate.counts_tokens:
+            used = reply[1]
+            rate.succeeded(ticket, used.prompt_tokens + used.completion_tokens if used.prompt_tokens else None)
+        else:
+            rate.succeeded(ticket, None)
         return reply
 
     def _latch(self, err: LLMError) -> LLMAuthError:
@@ -291,17 +312,11 @@ def _classify(e: Exception) -> LLMError:
 
 
 def _retry_after(e: BaseException | None) -> float | None:
-    """Seconds from a Retry-After header on the error's response, if any."""
+    """Seconds from the error response's Retry-After (or retry-after-ms) header, if any."""
     for headers in (getattr(getattr(e, "response", None), "headers", None), getattr(e, "litellm_response_headers", None)):
-        if not headers:
-            continue
-        value = headers.get("retry-after") or headers.get("Retry-After")
-        if value is None:
-            continue
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            return None
+        seconds = retry_after_seconds(headers)
+        if seconds is not None:
+            return seconds
     return None
 
 

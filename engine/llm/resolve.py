@@ -34,10 +34,15 @@ def resolve_llm(
     max_concurrency: int | None = None,
     temperature: float | None = None,
     seed: int | None = None,
+    rpm: float | None = None,
+    tpm: float | None = None,
 ) -> LLM:
     """Build the backend for `model` (see `resolve_model`). Per-call options beat the environment
     (CONVSIM_API_BASE, CONVSIM_API_KEY, CONVSIM_LLM_TIMEOUT, CONVSIM_LLM_RETRIES, CONVSIM_LLM_CONCURRENCY,
-    CONVSIM_TEMPERATURE, CONVSIM_SEED).
+    CONVSIM_TEMPERATURE, CONVSIM_SEED, CONVSIM_LLM_RPM, CONVSIM_LLM_TPM).
+
+    `rpm` and `tpm` pace the requests to this model at this endpoint (see ratelimit.py); the offline
+    backend makes no requests and ignores them, after checking them.
 
     `max_concurrency` caps model calls in flight; a job passes its own concurrency, since
     each conversation has at most one call in flight.
@@ -48,6 +53,7 @@ def resolve_llm(
     """
     name = resolve_model(model)
     temperature, seed = sampling(temperature, seed)
+    rpm, tpm = rate_limits(rpm, tpm)
     if name == OFFLINE:
         backend = OfflineBackend()
         backend.temperature, backend.seed = temperature, seed  # recorded with the run; the heuristics ignore them
@@ -73,6 +79,8 @@ def resolve_llm(
                             env_int("CONVSIM_LLM_CONCURRENCY", 100_000, low=1, high=100_000)),
         temperature=temperature,
         seed=seed,
+        rpm=rpm,
+        tpm=tpm,
     )
     if takes_direct_path(settings, transport_setting()):
         return OpenAIHTTPBackend(settings)
@@ -88,6 +96,27 @@ def sampling(temperature: float | None = None, seed: int | None = None) -> tuple
     CONVSIM_SEED, else None (the provider's default temperature, no seed). Raises InvalidOption."""
     return (_given_or_env(temperature, "temperature", "CONVSIM_TEMPERATURE", _temperature),
             _given_or_env(seed, "seed", "CONVSIM_SEED", _seed))
+
+
+MAX_RATE = 1e9
+
+
+def rate_limits(rpm: float | None = None, tpm: float | None = None) -> tuple[float | None, float | None]:
+    """Requests and tokens per minute for a run's model calls, checked: the arguments, else CONVSIM_LLM_RPM and
+    CONVSIM_LLM_TPM, else None (unpaced until the provider answers 429). Raises InvalidOption."""
+    return (_given_or_env(rpm, "rpm", "CONVSIM_LLM_RPM", _per_minute),
+            _given_or_env(tpm, "tpm", "CONVSIM_LLM_TPM", _per_minute))
+
+
+def _per_minute(value: object, what: str) -> float:
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and 0.0 < number <= MAX_RATE):
+        raise InvalidOption(f"{what} must be a positive number (per minute), at most {MAX_RATE:g}, got "
+                            f"{str(value)[:40]!r}")
+    return number
 
 
 def _given_or_env(value: object, field: str, variable: str, check: Callable[[object, str], T]) -> T | None:

@@ -20,6 +20,7 @@ from ..errors import CouldNotTest, InvalidOption, LLMAuthError, LLMError, RunErr
 from ..cases import describe_agent, generate_cases
 from ..issues import discover_issues, summarize_trials
 from ..llm import LLM, resolve_llm, resolve_model
+from ..llm.resolve import rate_limits
 from ..models import AgentProfile, Report, Role, RunStatus, Session, TargetSpec, TestCase, TestSet, Usage, add_usage
 from ..reports import build_report, render_markdown
 from ..judging import DEFAULT_SCORERS, BuiltinJudge, Scorer, parse_scorers
@@ -213,13 +214,16 @@ async def prepare_agent_test(
     cache: bool | None = None,
     temperature: float | None = None,
     seed: int | None = None,
+    rpm: float | None = None,
+    tpm: float | None = None,
 ) -> AgentTestJob:
     """Validate everything a test_agent run needs, then create its run. Raises UserInputError.
 
     `from_run` plays an earlier run's test cases (by `mode`, see replay.py) and generates none.
-    `cache`, `temperature` and `seed`: as for `prepare_simulation`, for every role's model calls.
+    `cache`, `temperature`, `seed`, `rpm` and `tpm`: as for `prepare_simulation`, for every role's model calls.
     """
     use_cache = cache_enabled(cache)
+    rpm, tpm = rate_limits(rpm, tpm)
     check_range("max_turns", max_turns, 1, MAX_TURNS_LIMIT)
     check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
     check_range("repeats", repeats, 1, MAX_REPEATS)
@@ -257,7 +261,7 @@ async def prepare_agent_test(
         name = resolve_model(specific or model)
         if name not in backends:
             backends[name] = with_cache(resolve_llm(name, max_concurrency=concurrency, temperature=temperature,
-                                                    seed=seed), store, use_cache)
+                                                    seed=seed, rpm=rpm, tpm=tpm), store, use_cache)
         return backends[name]
 
     user_llm, judge_llm, generator_llm = model_for(user_model), model_for(judge_model), model_for(generator_model)
@@ -265,7 +269,8 @@ async def prepare_agent_test(
     options = {"max_turns": max_turns, "concurrency": concurrency, "repeats": repeats, "user_agent": user_agent,
                "scorers": [s.name for s in scorer_list], "num_test_cases": num_test_cases, "guidance": guidance,
                "adversarial": adversarial, "judge_model": judge_llm.model, "generator_model": generator_llm.model,
-               **(source.options() if source else {}), **sampling_options(user_llm, use_cache)}
+               **(source.options() if source else {}), **sampling_options(user_llm, use_cache), "rpm": rpm,
+               "tpm": tpm}
     options["resume"] = {"scorers": scorers, "description": description, "ask_agent": ask_agent,
                          "introspect": introspect, "shrink": (user_llm.offline and judge_llm.offline)
                          if shrink is None else shrink}  # what resume_run needs besides the options above

@@ -47,19 +47,22 @@ async def build_test_set(
     cache: bool | None = None,
     temperature: float | None = None,
     seed: int | None = None,
+    rpm: float | None = None,
+    tpm: float | None = None,
 ) -> TestSet:
     """Generate (from a description and/or the target) and distill (from transcripts), then store.
 
     `num_test_cases` bounds the generated cases; each distinct transcript adds one distilled case
-    (a transcript whose case nearly repeats an earlier one is dropped). `cache`, `temperature` and
-    `seed`: as for `prepare_simulation`, for the generator's model calls.
+    (a transcript whose case nearly repeats an earlier one is dropped). `cache`, `temperature`, `seed`,
+    `rpm` and `tpm`: as for `prepare_simulation`, for the generator's model calls.
     """
     check_range("num_test_cases", num_test_cases, 1, MAX_TEST_CASES)
     if not 0.0 <= adversarial <= 1.0:
         raise InvalidOption(f"adversarial must be a share from 0 to 1, got {adversarial!r}")
     if not (description or target or run_id or session_ids or file):
         raise InvalidOption("give at least one source: description, target, run_id, session_ids or file")
-    llm = with_cache(llm or resolve_llm(model, temperature=temperature, seed=seed), store, cache_enabled(cache))
+    llm = with_cache(llm or resolve_llm(model, temperature=temperature, seed=seed, rpm=rpm, tpm=tpm), store,
+                     cache_enabled(cache))
     workspace = as_workspace(workspace)
     resolved = target if isinstance(target, Target) or target is None else resolve_target(target, workspace=workspace)
     usage: dict[str, Usage] = {}

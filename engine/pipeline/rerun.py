@@ -20,6 +20,7 @@ from ..errors import CouldNotTest, InvalidOption, InvalidTarget
 from ..issues import Failure, collect_failures, discover_issues, issue_signatures, primary_causes, untestable_sessions
 from ..judging import DEFAULT_SCORERS, parse_scorers
 from ..llm import LLM, resolve_llm
+from ..llm.resolve import rate_limits
 from ..models import Issue, IssueCheck, IssueStatus, RunStatus, Session, TargetSpec
 from ..simulation import load_user_class, redacted_spec, resolve_target
 from ..store import Store, new_run_id
@@ -55,13 +56,16 @@ async def rerun_issues(
     llm: LLM | None = None,
     progress: ProgressFn | None = None,
     cache: bool | None = None,
+    rpm: float | None = None,
+    tpm: float | None = None,
 ) -> RerunOutcome:
     """Re-run one issue's reproducing case, or every case of the run, against the (changed) agent.
 
     `repeats` defaults to the run's; when an issue was intermittent it is raised to
     CLEAN_RUNS_FOR_INTERMITTENT so that "fixed" rests on enough clean sessions. The run's temperature and
     seed are used again; `cache` defaults to the run's, or CONVSIM_CACHE (where the changed agent replies
-    as before, the cached users and judges answer as before).
+    as before, the cached users and judges answer as before). `rpm` and `tpm` default to the run's, then to
+    CONVSIM_LLM_RPM and CONVSIM_LLM_TPM.
     """
     if repeats is not None:
         check_range("repeats", repeats, 1, MAX_REPEATS)
@@ -102,15 +106,17 @@ async def rerun_issues(
     # the original run's models unless told otherwise, so a re-run plays the same users and judges
     use_cache = cache_enabled(cache) if cache is not None else bool(options.get("cache")) or cache_enabled(None)
     sampling = {"temperature": options.get("temperature"), "seed": options.get("seed")}
-    user_llm = with_cache(llm or resolve_llm(model or ("offline" if run["offline"] else run["model"]), **sampling),
-                          store, use_cache)
-    judge_llm = with_cache(llm or resolve_llm(model or options.get("judge_model") or user_llm.model, **sampling),
-                           store, use_cache)
+    rates = dict(zip(("rpm", "tpm"), rate_limits(rpm if rpm is not None else options.get("rpm"),
+                                                 tpm if tpm is not None else options.get("tpm"))))
+    user_llm = with_cache(llm or resolve_llm(model or ("offline" if run["offline"] else run["model"]), **sampling,
+                                             **rates), store, use_cache)
+    judge_llm = with_cache(llm or resolve_llm(model or options.get("judge_model") or user_llm.model, **sampling,
+                                              **rates), store, use_cache)
     new_run = new_run_id()
     turns = max_turns or options.get("max_turns") or 8
     await store.create_run(run_id=new_run, kind="rerun", target=redacted_spec(resolved.spec),
                            options={**options, "rerun_of": run_id, "issue_id": issue_id, "max_turns": turns,
-                                    "repeats": repeats, **sampling_options(user_llm, use_cache)},
+                                    "repeats": repeats, **sampling_options(user_llm, use_cache), **rates},
                            model=user_llm.model, offline=user_llm.offline, test_cases=cases,
                            sessions_total=len(cases) * repeats)
     user_class = load_user_class(options.get("user_agent"), workspace=workspace)

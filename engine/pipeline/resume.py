@@ -131,7 +131,8 @@ async def prepare_resume(store: Store, run_id: str, *, target: str | dict[str, A
         name = resolve_model(name)
         if name not in backends:  # sampled and cached as the run recorded (sampling_options)
             backends[name] = with_cache(resolve_llm(name, max_concurrency=concurrency,
-                                                    temperature=options.get("temperature"), seed=options.get("seed")),
+                                                    temperature=options.get("temperature"), seed=options.get("seed"),
+                                                    rpm=options.get("rpm"), tpm=options.get("tpm")),
                                         store, bool(options.get("cache")))
         return backends[name]
 

@@ -150,10 +150,12 @@ async def prepare_scoring(
     cache: bool | None = None,
     temperature: float | None = None,
     seed: int | None = None,
+    rpm: float | None = None,
+    tpm: float | None = None,
 ) -> ScoringJob:
     """Validate scorers and find the sessions (importing inline or file transcripts as a new run).
 
-    `cache`, `temperature` and `seed`: as for `prepare_simulation`, for the judges' model calls.
+    `cache`, `temperature`, `seed`, `rpm` and `tpm`: as for `prepare_simulation`, for the judges' model calls.
     """
     given = [name for name, v in (("run_id", run_id), ("session_ids", session_ids), ("transcripts", transcripts),
                                   ("file", file)) if v]
@@ -163,8 +165,8 @@ async def prepare_scoring(
     check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
     workspace = as_workspace(workspace)
     scorer_list = parse_scorers(scorers, workspace=workspace)
-    llm = with_cache(llm or resolve_llm(model, max_concurrency=concurrency, temperature=temperature, seed=seed),
-                     store, cache_enabled(cache))
+    llm = with_cache(llm or resolve_llm(model, max_concurrency=concurrency, temperature=temperature, seed=seed,
+                                        rpm=rpm, tpm=tpm), store, cache_enabled(cache))
     ids, run_ids = await collect_session_ids(store, run_id=run_id, session_ids=session_ids, transcripts=transcripts,
                                              file=file, workspace=workspace)
     if not ids:

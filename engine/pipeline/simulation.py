@@ -25,6 +25,7 @@ import anyio
 
 from ..errors import InvalidOption, LLMAuthError
 from ..llm import CACHE_TRIAL, LLM, prepare_models, resolve_llm, resolve_model
+from ..llm.resolve import rate_limits
 from ..models import (Assessment, Message, Role, RunStatus, RunSummary, Session, SessionSummary, StopReason,
                       TargetSpec, TestCase, TrialsSummary)
 from ..issues import TrialTally
@@ -234,15 +235,19 @@ async def prepare_simulation(
     cache: bool | None = None,
     temperature: float | None = None,
     seed: int | None = None,
+    rpm: float | None = None,
+    tpm: float | None = None,
 ) -> SimulationJob:
     """Validate every input, then create the run. Raises UserInputError naming what to fix.
 
     `from_run` plays an earlier run's test cases instead of `test_cases`, by `mode` (see replay.py).
     `cache` (default CONVSIM_CACHE) answers repeated model requests from the store (engine/llm/cache.py);
     `temperature` and `seed` (default CONVSIM_TEMPERATURE, CONVSIM_SEED) go with every model call and are
-    recorded with the run.
+    recorded with the run. `rpm` and `tpm` (default CONVSIM_LLM_RPM, CONVSIM_LLM_TPM) pace the requests to
+    each model (engine/llm/ratelimit.py) and are recorded too.
     """
     check_range("max_turns", max_turns, 1, MAX_TURNS_LIMIT)
+    rpm, tpm = rate_limits(rpm, tpm)
     check_range("concurrency", concurrency, 1, MAX_CONCURRENCY)
     check_range("repeats", repeats, 1, MAX_REPEATS)
     check_replay_options(from_run, mode, continue_after_replay)
@@ -271,16 +276,17 @@ async def prepare_simulation(
     user_class = load_user_class(user_agent, workspace=workspace)
     scorer_list = parse_scorers(scorers, workspace=workspace) if scorers else []
     llm = llm or resolve_llm(model, api_base=api_base, api_key=api_key, max_concurrency=concurrency,
-                             temperature=temperature, seed=seed)
+                             temperature=temperature, seed=seed, rpm=rpm, tpm=tpm)
     same_model = not judge_model or resolve_model(judge_model) == llm.model  # one backend: one key check, one latch
     judge_llm = llm if same_model else resolve_llm(judge_model, api_base=api_base, api_key=api_key,
-                                                   max_concurrency=concurrency, temperature=temperature, seed=seed)
+                                                   max_concurrency=concurrency, temperature=temperature, seed=seed,
+                                                   rpm=rpm, tpm=tpm)
     llm = with_cache(llm, store, use_cache)
     judge_llm = llm if same_model else with_cache(judge_llm, store, use_cache)
     run_id = new_run_id()
     options = {"max_turns": max_turns, "concurrency": concurrency, "repeats": repeats, "user_agent": user_agent,
                "scorers": [sc.name for sc in scorer_list], "judge_model": judge_llm.model,
-               **(source.options() if source else {}), **sampling_options(llm, use_cache)}
+               **(source.options() if source else {}), **sampling_options(llm, use_cache), "rpm": rpm, "tpm": tpm}
     options["resume"] = {"scorers": scorers}  # the scorers as given (names alone lose custom judges)
     job = SimulationJob(store, run_id, resolved, cases, llm, user_class, max_turns, concurrency, repeats,
                         scorer_list, judge_llm, replay=source.replay if source else None,
