@@ -121,18 +121,16 @@ ScorersArg = Annotated[
                       "'pkg.mod:fn'."),
 ]
 
-FromRunArg = Annotated[str | None, Field(description="Run this earlier run's test cases instead (comparable with "
-                                                     "compare_runs).")]
+FromRunArg = Annotated[str | None, Field(description="Play this earlier run's cases instead (for compare_runs).")]
 ModeArg = Annotated[str | None, WithJsonSchema({"enum": ["resimulate", "replay", None]}), Field(
-    description="With from_run: new simulated users (default), or its user messages verbatim.")]
-ContinueArg = Annotated[bool, Field(description="replay: the simulated user goes on after the recorded messages.")]
+    description="from_run: new users (default), or its user messages verbatim.")]
+ContinueArg = Annotated[bool, Field(description="replay: then the simulated user goes on.")]
 
 CacheArg = Annotated[bool | None, Field(description="Use the response cache. Default: CONVSIM_CACHE.")]
 TemperatureArg = Annotated[float | None, Field(description="0-2. Default: CONVSIM_TEMPERATURE.")]
 SeedArg = Annotated[int | None, Field(description="Default: CONVSIM_SEED.")]
-RpmArg = Annotated[float | None, Field(description="Requests/minute per model, paced; slowed on 429. Default: "
-                                                   "CONVSIM_LLM_RPM.")]
-TpmArg = Annotated[float | None, Field(description="Tokens/minute per model. Default: CONVSIM_LLM_TPM.")]
+RpmArg = Annotated[float | None, Field(description="Requests/min per model.")]
+TpmArg = Annotated[float | None, Field(description="Tokens/min per model.")]
 
 
 class ScorerInfo(BaseModel):
@@ -497,8 +495,8 @@ def build_server(store: Store | None = None, registry: JobRegistry | None = None
         model: Annotated[str | None, Field(description="Default: the run's.")] = None,
         repeats: Annotated[int | None, Field(description="Per case. Default: the run's (3 for an intermittent "
                                                          "issue).", ge=1, le=20)] = None,
-        rpm: Annotated[float | None, Field(description="Default: the run's.")] = None,
-        tpm: Annotated[float | None, Field(description="Default: the run's.")] = None,
+        rpm: float | None = None,  # default: the run's
+        tpm: float | None = None,
     ) -> RerunResult:
         """After changing the agent: per issue, whether it reproduces, is fixed, or is inconclusive (the failing
         turn was not reached), plus new issues."""
