@@ -235,8 +235,8 @@ class CompareResult(BaseModel):
 
 
 def _resources(run_id: str) -> dict[str, str]:
-    return {"report": report_uri(run_id), "report_md": report_uri(run_id) + ".md", "run": run_uri(run_id),
-            "scores": scores_uri(run_id)}
+    return {"report": report_uri(run_id), "report_md": report_uri(run_id) + ".md",
+            "report_html": report_uri(run_id) + ".html", "run": run_uri(run_id), "scores": scores_uri(run_id)}
 
 
 RESUMED_ISSUES_SHOWN = 3  # beside the run's aggregates

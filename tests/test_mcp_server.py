@@ -235,7 +235,7 @@ async def test_test_agent_in_background_with_progress_then_report(server):
     else:
         assert result["markdown"] == report_md
     assert report_json["issues"][0]["reproduction"]["scripted_turns"]
-    assert set(result["resources"]) == {"report", "report_md", "run", "scores"}
+    assert set(result["resources"]) == {"report", "report_md", "report_html", "run", "scores"}
 
 
 async def test_test_agent_waiting_reports_progress_per_stage(server):
