@@ -406,7 +406,7 @@ async def bench_prompt_cache(store, root: str, *, t: int = 10, repeats: int = 5)
 def _render_prompt_cache(pc: dict) -> list[str]:
     out = [
         "",
-        f"## Prompt caching: the simulated user's prompt over T={pc['t']} turns "
+        f"## 5. Prompt caching: the simulated user's prompt over T={pc['t']} turns "
         f"({pc['conversations']} conversations: {pc['cases']} cases x {pc['repeats']} sessions; "
         "tokens = message characters / 4, as the fake's usage reports them)",
         "",
@@ -489,7 +489,7 @@ async def bench_rate_limit(store, root: str, fake: FakeLLMProcess, *, quick: boo
 def render_rate_limit(rl: dict) -> list[str]:
     out = [
         "",
-        f"## Provider rate limit (fake answers 429 above R={RATE_R} requests/s; L=0.2 s, A=0.1 s)",
+        f"## 6. Provider rate limit (fake answers 429 above R={RATE_R} requests/s; L=0.2 s, A=0.1 s)",
         "",
         "| run | N | T | wall s | accepted | 429s | achieved req/s (span) | achieved/R | sessions lost |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -622,7 +622,7 @@ async def bench_context(root: str, home: str) -> dict:
 def render_context(ctx: dict) -> list[str]:
     out = [
         "",
-        "## 5. The assistant's context (bytes of compact JSON, through the in-process MCP client)",
+        "## 7. The assistant's context (bytes of compact JSON, through the in-process MCP client)",
         "",
         f"`tools/list` ({ctx['tools']} tools): {ctx['tools_list_bytes']:,} bytes in all; input schemas + "
         f"descriptions {ctx['input_schemas_and_descriptions_bytes']:,}, output schemas "
@@ -836,7 +836,7 @@ def bench_file_cases(root: str, home: str, *, cases: int = 10_000, turns: int = 
 def render_scale(scale: list[dict], file_cases: dict) -> str:
     out = [
         "",
-        "## 5. Scale: many conversations at once, and 10,000 test cases from one file",
+        "## 8. Scale: many conversations at once, and 10,000 test cases from one file",
         "",
         "Through the fake LLM process and the sleeping agent, as in section 1 (ideal = T x (L + A)).",
         "",
