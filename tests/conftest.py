@@ -46,3 +46,12 @@ def fake_llm():
 def agent(name: str) -> str:
     """Import path of a test agent in tests/agents.py."""
     return f"tests.agents:{name}"
+
+
+@pytest.fixture(params=["direct", "litellm"])
+def transport(request) -> str:
+    """Runs a test through each chat transport (tests/transports.py): the shared model path must behave the same."""
+    from tests import transports
+
+    transports._transport[0] = request.param
+    return request.param

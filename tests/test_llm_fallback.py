@@ -12,9 +12,6 @@ import anyio
 import pytest
 
 from engine import LLMError, LLMOutputError, Role, UserTurn
-from engine.llm.base import LLMSettings
-from engine.llm.litellm_backend import LiteLLMBackend
-from engine.llm.openai_http import OpenAIHTTPBackend
 from tests.conftest import ROOT
 from tests.fake_llm import FakeReply, example_for_schema
 
@@ -39,24 +36,7 @@ def turn(message: str) -> dict:
     return {"message": message, "goal_achieved": False, "end_conversation": False, "reason": "r"}
 
 
-TRANSPORTS = {"direct": OpenAIHTTPBackend, "litellm": LiteLLMBackend}
-_transport = ["direct"]  # set per test by the `transport` fixture
-
-
-@pytest.fixture(params=list(TRANSPORTS))
-def transport(request) -> str:
-    """Runs a test through each transport: the shared model path must behave the same on both."""
-    _transport[0] = request.param
-    return request.param
-
-
-def make(settings: LLMSettings):
-    return TRANSPORTS[_transport[0]](settings)
-
-
-def backend(fake, model="openai/fake-user", **settings):
-    settings = {"max_retries": 2, "backoff_s": 0.01, "timeout_s": 5, **settings}
-    return make(LLMSettings(model=model, api_base=fake.url, api_key="k", **settings))
+from tests.transports import TRANSPORTS, backend, make  # noqa: E402,F401  (the `transport` fixture: conftest.py)
 
 
 def mode_of(request: dict) -> str:
