@@ -267,3 +267,49 @@ async def test_a_resumed_replay_sends_the_recorded_turns_the_stop_cut_off(store,
     [done] = await store.get_sessions(replay.run_id)
     assert [m.content for m in done.messages if m.role == "user"] == ["one", "two", "three", "four"]
     assert done.replayed_turns == [1, 2, 3, 4] and done.stop_reason != StopReason.REPLAY_END
+
+
+def _watch_close(job, monkeypatch) -> list[bool]:
+    closed: list[bool] = []
+    real_aclose = job.target.aclose
+
+    async def aclose() -> None:
+        closed.append(True)
+        await real_aclose()
+    monkeypatch.setattr(job.target, "aclose", aclose)
+    return closed
+
+
+@pytest.mark.anyio
+async def test_a_run_cancelled_while_warming_up_ends_cancelled_and_resumes(store, monkeypatch):
+    """A cancel before the first turn (the model's import, the pools) still ends the run and closes the agent."""
+    monkeypatch.setenv("RESUME_AGENT_DELAY_S", "0")
+    job = await prepare_simulation(store, AGENT, CASES[:2], model="offline", max_turns=2)
+    warming = anyio.Event()
+
+    async def slow_prepare() -> None:
+        warming.set()
+        await anyio.sleep_forever()
+    monkeypatch.setattr(job.llm, "prepare", slow_prepare)
+    closed = _watch_close(job, monkeypatch)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(job.run)
+        await warming.wait()
+        tg.cancel_scope.cancel()
+    run = await store.get_run(job.run_id)
+    assert run["status"] == "cancelled" and closed == [True]
+    done = await (await prepare_resume(store, job.run_id)).run()
+    assert done.status == RunStatus.COMPLETED and done.sessions_done == 2
+
+
+@pytest.mark.anyio
+async def test_a_run_whose_warm_up_fails_ends_failed_with_the_reason(store, monkeypatch):
+    job = await prepare_simulation(store, AGENT, CASES[:2], model="offline", max_turns=2)
+
+    async def broken_prepare() -> None:
+        raise ImportError("no module named 'litellm'")
+    monkeypatch.setattr(job.llm, "prepare", broken_prepare)
+    closed = _watch_close(job, monkeypatch)
+    summary = await job.run()
+    assert summary.status == RunStatus.FAILED and "no module named 'litellm'" in summary.error
+    assert closed == [True] and (await store.get_run(job.run_id))["status"] == "failed"

@@ -118,17 +118,8 @@ class SimulationJob:
         at most `concurrency` sessions (with their transcripts) are in memory at once, and a finished
         session is dropped once stored. Progress is counted incrementally (O(1) per turn).
         """
-        ensure_open_files(self.concurrency)
-        await prepare_models(self.llm, self.judge_llm)  # litellm's import, the HTTP pool: before the first turn
-        self.target.size_for(self.concurrency)
-        if self.sessions is None:
-            planned = self._plan()
-            await self.store.create_sessions(self.run_id, planned)
-            pending: Iterator[Session] = (self._session(*p) for p in planned)
-            done_steps = 0
-        else:  # a resume keeps its finished sessions
-            pending = (s for s in self.sessions if s.stop_reason is None)
-            done_steps = sum(self.max_turns if s.stop_reason else min(s.turns, self.max_turns) for s in self.sessions)
+        pending: Iterator[Session] = iter(())
+        done_steps = 0
         steps: dict[str, int] = {}  # progress steps of the sessions being played
         live: dict[str, Session] = {}
         recorder = _StoreRecorder(self.store)
@@ -178,7 +169,8 @@ class SimulationJob:
                 del live[session.id], steps[session.id]  # stored: its transcript leaves memory
 
         status, error = RunStatus.COMPLETED, None
-        try:
+        try:  # the warm-up too: a cancel or a failure there still ends the run and closes the target
+            pending, done_steps = await self._start()
             async with anyio.create_task_group() as tg:
                 for _ in range(min(self.concurrency, self.sessions_total)):
                     tg.start_soon(worker, tg.cancel_scope)
@@ -194,6 +186,19 @@ class SimulationJob:
             status, error = RunStatus.FAILED, str(stopped)
         await self._close(status, error, live.values())
         return await run_summary(self.store, self.run_id)
+
+    async def _start(self) -> tuple[Iterator[Session], int]:
+        """Warm up (open-file limit, model imports and HTTP pools, agent pools) and plan the sessions:
+        the sessions still to play, and the progress steps already done (a resume keeps its finished ones)."""
+        ensure_open_files(self.concurrency)
+        await prepare_models(self.llm, self.judge_llm)  # litellm's import, the HTTP pool: before the first turn
+        self.target.size_for(self.concurrency)
+        if self.sessions is None:
+            planned = self._plan()
+            await self.store.create_sessions(self.run_id, planned)
+            return (self._session(*p) for p in planned), 0
+        done = sum(self.max_turns if s.stop_reason else min(s.turns, self.max_turns) for s in self.sessions)
+        return (s for s in self.sessions if s.stop_reason is None), done
 
     async def _close(self, status: RunStatus, error: str | None, live: Iterable[Session]) -> None:
         """End every session left without a stop reason: those cut short in memory one by one (their turns and
