@@ -60,7 +60,7 @@ def _fake_server_main(root: str) -> int:
     import time
 
     sys.path.insert(0, root)
-    from tests.fake_llm import FakeLLMServer, FakeReply
+    from tests.fake_llm import AsyncFakeLLMServer, FakeReply
 
     state = {"delay": 0.0, "rate": 0}
     limited = {"accepted": [], "refused": 0}
@@ -90,7 +90,7 @@ def _fake_server_main(root: str) -> int:
             delay_s=state["delay"],
         )
 
-    with FakeLLMServer(handler) as fake:
+    with AsyncFakeLLMServer(handler) as fake:  # lean: its CPU would otherwise be counted against the engine
         print(json.dumps({"url": fake.url}), flush=True)
         seen = 0
         for line in sys.stdin:
@@ -347,14 +347,14 @@ async def bench_prompt_cache(store, root: str, *, t: int = 10, repeats: int = 5)
 
     from engine import simulate
     from engine.simulation.user import SIMULATED_USER_RULES
-    from tests.fake_llm import FakeLLMServer, FakeReply
+    from tests.fake_llm import AsyncFakeLLMServer, FakeReply
 
     def handler(request: dict) -> FakeReply:
         n = sum(1 for m in request.get("messages") or [] if m.get("role") == "assistant") + 1
         return FakeReply(content={"message": f"Thanks. Next question, number {n}: what about the next item on my list?",
                                   "goal_achieved": False, "end_conversation": False, "reason": "still pursuing"})
 
-    with FakeLLMServer(handler) as fake:
+    with AsyncFakeLLMServer(handler) as fake:  # lean: its CPU would otherwise be counted against the engine
         llm = _litellm_backend(fake.url, len(PROMPT_CACHE_CASES) * repeats)
         with anyio.fail_after(RUN_TIMEOUT_S):
             summary = await simulate(store, "benchmarks/bench.py:instant_agent", PROMPT_CACHE_CASES, max_turns=t,

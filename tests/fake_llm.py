@@ -8,6 +8,7 @@ port and never touches any other network.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import itertools
 import json
@@ -16,12 +17,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 __all__ = [
     "FakeReply",
     "FakeLLMServer",
+    "AsyncFakeLLMServer",
     "Handler",
     "example_for_schema",
     "last_user_text",
@@ -251,6 +254,83 @@ class _Server(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+@dataclass
+class _Answer:
+    """What the fake sends back for one request, after `delay_s` seconds."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+
+
+def _json_answer(status: int, obj: Any, headers: dict[str, str] | None = None, delay_s: float = 0.0) -> _Answer:
+    return _Answer(status, json.dumps(obj).encode(), headers=headers or {}, delay_s=delay_s)
+
+
+def _answer(fake: "FakeLLMServer", method: str, target: str, raw: bytes) -> _Answer:
+    """The answer to one request: the routes, the queue or handler's reply, OpenAI-style errors. Shared by
+    both servers, so the lean one (AsyncFakeLLMServer) answers exactly as the threaded one does."""
+    path = target.split("?", 1)[0].rstrip("/")
+    if method == "GET":
+        if path in ("/v1/models", "/models"):
+            return _json_answer(200, {"object": "list", "data": [
+                {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in ("fake-model", "gpt-4o-mini")]})
+        return _json_answer(404, _error_body(404, f"no route GET {target}"))
+    if method != "POST" or path not in ("/v1/chat/completions", "/chat/completions"):
+        return _json_answer(404, _error_body(404, f"no route {method} {target}"))
+    try:
+        request = json.loads(raw or b"null")
+        if not isinstance(request, dict):
+            raise ValueError("body must be a JSON object")
+    except ValueError as exc:
+        return _json_answer(400, _error_body(400, f"invalid JSON body: {exc}"))
+
+    fake._record(request)
+    try:
+        reply = fake._next_reply(request)
+    except Exception as exc:  # a broken test handler should fail visibly, not hang
+        fake.errors.append(exc)
+        return _json_answer(500, _error_body(500, f"fake handler raised {exc!r}"))
+    if reply.status != 200:
+        message = reply.content if isinstance(reply.content, str) else f"fake error {reply.status}"
+        body = reply.error_body if reply.error_body is not None else _error_body(reply.status, message,
+                                                                                  reply.error_code)
+        return _json_answer(reply.status, body, reply.headers, reply.delay_s)
+    if request.get("stream"):
+        return _stream_answer(request, reply, fake._new_id())
+    return _json_answer(200, _completion(request, reply, fake._new_id()), reply.headers, reply.delay_s)
+
+
+def _stream_answer(request: dict, reply: FakeReply, completion_id: str) -> _Answer:
+    """Whole SSE body with Content-Length: simple, and keep-alive still works."""
+    full = _completion(request, reply, completion_id)
+    base = {k: full[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+    msg = full["choices"][0]["message"]
+    delta: dict[str, Any] = {"role": "assistant", "content": msg["content"]}
+    if "tool_calls" in msg:
+        delta["tool_calls"] = [{"index": i, **tc} for i, tc in enumerate(msg["tool_calls"])]
+    chunks = [
+        base | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
+        base | {
+            "choices": [{"index": 0, "delta": {}, "finish_reason": full["choices"][0]["finish_reason"]}],
+            "usage": full["usage"],
+        },
+    ]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    return _Answer(200, body.encode(), "text/event-stream", {"Cache-Control": "no-cache", **reply.headers},
+                   reply.delay_s)
+
+
+def _head(answer: _Answer, close: bool = False) -> bytes:
+    lines = [f"HTTP/1.1 {answer.status} {HTTPStatus(answer.status).phrase}", f"Content-Type: {answer.content_type}",
+             f"Content-Length: {len(answer.body)}", *(f"{k}: {v}" for k, v in answer.headers.items())]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 class _RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # httpx reuses connections
     disable_nagle_algorithm = True  # headers and body go in separate writes: no delayed-ACK stall
@@ -259,105 +339,30 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         """Silence the per-request access log so test output stays clean."""
 
-    # -- plumbing ---------------------------------------------------------
-    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
-
-    def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json", headers or {})
-
-    def _read_body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
-
-    def _path(self) -> str:
-        return self.path.split("?", 1)[0].rstrip("/")
-
-    # -- routes -------------------------------------------------------------
     def do_GET(self) -> None:
-        try:
-            if self._path() in ("/v1/models", "/models"):
-                self._send_json(200, {
-                    "object": "list",
-                    "data": [
-                        {"id": m, "object": "model", "created": 0, "owned_by": "fake"}
-                        for m in ("fake-model", "gpt-4o-mini")
-                    ],
-                })
-            else:
-                self._send_json(404, _error_body(404, f"no route GET {self.path}"))
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
+        self._serve(b"")
 
     def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self._serve(self.rfile.read(length) if length > 0 else b"")  # always drain: keep-alive stays in sync
+
+    def _serve(self, raw: bytes) -> None:
+        fake = self.server.fake
+        answer = _answer(fake, self.command, self.path, raw)
+        if answer.delay_s > 0 and fake._stopping.wait(answer.delay_s):
+            self.close_connection = True
+            return
         try:
-            self._handle_post()
+            self.send_response(answer.status)
+            self.send_header("Content-Type", answer.content_type)
+            self.send_header("Content-Length", str(len(answer.body)))
+            for k, v in answer.headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(answer.body)
+            self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-
-    def _handle_post(self) -> None:
-        raw = self._read_body()  # always drain, so keep-alive stays in sync
-        if self._path() not in ("/v1/chat/completions", "/chat/completions"):
-            self._send_json(404, _error_body(404, f"no route POST {self.path}"))
-            return
-        try:
-            request = json.loads(raw or b"null")
-            if not isinstance(request, dict):
-                raise ValueError("body must be a JSON object")
-        except ValueError as exc:
-            self._send_json(400, _error_body(400, f"invalid JSON body: {exc}"))
-            return
-
-        fake = self.server.fake
-        fake._record(request)
-        try:
-            reply = fake._next_reply(request)
-        except Exception as exc:  # a broken test handler should fail visibly, not hang
-            fake.errors.append(exc)
-            self._send_json(500, _error_body(500, f"fake handler raised {exc!r}"))
-            return
-
-        if reply.delay_s > 0 and fake._stopping.wait(reply.delay_s):
-            self.close_connection = True
-            return
-
-        if reply.status != 200:
-            message = reply.content if isinstance(reply.content, str) else f"fake error {reply.status}"
-            body = reply.error_body if reply.error_body is not None else _error_body(reply.status, message,
-                                                                                      reply.error_code)
-            self._send_json(reply.status, body, reply.headers)
-            return
-
-        if request.get("stream"):
-            self._send_stream(request, reply)
-        else:
-            self._send_json(200, _completion(request, reply, fake._new_id()), reply.headers)
-
-    def _send_stream(self, request: dict, reply: FakeReply) -> None:
-        """Whole SSE body with Content-Length: simple, and keep-alive still works."""
-        full = _completion(request, reply, self.server.fake._new_id())
-        base = {k: full[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
-        msg = full["choices"][0]["message"]
-        delta: dict[str, Any] = {"role": "assistant", "content": msg["content"]}
-        if "tool_calls" in msg:
-            delta["tool_calls"] = [{"index": i, **tc} for i, tc in enumerate(msg["tool_calls"])]
-        chunks = [
-            base | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
-            base | {
-                "choices": [{"index": 0, "delta": {}, "finish_reason": full["choices"][0]["finish_reason"]}],
-                "usage": full["usage"],
-            },
-        ]
-        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
-        headers = {"Cache-Control": "no-cache", **reply.headers}
-        self._send(200, body.encode(), "text/event-stream", headers)
 
 
 def _normalise_tool_calls(tool_calls: list[dict]) -> list[dict]:
@@ -482,3 +487,99 @@ class FakeLLMServer:
     def _new_id(self) -> str:
         with self._lock:
             return f"chatcmpl-fake{next(self._ids)}"
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection of AsyncFakeLLMServer: HTTP/1.1 requests with Content-Length, one at a time."""
+
+    def __init__(self, fake: "AsyncFakeLLMServer"):
+        self.fake = fake
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.busy = False  # an answer is pending (delayed): the next request waits in the buffer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.fake._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fake._connections.discard(self)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._next()
+
+    def _next(self) -> None:
+        while not self.busy and self.transport is not None:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            lines = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
+            method, target, _ = (lines[0].split(" ", 2) + ["", ""])[:3]
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            length = int(headers.get("content-length") or 0)
+            if len(self.buffer) < end + 4 + length:
+                return
+            raw = bytes(self.buffer[end + 4:end + 4 + length])
+            del self.buffer[:end + 4 + length]
+            answer = _answer(self.fake, method, target, raw)
+            close = headers.get("connection", "").lower() == "close"
+            if answer.delay_s > 0:
+                self.busy = True
+                asyncio.get_running_loop().call_later(answer.delay_s, self._send, answer, close)
+                return
+            self._send(answer, close)
+
+    def _send(self, answer: _Answer, close: bool) -> None:
+        self.busy = False
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(_head(answer, close) + answer.body)
+        if close:
+            self.transport.close()
+        else:
+            self._next()
+
+
+class AsyncFakeLLMServer(FakeLLMServer):
+    """The same fake on one asyncio event loop in one thread: a connection costs no thread, a request a few
+    microseconds. For the benchmark, whose 1,000 concurrent conversations would otherwise measure 1,000
+    threads of ThreadingHTTPServer contending for the fake's GIL rather than the engine: a real provider's
+    latency costs the client's machine nothing. Same answers (`_answer`), same queue, handler and records."""
+
+    def __init__(self, handler: Handler | None = None) -> None:
+        super().__init__(handler)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[_Connection] = set()
+
+    def start(self) -> "AsyncFakeLLMServer":
+        if self._loop is not None:
+            return self
+        loop = asyncio.new_event_loop()
+        server = loop.run_until_complete(loop.create_server(lambda: _Connection(self), "127.0.0.1", 0, backlog=4096))
+        self._loop, self._server = loop, server
+        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        self._thread = threading.Thread(target=loop.run_forever, name="fake-llm-async", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; delayed replies are abandoned, open connections closed."""
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+
+        def shut() -> None:
+            assert self._server is not None
+            self._server.close()
+            for conn in list(self._connections):
+                if conn.transport is not None:
+                    conn.transport.abort()
+            loop.stop()
+        loop.call_soon_threadsafe(shut)
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+            self._thread = None
+        loop.close()

@@ -1,4 +1,4 @@
-"""Checks that the HTTP fake LLM behaves like an OpenAI endpoint over a real socket."""
+"""Checks that the HTTP fake LLMs (threaded and asyncio) behave like an OpenAI endpoint over a real socket."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import httpx
 import pytest
 
 try:  # works whether or not tests/ is a package
-    from tests.fake_llm import FakeLLMServer, FakeReply, example_for_schema, last_user_text
+    from tests.fake_llm import AsyncFakeLLMServer, FakeLLMServer, FakeReply, example_for_schema, last_user_text
 except ImportError:  # pragma: no cover - depends on pytest rootdir/import mode
-    from fake_llm import FakeLLMServer, FakeReply, example_for_schema, last_user_text
+    from fake_llm import AsyncFakeLLMServer, FakeLLMServer, FakeReply, example_for_schema, last_user_text
 
 
 SCHEMA = {
@@ -40,9 +40,10 @@ SCHEMA = {
 }
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeLLMServer]:
-    with FakeLLMServer() as server:
+@pytest.fixture(params=[FakeLLMServer, AsyncFakeLLMServer], ids=["threaded", "asyncio"])
+def fake(request) -> Iterator[FakeLLMServer]:
+    """Both servers answer alike: the threaded one the tests use, the lean asyncio one the benchmark uses."""
+    with request.param() as server:
         yield server
 
 
