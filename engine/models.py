@@ -74,7 +74,7 @@ class Usage(BaseModel):
         failures = dict(self.failures) if self.failures else {}  # never shared between two Usage objects
         for kind, n in other.failures.items():
             failures[kind] = failures.get(kind, 0) + n
-        return Usage(
+        return Usage.model_construct(  # sums of valid counts: no validation to pay on every turn
             calls=self.calls + other.calls,
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
@@ -89,7 +89,7 @@ class Usage(BaseModel):
         """What was spent since `earlier` (a snapshot of the same running total)."""
         failures = {k: n - earlier.failures.get(k, 0) for k, n in self.failures.items()
                     if n != earlier.failures.get(k, 0)} if self.failures else {}
-        return Usage(
+        return Usage.model_construct(
             calls=self.calls - earlier.calls,
             prompt_tokens=self.prompt_tokens - earlier.prompt_tokens,
             completion_tokens=self.completion_tokens - earlier.completion_tokens,

@@ -32,11 +32,12 @@ _lock = threading.Lock()
 _registered: set[str] = set()
 _env_snapshot: tuple[tuple[str, str], ...] = ()
 _pattern: re.Pattern[str] | None = None
+_stale = True  # _pattern must be rebuilt (None with _stale False: no secret known, nothing to mask)
 
 
 def register(value: str | None) -> None:
     """Treat `value` (a key, a token, an expanded header value) as a secret from now on."""
-    global _pattern
+    global _stale
     if not value or len(value) < MIN_SECRET_CHARS:
         return
     forms = {value, json.dumps(value)[1:-1]}  # as written, and as it appears inside JSON text
@@ -44,29 +45,33 @@ def register(value: str | None) -> None:
         if forms <= _registered:
             return
         _registered.update(forms)
-        _pattern = None
+        _stale = True
 
 
 def refresh_from_env() -> None:
     """Pick up secret-looking environment variables (call when a job or process starts)."""
-    global _env_snapshot, _pattern
+    global _env_snapshot, _stale
     snapshot = tuple(sorted((k, v) for k, v in os.environ.items()
                             if SECRET_ENV_NAME.search(k) and len(v) >= MIN_SECRET_CHARS))
     with _lock:
         if snapshot != _env_snapshot:
             _env_snapshot = snapshot
-            _pattern = None
+            _stale = True
 
 
 def _compiled() -> re.Pattern[str] | None:
-    global _pattern
+    """The pattern of every known secret, built once per change (None when there is none): the store runs
+    `redact` on every message it writes, so the common case is one check of a flag."""
+    global _pattern, _stale
+    if not _stale:
+        return _pattern
     with _lock:
-        if _pattern is None:
+        if _stale:
             values = _registered | {v for _, v in _env_snapshot} | {json.dumps(v)[1:-1] for _, v in _env_snapshot}
-            if not values:
-                return None
             # longest first, so a secret that contains another is masked whole
-            _pattern = re.compile("|".join(re.escape(v) for v in sorted(values, key=len, reverse=True)))
+            _pattern = (re.compile("|".join(re.escape(v) for v in sorted(values, key=len, reverse=True)))
+                        if values else None)
+            _stale = False
         return _pattern
 
 

@@ -106,10 +106,10 @@ def test_building_the_server_does_not_import_litellm(tmp_path):
 
 def test_model_calls_in_flight_follow_the_run_concurrency(monkeypatch):
     monkeypatch.setenv("CONVSIM_PROVIDERS", "openai")
-    assert resolve_llm("openai/x", max_concurrency=50)._limiter.total_tokens == 50
+    assert resolve_llm("openai/x", max_concurrency=50)._limiter.max_value == 50
     monkeypatch.setenv("CONVSIM_LLM_CONCURRENCY", "3")
-    assert resolve_llm("openai/x")._limiter.total_tokens == 3
-    assert resolve_llm("openai/x", max_concurrency=50)._limiter.total_tokens == 3  # the environment only lowers it
+    assert resolve_llm("openai/x")._limiter.max_value == 3
+    assert resolve_llm("openai/x", max_concurrency=50)._limiter.max_value == 3  # the environment only lowers it
 
 
 @pytest.mark.anyio

@@ -35,6 +35,15 @@ def test_redact_masks_registered_and_environment_secrets(monkeypatch):
     assert 'inside-secret' not in secrets.redact(json.dumps({"k": 'quote"inside-secret'}))  # JSON-escaped form too
 
 
+def test_a_secret_registered_after_texts_were_redacted_with_none_known_is_masked():
+    """The pattern is built once per change, also when there was nothing to mask (fresh process: no secrets)."""
+    code = ("from engine import secrets; assert secrets.redact('a late-secret-0042 b') == 'a late-secret-0042 b'; "
+            "secrets.register('late-secret-0042'); print(secrets.redact('a late-secret-0042 b'))")
+    env = {k: v for k, v in os.environ.items() if not secrets.SECRET_ENV_NAME.search(k)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "a *** b", out.stderr
+
+
 @pytest.mark.slow
 def test_no_planted_secret_survives_a_test_agent_run(tmp_path, fake_llm):
     # A provider error body that echoes the key (the first call fails, then the model answers).

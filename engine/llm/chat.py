@@ -60,7 +60,8 @@ class ChatBackend(LLM):
         self.temperature, self.seed = settings.temperature, settings.seed
         secrets.refresh_from_env()
         secrets.register(settings.api_key)
-        self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
+        # requests in flight; a semaphore with no checkpoint when free (CapacityLimiter costs ~6 us a request)
+        self._limiter = anyio.Semaphore(settings.max_concurrency, max_value=settings.max_concurrency, fast_acquire=True)
         self._answered = False  # a request got an answer other than "bad credentials": no more gating
         self._first_call = anyio.Lock()
         self._endpoint = (settings.api_base, settings.model)

@@ -23,7 +23,6 @@ import zlib
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import anyio
 
 MAX_HEAD_BYTES = 64 * 1024  # status line and headers of a reply
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -72,7 +71,7 @@ class Origin:
         """POST `body` to the base URL's path + `path`. Raises OSError, TimeoutError or ProtocolError."""
         request = (f"POST {self.base_path}{path}{self.query} HTTP/1.1\r\n".encode("latin-1") + self._head
                    + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        with anyio.fail_after(self.timeout_s):
+        async with asyncio.timeout(self.timeout_s):  # asyncio's: half the cost of anyio.fail_after; no shield inside
             while self._idle:
                 conn = self._idle.pop()
                 if conn[1].is_closing() or conn[0].at_eof():

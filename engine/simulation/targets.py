@@ -92,11 +92,11 @@ class Target:
     async def respond(self, history: list[Message], *, session_id: str, context: dict[str, Any]) -> AgentReply:
         """Send the conversation so far (ending with the user's message) and return the agent's reply."""
         started = time.perf_counter()
-        try:
-            with anyio.fail_after(self.spec.timeout_s):
-                raw = await self._call(history, session_id=session_id, context=context)
-        except TimeoutError as e:
-            raise AgentError(f"agent did not reply within {self.spec.timeout_s:g}s", kind="timeout") from e
+        # a bare deadline scope: what anyio.fail_after does, without its generator (a few us on every turn)
+        with anyio.CancelScope(deadline=anyio.current_time() + self.spec.timeout_s) as deadline:
+            raw = await self._call(history, session_id=session_id, context=context)
+        if deadline.cancelled_caught:
+            raise AgentError(f"agent did not reply within {self.spec.timeout_s:g}s", kind="timeout")
         latency = (time.perf_counter() - started) * 1000
         return AgentReply(messages=_bounded(normalise_reply(raw, history)), latency_ms=round(latency, 2))
 
