@@ -24,6 +24,8 @@ def test_prompt_carries_the_rules():
 @pytest.mark.parametrize("text", [
     'Sure. {"message": "hi", "goal_achieved": false}', "As the user, I will ask about my order.",
     "As a simulated user I want a refund.", "My order is late. goal_achieved: false",
+    "Fine.\nReasoning: the agent answered", "THOUGHT: stop now", "Decision : end", "AS A TEST USER, hi",
+    "END_CONVERSATION", "as the ſimulated uſer, i will ask",  # long s: the regex's case folding matches it
 ])
 def test_leaked_reasoning_or_json_is_a_problem(text):
     assert message_problem(UserTurn(message=text))

@@ -241,17 +241,15 @@ class PythonTarget(Target):
                 f"(it takes: {', '.join(params) or 'nothing'})"
             )
         self._var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self._accepted = frozenset(n for n, p in params.items()  # read once: it is asked on every turn
+                                   if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
 
     def _kwargs(self, history: list[dict[str, Any]], session_id: str, context: dict[str, Any]) -> dict[str, Any]:
         offered = {k: v for k, v in context.items() if k not in RESERVED_CONTEXT_KEYS}  # never ours to override
         offered.update({self._history_param: history, "session_id": session_id, "mlflow_session_id": session_id})
         if self._var_kw:
             return offered
-        accepted = {
-            n for n, p in self._sig.parameters.items()
-            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        }
-        return {k: v for k, v in offered.items() if k in accepted}
+        return {k: v for k, v in offered.items() if k in self._accepted}
 
     def check_cases(self, cases: list[TestCase]) -> None:
         supplied = {self._history_param, *SESSION_PARAMS}

@@ -249,11 +249,17 @@ _GOODBYE = re.compile(r"(?i)^\W*(?:(?:ok(?:ay)?|great|perfect|thanks?(?: you)?(?
                       r"(?:good\s?bye|bye(?: bye)?|see you|have a (?:good|nice|great) (?:day|one)|take care)\b")
 
 
+# Every alternative of _LEAK contains one of these (case-folded): a message with none of them is clean,
+# without running the regex on every turn.
+_LEAK_WORDS = ("goal_achieved", "end_conversation", "{", "user", "reasoning", "thought", "decision")
+
+
 def message_problem(move: UserTurn) -> str | None:
     """Why a move's message must not reach the agent (reasoning, a stop decision or JSON in it), or None."""
     if not move.message or move.goal_achieved or move.end_conversation:
         return None
-    if _LEAK.search(move.message):
+    folded = move.message.casefold()
+    if any(w in folded for w in _LEAK_WORDS) and _LEAK.search(move.message):
         return "carries reasoning, a stop decision or JSON instead of only the user's words"
     return None
 
