@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from engine import LLMError, LLMOutputError, Role, UserTurn
+from engine.llm.ratelimit import estimate_tokens
 from tests.conftest import ROOT
 from tests.fake_llm import FakeReply, example_for_schema
 
@@ -217,3 +218,20 @@ async def test_a_simulate_run_completes_against_a_server_answering_422(store, fa
     modes = [mode_of(r) for r in fake_llm.requests]
     assert collapsed(modes) == ["json_schema", "json_object"] and modes.count("json_schema") <= 2, modes
     assert modes.count("json_object") == 6  # one call per turn once the run learnt the mode
+
+
+@pytest.mark.anyio
+async def test_the_token_rate_limit_counts_the_schema_a_fallback_puts_in_the_prompt(fake_llm, transport):
+    """With tpm, each request is charged the prompt it sends: in json_object mode, the schema instructions too."""
+    fake_llm.set_handler(refusing(LLAMA_CPP, reply=turn("hi there")))
+    llm = backend(fake_llm, model="openai/fake-tpm-fallback", tpm=10_000_000)
+    charged = []
+    acquire = llm._rate.acquire
+
+    async def recording(tokens=0, **kw):
+        charged.append(tokens)
+        return await acquire(tokens, **kw)
+    llm._rate.acquire = recording
+    await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+    assert charged[0] == estimate_tokens(MESSAGES)  # json_schema: the messages as given
+    assert charged[1] == estimate_tokens(fake_llm.requests[1]["messages"]) > charged[0] + 50  # with the schema

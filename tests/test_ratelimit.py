@@ -5,6 +5,7 @@ is asserted anywhere, only counts and the fake clock's readings."""
 from __future__ import annotations
 
 import email.utils
+import gc
 import threading
 import time
 
@@ -264,8 +265,25 @@ def test_backends_of_one_endpoint_and_model_share_a_limiter():
     a = LiteLLMBackend(LLMSettings(model="openai/m", api_base="http://127.0.0.1:1/v1", api_key="k", rpm=100))
     b = LiteLLMBackend(LLMSettings(model="openai/m", api_base="http://127.0.0.1:1/v1", api_key="k", rpm=100))
     c = LiteLLMBackend(LLMSettings(model="openai/other", api_base="http://127.0.0.1:1/v1", api_key="k"))
-    assert a._rate is b._rate is limiter_for("http://127.0.0.1:1/v1", "openai/m", rpm=100)
+    assert a._rate is b._rate is limiter_for("http://127.0.0.1:1/v1", "openai/m", owner=b, rpm=100)
     assert c._rate is not a._rate
+
+
+def test_a_shared_limiter_paces_at_the_strictest_rates_of_the_backends_that_hold_it():
+    """A second run configured without rpm (or with a higher one) does not lift the first run's limit."""
+    def backend(**rates):
+        return LiteLLMBackend(LLMSettings(model="openai/strict", api_base="http://127.0.0.1:1/v1", api_key="k", **rates))
+    first = backend(rpm=60, tpm=9000)
+    limiter = first._rate
+    unlimited = backend()
+    higher = backend(rpm=600, tpm=5000)
+    assert (limiter.rpm, limiter.tpm) == (60, 5000)
+    del first
+    gc.collect()
+    assert (limiter.rpm, limiter.tpm) == (600, 5000)  # its rates went with it
+    del higher
+    gc.collect()
+    assert (limiter.rpm, limiter.tpm) == (None, None) and unlimited._rate is limiter
 
 
 def test_rpm_and_tpm_come_from_the_arguments_or_the_environment(monkeypatch):
@@ -357,7 +375,13 @@ async def test_the_mcp_tools_take_rpm_and_tpm_and_a_run_records_them(store, fake
 
     from convsim_mcp.server import build_server
 
-    fake_llm.set_handler(lambda req: turn("more"))
+    paced_at = []  # the rates of the backend's limiter as each request arrives (they go with the backend)
+
+    def handler(req):
+        limiter = ratelimit._limiters[(fake_llm.url, "openai/fake-rpm")]
+        paced_at.append((limiter.rpm, limiter.tpm))
+        return turn("more")
+    fake_llm.set_handler(handler)
     monkeypatch.setenv("CONVSIM_API_BASE", fake_llm.url)
     monkeypatch.setenv("CONVSIM_API_KEY", "k")
     args = {"target": agent("echo"), "test_cases": [{"goal": "g"}], "max_turns": 2, "model": "openai/fake-rpm",
@@ -371,7 +395,7 @@ async def test_the_mcp_tools_take_rpm_and_tpm_and_a_run_records_them(store, fake
     assert not done.is_error, done.content
     options = (await store.get_run(done.structured_content["run_id"]))["options"]
     assert (options["rpm"], options["tpm"]) == (6000.0, 1_000_000.0)
-    assert ratelimit._limiters[(fake_llm.url, "openai/fake-rpm")].rpm == 6000.0  # the backend's limiter
+    assert paced_at and set(paced_at) == {(6000.0, 1_000_000.0)}
     assert bad.is_error and "rpm must be a positive number" in bad.content[0].text
 
 

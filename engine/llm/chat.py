@@ -65,7 +65,7 @@ class ChatBackend(LLM):
         self._answered = False  # a request got an answer other than "bad credentials": no more gating
         self._first_call = anyio.Lock()
         self._endpoint = (settings.api_base, settings.model)
-        self._rate = limiter_for(settings.api_base, settings.model, rpm=settings.rpm, tpm=settings.tpm)
+        self._rate = limiter_for(settings.api_base, settings.model, owner=self, rpm=settings.rpm, tpm=settings.tpm)
 
     def cache_identity(self) -> dict[str, Any]:
         """The endpoint counts too: one model name at two servers (a local `openai/...`) may be two models.
@@ -109,8 +109,9 @@ class ChatBackend(LLM):
         raise LLMOutputError(f"model {self.model} did not return a valid {schema.__name__} after a repair attempt: "
                              f"{last_error}", usage=usage)
 
-    def _build(self, messages: list[dict[str, Any]], schema: type[BaseModel]) -> tuple[Any, str]:
-        """The request in the structured-output mode this endpoint is known to accept, and that mode.
+    def _build(self, messages: list[dict[str, Any]], schema: type[BaseModel]) -> tuple[Any, str, int]:
+        """The request in the structured-output mode this endpoint is known to accept, that mode, and its prompt
+        tokens as the token rate limit counts them (the messages sent: with the schema in them, in a fallback mode).
 
         Built right before sending, so a call that waited behind the first one uses what that one learnt."""
         mode = _working_modes.get(self._endpoint, JSON_SCHEMA)
@@ -118,16 +119,17 @@ class ChatBackend(LLM):
             response_format: dict[str, Any] | None = response_format_of(schema)
         else:
             response_format = JSON_OBJECT_FORMAT if mode == JSON_OBJECT else None
-        return self._payload(_with_schema(messages, schema, mode), response_format), mode
+        sent = _with_schema(messages, schema, mode)
+        tokens = estimate_tokens(sent) if self._rate.counts_tokens else 0
+        return self._payload(sent, response_format), mode, tokens
 
     async def _call_with_retries(self, messages: list[dict[str, Any]], schema: type[BaseModel]) -> tuple[str, Usage]:
         s = self.settings
         usage = Usage()
         attempt = 0
-        tokens = estimate_tokens(messages) if self._rate.counts_tokens else 0
         while True:
             try:
-                reply = await self._attempt(lambda: self._build(messages, schema), tokens)
+                reply = await self._attempt(lambda: self._build(messages, schema))
             except _FormatRefused as err:  # not transient: ask again at once in the next mode, no retry spent
                 usage = usage.add(Usage.failed(err.kind))
                 if err.mode == TEXT:
@@ -165,26 +167,26 @@ class ChatBackend(LLM):
                                usage=usage.add(Usage.failed("other", calls=0)))
             return text, usage
 
-    async def _attempt(self, build: Callable[[], tuple[Any, str]], tokens: int) -> tuple[str | None, Usage] | None:
+    async def _attempt(self, build: Callable[[], tuple[Any, str, int]]) -> tuple[str | None, Usage] | None:
         """One request, or None when the credentials were refused meanwhile. Raises the classified LLMError."""
         if self._answered:
-            return await self._request(build, tokens)
+            return await self._request(build)
         async with self._first_call:  # until a first answer, one request at a time (a bad key costs one)
             if self.auth_error is not None:
                 return None
             if not self._answered:
-                return await self._request(build, tokens)
-        return await self._request(build, tokens)  # answered while this call waited: no more gating
+                return await self._request(build)
+        return await self._request(build)  # answered while this call waited: no more gating
 
-    async def _request(self, build: Callable[[], tuple[Any, str]], tokens: int = 0) -> tuple[str | None, Usage]:
+    async def _request(self, build: Callable[[], tuple[Any, str, int]]) -> tuple[str | None, Usage]:
         """One request: inside the concurrency limiter, then the rate limiter (ratelimit.py), sent at once."""
         mode, ticket, rate = JSON_SCHEMA, None, self._rate
         try:
             async with self._limiter:
-                payload, mode = build()
+                payload, mode, tokens = build()
                 ticket = await rate.acquire(tokens, give_up_after=self.settings.rate_limit_wait_s)
                 if _working_modes.get(self._endpoint, JSON_SCHEMA) != mode:  # learnt while this call queued
-                    payload, mode = build()
+                    payload, mode, _ = build()
                 reply = await self._send(payload)
         except RateLimitExhausted:
             raise

@@ -2,6 +2,8 @@
 
 One `RateLimiter` per (api_base, model) in the process (`limiter_for`), so two backends that call the same
 model at the same endpoint (a run's simulated user and its judges, two runs of a server) share one budget.
+While several backends hold it, the strictest rates any of them was configured with apply: a second run
+configured without rpm does not lift the first one's limit, and a backend's rates go with it.
 
     ticket = await limiter.acquire(tokens=estimate_tokens(messages), give_up_after=300)
     ...send the request...
@@ -35,6 +37,7 @@ import email.utils
 import logging
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -106,11 +109,29 @@ class RateLimiter:
         self._recover_from = -math.inf  # the end of the pause that came with the last cut
         self._adaptive_rpm: float | None = None  # unconfigured: the learnt base rate
         self.rate_limited_count = 0
+        self._owners: dict[int, tuple[float | None, float | None]] = {}  # id(backend) -> its rates (see hold)
         self.configure(rpm, tpm)
 
     def configure(self, rpm: float | None, tpm: float | None) -> None:
-        """Set the configured rates (None: unlimited, adaptive on 429). The latest backend's settings win."""
+        """Set the configured rates (None: unlimited, adaptive on 429)."""
         self.rpm, self.tpm = rpm, tpm
+
+    def hold(self, owner: object, rpm: float | None, tpm: float | None) -> None:
+        """`owner` (a backend) uses this limiter with these rates until it is collected: the limiter paces at
+        the lowest rpm and the lowest tpm its live owners name (None where none names one)."""
+        key = id(owner)
+        self._owners[key] = (rpm, tpm)
+        weakref.finalize(owner, self._release, key)
+        self._apply_owners()
+
+    def _release(self, key: int) -> None:
+        if self._owners.pop(key, None) is not None:
+            self._apply_owners()
+
+    def _apply_owners(self) -> None:
+        rpms = [r for r, _ in self._owners.values() if r is not None]
+        tpms = [t for _, t in self._owners.values() if t is not None]
+        self.configure(min(rpms) if rpms else None, min(tpms) if tpms else None)
 
     # --- the hot path ---------------------------------------------------------------------------
 
@@ -260,15 +281,14 @@ class RateLimiter:
 _limiters: dict[tuple[str | None, str], RateLimiter] = {}
 
 
-def limiter_for(api_base: str | None, model: str, *, rpm: float | None = None,
+def limiter_for(api_base: str | None, model: str, *, owner: object, rpm: float | None = None,
                 tpm: float | None = None) -> RateLimiter:
-    """The process's limiter for this endpoint and model, configured with these rates."""
+    """The process's limiter for this endpoint and model, held by `owner` with these rates (see `hold`)."""
     key = (api_base, model)
     limiter = _limiters.get(key)
     if limiter is None:
-        limiter = _limiters[key] = RateLimiter(rpm, tpm, name=model)
-    else:
-        limiter.configure(rpm, tpm)
+        limiter = _limiters[key] = RateLimiter(name=model)
+    limiter.hold(owner, rpm, tpm)
     return limiter
 
 
