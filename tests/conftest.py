@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,9 +50,10 @@ def agent(name: str) -> str:
 
 
 @pytest.fixture(params=["direct", "litellm"])
-def transport(request) -> str:
+def transport(request) -> Iterator[str]:
     """Runs a test through each chat transport (tests/transports.py): the shared model path must behave the same."""
     from tests import transports
 
     transports._transport[0] = request.param
-    return request.param
+    yield request.param
+    transports._transport[0] = "direct"  # a test without the fixture gets the default, whatever ran before it

@@ -177,7 +177,7 @@ def collapsed(modes: list[str]) -> list[str]:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("body", [FASTAPI_422, TGI_422], ids=["fastapi-422", "tgi-422"])
-async def test_a_422_falls_back_to_json_object_then_text_and_is_never_retried(fake_llm, body):
+async def test_a_422_falls_back_to_json_object_then_text_and_is_never_retried(fake_llm, body, transport):
     fake_llm.set_handler(refusing_422(body, ("json_schema", "json_object"), reply=turn("plain")))
     llm = backend(fake_llm, max_retries=3)
     result = await llm.complete(MESSAGES, UserTurn, role=Role.USER)
@@ -196,13 +196,28 @@ async def test_a_422_falls_back_to_json_object_then_text_and_is_never_retried(fa
 
 
 @pytest.mark.anyio
-async def test_a_422_in_every_mode_is_raised_without_retries(fake_llm):
+async def test_a_422_in_every_mode_is_raised_without_retries(fake_llm, transport):
     fake_llm.set_handler(refusing_422(FASTAPI_422, ("json_schema", "json_object", "text")))
     with pytest.raises(LLMError, match="422") as info:
         await backend(fake_llm, max_retries=3).complete(MESSAGES, UserTurn, role=Role.USER)
     assert not info.value.retryable and info.value.status_code == 422
     modes = [mode_of(r) for r in fake_llm.requests]
     assert collapsed(modes) == ["json_schema", "json_object", "text"] and len(modes) <= 6, modes
+
+
+@pytest.mark.anyio
+async def test_a_422_about_something_else_leaves_the_endpoint_in_json_schema_mode(fake_llm, transport):
+    """litellm swallows a 422's body: stepping down is then a guess, tried for the call and learnt only if it works.
+    A 422 about another parameter fails every mode, and the next call asks in json_schema again."""
+    other = {"detail": [{"type": "value_error", "loc": ["body", "temperature"], "msg": "temperature out of range"}]}
+    fake_llm.set_handler(refusing_422(other, ("json_schema", "json_object", "text")))
+    with pytest.raises(LLMError, match="422"):
+        await backend(fake_llm, model="openai/fake-422-other").complete(MESSAGES, UserTurn, role=Role.USER)
+    fake_llm.set_handler(lambda request: FakeReply(content=turn("fine")))
+    seen = len(fake_llm.requests)
+    result = await backend(fake_llm, model="openai/fake-422-other").complete(MESSAGES, UserTurn, role=Role.USER)
+    assert result.output.message == "fine"
+    assert [mode_of(r) for r in fake_llm.requests[seen:]] == ["json_schema"]
 
 
 @pytest.mark.anyio

@@ -109,12 +109,16 @@ class ChatBackend(LLM):
         raise LLMOutputError(f"model {self.model} did not return a valid {schema.__name__} after a repair attempt: "
                              f"{last_error}", usage=usage)
 
-    def _build(self, messages: list[dict[str, Any]], schema: type[BaseModel]) -> tuple[Any, str, int]:
+    def _build(self, messages: list[dict[str, Any]], schema: type[BaseModel],
+               trying: str | None = None) -> tuple[Any, str, int]:
         """The request in the structured-output mode this endpoint is known to accept, that mode, and its prompt
         tokens as the token rate limit counts them (the messages sent: with the schema in them, in a fallback mode).
 
-        Built right before sending, so a call that waited behind the first one uses what that one learnt."""
+        Built right before sending, so a call that waited behind the first one uses what that one learnt.
+        `trying`: a lower mode this call tries without the endpoint having been shown to need it (see `guess`)."""
         mode = _working_modes.get(self._endpoint, JSON_SCHEMA)
+        if trying is not None and _MODES.index(trying) > _MODES.index(mode):
+            mode = trying
         if mode == JSON_SCHEMA:
             response_format: dict[str, Any] | None = response_format_of(schema)
         else:
@@ -127,19 +131,20 @@ class ChatBackend(LLM):
         s = self.settings
         usage = Usage()
         attempt = 0
+        trying: str | None = None  # a mode stepped down to on a guess: the endpoint learns it only if it works
         while True:
             try:
-                reply = await self._attempt(lambda: self._build(messages, schema))
+                reply = await self._attempt(lambda: self._build(messages, schema, trying))
             except _FormatRefused as err:  # not transient: ask again at once in the next mode, no retry spent
                 usage = usage.add(Usage.failed(err.kind))
                 if err.mode == TEXT:
                     err.usage = usage
                     raise
                 fallback = _MODES[_MODES.index(err.mode) + 1]
-                if _MODES.index(_working_modes.get(self._endpoint, JSON_SCHEMA)) < _MODES.index(fallback):
-                    _working_modes[self._endpoint] = fallback
-                    log.warning("model %s at %s refused response_format %s (%s); using %s from now on",
-                                s.model, s.api_base or "its provider", err.mode, err, fallback)
+                if err.guess:
+                    trying = fallback
+                else:
+                    self._learn_mode(fallback, err)
                 continue
             except RateLimitExhausted as err:  # refused for too long: no request was sent this time
                 err.usage = usage
@@ -162,10 +167,19 @@ class ChatBackend(LLM):
                 raise self._refusal(usage)
             text, call_usage = reply
             usage = usage.add(call_usage)
+            if trying is not None:  # the guess was right: the lower mode answered where the higher one did not
+                self._learn_mode(trying, None)
             if text is None:
                 raise LLMError(f"model {self.model}: the response had no message", kind="other",
                                usage=usage.add(Usage.failed("other", calls=0)))
             return text, usage
+
+    def _learn_mode(self, mode: str, refusal: Exception | None) -> None:
+        """Use `mode` for this endpoint from now on (in this process), unless it already steps lower."""
+        if _MODES.index(_working_modes.get(self._endpoint, JSON_SCHEMA)) < _MODES.index(mode):
+            _working_modes[self._endpoint] = mode
+            log.warning("model %s at %s refused a response_format (%s); using %s from now on", self.model,
+                        self.settings.api_base or "its provider", refusal or "a lower mode answered", mode)
 
     async def _attempt(self, build: Callable[[], tuple[Any, str, int]]) -> tuple[str | None, Usage] | None:
         """One request, or None when the credentials were refused meanwhile. Raises the classified LLMError."""
@@ -196,7 +210,8 @@ class ChatBackend(LLM):
                 rate.rate_limited(ticket, _retry_after(e))
             if err.kind != "auth" and _refuses_format(e, err.status_code):
                 self._answered = True
-                raise _FormatRefused(str(err), mode=mode, status_code=err.status_code) from e
+                raise _FormatRefused(str(err), mode=mode, status_code=err.status_code,
+                                     guess=getattr(e, "format_guess", False)) from e
             if err.kind == "auth":
                 raise self._latch(err) from e
             self._answered = True
@@ -237,9 +252,10 @@ _working_modes: dict[tuple[str | None, str], str] = {}  # (api_base, model) -> t
 class _FormatRefused(LLMError):
     """The endpoint refused the request's `response_format` (`mode`): fall back to the next mode, never retry."""
 
-    def __init__(self, message: str, *, mode: str, status_code: int | None):
+    def __init__(self, message: str, *, mode: str, status_code: int | None, guess: bool = False):
         super().__init__(message, retryable=False, status_code=status_code, kind="other")
         self.mode = mode
+        self.guess = guess  # the refusal did not say it was the format (litellm's 422 with no body): tried, not learnt
 
 
 _FORMAT_TEXT = re.compile(r"(?i)response_format|json_schema|json_object")

@@ -27,6 +27,7 @@ class _NoResponse(Exception):
     """litellm returned None after an HTTP 422 (see `_send`); classified like the 422 it stands for."""
 
     status_code = 422
+    format_guess = True  # its message names response_format because it might be it: chat.py tries, not learns
 
 
 class LiteLLMBackend(ChatBackend):
@@ -56,8 +57,9 @@ class LiteLLMBackend(ChatBackend):
             # litellm swallowed the 422's message (it resends once without the parameters the body names, then
             # returns None). A 422 is a validation error, never transient, and the structured-output mode is the
             # part of the request that differs between endpoints: with a response_format set, the message names
-            # it, so the shared path steps down a mode as for a refusal that says so (chat._refuses_format). A 422
-            # about something else then fails the last mode (no response_format) too, and is raised.
+            # it, so the shared path steps down a mode for this call (chat._refuses_format), and the endpoint keeps
+            # the lower mode only once it answers there. A 422 about something else then fails the last mode (no
+            # response_format) too, and is raised, leaving the endpoint's mode as it was.
             raise _NoResponse(f"model {self.model}: the server refused the request (HTTP 422) and litellm returned "
                               "no response" + (" (response_format refused?)" if "response_format" in payload else ""))
         return _content(resp), _usage_of(resp)
