@@ -239,6 +239,22 @@ async def test_a_refused_key_is_latched_and_later_calls_make_no_request(fake_llm
 
 
 @pytest.mark.anyio
+async def test_a_429_saying_the_quota_is_used_up_stops_at_once_instead_of_waiting(fake_llm, transport):
+    """OpenAI's insufficient_quota is a 429 that no wait cures: latched like a refused key, the limiter left alone."""
+    quota = FakeReply(status=429, error_code="insufficient_quota", headers={"Retry-After": "20"},
+                      content="You exceeded your current quota, please check your plan and billing details.")
+    fake_llm.set_handler(lambda req: quota)
+    llm = backend(fake_llm, model="openai/fake-quota", rate_limit_wait_s=300)
+    with anyio.fail_after(10):
+        with pytest.raises(LLMAuthError, match="quota is used up") as first:
+            await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+        with pytest.raises(LLMAuthError):
+            await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+    assert fake_llm.calls == 1 and "CONVSIM_API_KEY" in str(first.value)
+    assert llm._rate.rate_limited_count == 0
+
+
+@pytest.mark.anyio
 async def test_concurrent_first_calls_with_a_refused_key_make_one_request(fake_llm, transport):
     fake_llm.set_handler(lambda req: FakeReply(status=401, content="bad key", delay_s=0.1))
     llm = backend(fake_llm)

@@ -44,6 +44,9 @@ JSON schema: {schema}"""
 AUTH_ERROR = ("model {model}: the provider refused the credentials ({detail}). Set {variable} to a valid API key, "
               "then run again.")
 
+QUOTA_ERROR = ("model {model}: the provider refused the request because the account's quota is used up ({detail}). "
+               "Add credit to the account or set {variable} to a key with quota, then run again.")
+
 
 # The backend name response-cache keys have carried from the start. Both transports send the same request to the
 # same endpoint, so a reply cached through one stands for the other, and caches written before the direct path stay
@@ -206,6 +209,8 @@ class ChatBackend(LLM):
             raise
         except Exception as e:  # classify at the boundary, decide in the caller
             err = _classify(e)
+            if err.kind == "rate_limit" and _QUOTA_TEXT.search(str(e)):  # waiting never helps: stops the run
+                raise self._latch(err, QUOTA_ERROR) from e
             if err.kind == "rate_limit":
                 rate.rate_limited(ticket, _retry_after(e))
             if err.kind != "auth" and _refuses_format(e, err.status_code):
@@ -224,11 +229,12 @@ class ChatBackend(LLM):
             rate.succeeded(ticket, None)
         return reply
 
-    def _latch(self, err: LLMError) -> LLMAuthError:
-        """Remember the first refusal of the credentials; every later call raises it without a request."""
+    def _latch(self, err: LLMError, template: str = AUTH_ERROR) -> LLMAuthError:
+        """Remember the first refusal of the credentials (or of an account out of quota); every later call raises it
+        without a request, and the run stops (see pipeline/simulation.py)."""
         if self.auth_error is None:
             self.auth_error = LLMAuthError(
-                AUTH_ERROR.format(model=self.model, detail=err, variable=key_variable(self.settings)),
+                template.format(model=self.model, detail=err, variable=key_variable(self.settings)),
                 status_code=err.status_code,
             )
             log.error("%s", self.auth_error)
@@ -301,6 +307,11 @@ _AUTH_TEXT = re.compile(r"(?i)invalid[ _-]?(?:x-)?api[ _-]?key|incorrect api key
 
 _CONTEXT_TEXT = re.compile(r"(?i)context_length_exceeded|maximum context length|context window|prompt is too long")
 
+
+# A 429 that is not a rate: OpenAI's insufficient_quota ("You exceeded your current quota, please check your plan and
+# billing details"), and providers' wordings of the same.
+_QUOTA_TEXT = re.compile(r"(?i)insufficient_quota|exceeded your current quota|quota (?:is )?exhausted|"
+                         r"credit balance is too low|out of credits")
 
 _SERVER_ERRORS = frozenset({"InternalServerError", "ServiceUnavailableError", "BadGatewayError"})
 
