@@ -181,6 +181,24 @@ async def test_connections_are_kept_alive_and_reused(fake_llm):
     assert len(llm._client._idle) == 1  # one connection carried all five requests
 
 
+@pytest.mark.anyio
+async def test_a_finished_run_closes_its_model_connections(fake_llm, store):
+    """Kept-alive connections belong to the run's event loop: the job closes them when it ends, every one."""
+    fake_llm.set_handler(lambda request: turn("Where is my order?"))
+    llm = direct(fake_llm, max_concurrency=3)
+    opened = []
+    new_client = llm._new_client
+
+    def recording_client():
+        opened.append(new_client())
+        return opened[-1]
+    llm._new_client = recording_client
+    summary = await simulate(store, "tests.agents:echo", [{"goal": "Ask where order A1 is."}] * 3, llm=llm,
+                             max_turns=2, concurrency=3, workspace=ROOT, cache=False)
+    assert summary.status == "completed" and fake_llm.calls == 6
+    assert llm._client is None and len(opened) == 1 and opened[0]._idle == []
+
+
 def test_a_proxy_in_the_environment_sends_requests_through_httpx(monkeypatch):
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
                 "no_proxy"):

@@ -41,7 +41,7 @@ schema, temperature, seed, trial); the jobs wrap theirs when asked (`cache=True`
 
 from __future__ import annotations
 
-from .base import LLM, LLMResult, prepare_models
+from .base import LLM, LLMResult, close_models, prepare_models
 from .cache import CACHE_TRIAL, CachedLLM, ResponseCache, cached
 from .litellm_backend import LiteLLMBackend
 from .offline import OfflineBackend
@@ -59,6 +59,7 @@ __all__ = [
     "OpenAIHTTPBackend",
     "ResponseCache",
     "cached",
+    "close_models",
     "prepare_models",
     "resolve_llm",
     "resolve_model",

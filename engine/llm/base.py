@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
+import anyio
 from pydantic import BaseModel, ConfigDict
 from pydantic_core import PydanticUndefined
 
@@ -100,13 +101,29 @@ class LLM:
         raise NotImplementedError(f"{type(self).__name__} does not implement complete")
 
 
-async def prepare_models(*llms: LLM | None) -> None:
-    """`prepare()` each distinct backend given (a job's user and judge models may be one), one after another."""
+def _distinct(llms: tuple[LLM | None, ...]) -> list[LLM]:
     seen: list[LLM] = []
     for llm in llms:
         if llm is not None and not any(llm is other for other in seen):
             seen.append(llm)
-            await llm.prepare()
+    return seen
+
+
+async def prepare_models(*llms: LLM | None) -> None:
+    """`prepare()` each distinct backend given (a job's user and judge models may be one), one after another."""
+    for llm in _distinct(llms):
+        await llm.prepare()
+
+
+async def close_models(*llms: LLM | None) -> None:
+    """`aclose()` each distinct backend given, when a job ends: its kept-alive connections belong to this event loop.
+    Shielded, so a cancelled job still closes them; a failure to close is logged, never raised over the result."""
+    with anyio.CancelScope(shield=True):
+        for llm in _distinct(llms):
+            try:
+                await llm.aclose()
+            except Exception:
+                log.warning("closing the %s backend failed", llm.model, exc_info=True)
 
 
 @functools.lru_cache(maxsize=512)

@@ -84,9 +84,15 @@ class Origin:
             return await self._exchange(await self._connect(), request, fresh=True)
 
     async def aclose(self) -> None:
+        """Close the idle connections and wait until the loop has let go of them (no transport left half-closed)."""
         idle, self._idle = self._idle, []
         for _, writer in idle:
             writer.close()
+        for _, writer in idle:
+            try:
+                await writer.wait_closed()
+            except OSError:  # reset by the server meanwhile: closed all the same
+                pass
 
     def __del__(self) -> None:
         for _, writer in self._idle:

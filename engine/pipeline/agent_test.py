@@ -19,7 +19,7 @@ import anyio
 from ..errors import CouldNotTest, InvalidOption, LLMAuthError, LLMError, RunError
 from ..cases import describe_agent, generate_cases
 from ..issues import discover_issues, summarize_trials
-from ..llm import LLM, resolve_llm, resolve_model
+from ..llm import LLM, close_models, resolve_llm, resolve_model
 from ..llm.resolve import rate_limits
 from ..models import AgentProfile, Report, Role, RunStatus, Session, TargetSpec, TestCase, TestSet, Usage, add_usage
 from ..reports import build_report, render_markdown
@@ -168,7 +168,9 @@ class AgentTestJob:
             failure = CouldNotTest if isinstance(e, (LLMError, _Stopped)) else RunError
             raise failure(f"test_agent run {self.run_id} failed: {error}") from e
         finally:
-            await self.target.aclose()
+            with anyio.CancelScope(shield=True):  # a cancelled run still closes the agent's and models' connections
+                await self.target.aclose()
+                await close_models(self.user_llm, self.judge_llm, self.generator_llm)
 
     async def _spend(self, role: Role, call: Awaitable[tuple[R, Usage]]) -> R:
         """Await a (result, usage) model step and count its usage under `role`, also when it fails."""

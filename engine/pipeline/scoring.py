@@ -20,7 +20,7 @@ import anyio.lowlevel
 
 from ..errors import InvalidOption, NotFound
 from ..limits import MAX_TRANSCRIPTS
-from ..llm import CACHE_TRIAL, LLM, prepare_models, resolve_llm
+from ..llm import CACHE_TRIAL, LLM, close_models, prepare_models, resolve_llm
 from ..models import Assessment, FailingSession, Role, ScorerSummary, ScoreSummary, Session, StopReason, Usage, add_usage
 from ..judging import Scorer, parse_scorers
 from ..judging.judges import DETERMINISTIC_JUDGES
@@ -131,6 +131,7 @@ class ScoringJob:
         finally:
             with anyio.CancelScope(shield=True):  # verdicts reached are kept, even when cancelled
                 await writer.flush()
+            await close_models(self.llm)
         return await score_summary(self.store, self.session_ids, [sc.name for sc in self.scorers],
                                    offline=self.llm.offline, run_ids=self.run_ids)
 

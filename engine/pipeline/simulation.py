@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator
 import anyio
 
 from ..errors import InvalidOption, LLMAuthError
-from ..llm import CACHE_TRIAL, LLM, prepare_models, resolve_llm, resolve_model
+from ..llm import CACHE_TRIAL, LLM, close_models, prepare_models, resolve_llm, resolve_model
 from ..llm.resolve import rate_limits
 from ..models import (Assessment, Message, Role, RunStatus, RunSummary, Session, SessionSummary, StopReason,
                       TargetSpec, TestCase, TrialsSummary)
@@ -214,6 +214,8 @@ class SimulationJob:
                 await self.store.finish_session(s)
         await self.store.end_open_sessions(self.run_id, reason, detail)
         await self.target.aclose()
+        if self.finish_run:  # the job ends here (test_agent closes the models after its report)
+            await close_models(self.llm, self.judge_llm)
         if self.finish_run or status != RunStatus.COMPLETED:
             await self.store.finish_run(self.run_id, status, error)
 
