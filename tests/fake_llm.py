@@ -558,11 +558,21 @@ class AsyncFakeLLMServer(FakeLLMServer):
         if self._loop is not None:
             return self
         loop = asyncio.new_event_loop()
-        server = loop.run_until_complete(loop.create_server(lambda: _Connection(self), "127.0.0.1", 0, backlog=4096))
-        self._loop, self._server = loop, server
-        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
-        self._thread = threading.Thread(target=loop.run_forever, name="fake-llm-async", daemon=True)
+        listening = threading.Event()
+
+        def serve() -> None:  # the loop is set up in its own thread: the caller may be running an event loop
+            asyncio.set_event_loop(loop)
+            self._server = loop.run_until_complete(
+                loop.create_server(lambda: _Connection(self), "127.0.0.1", 0, backlog=4096))
+            listening.set()
+            loop.run_forever()
+        self._loop = loop
+        self._thread = threading.Thread(target=serve, name="fake-llm-async", daemon=True)
         self._thread.start()
+        if not listening.wait(10):
+            raise RuntimeError("the asyncio fake LLM server did not start listening")
+        assert self._server is not None
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
         return self
 
     def stop(self) -> None:

@@ -141,3 +141,13 @@ def test_context_length_error_looks_like_openais(fake: FakeLLMServer) -> None:
     assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "context_length_exceeded",
                                                              "messages")
     assert error["message"].startswith("This model's maximum context length is 8192 tokens.")
+
+
+@pytest.mark.anyio
+async def test_the_asyncio_fake_starts_from_inside_a_running_event_loop() -> None:
+    """The benchmark starts it in-process, under anyio.run: its loop lives in its own thread."""
+    with AsyncFakeLLMServer() as server:
+        async with httpx.AsyncClient() as client:
+            resp = await client.post(f"{server.url}/chat/completions",
+                                     json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.json()["choices"][0]["message"]["content"] == "fake reply"
