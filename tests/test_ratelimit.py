@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email.utils
 import gc
+import logging
 import threading
 import time
 
@@ -183,6 +184,18 @@ async def test_an_unconfigured_limiter_learns_a_rate_from_a_429_and_later_stops_
     sleeps = clock.sleeps
     await departures(lim, 50)
     assert clock.sleeps == sleeps  # recovered: unpaced again
+
+
+async def test_rate_cuts_are_warned_about_at_most_every_30_seconds(caplog):
+    """An adaptive limiter may cut its rate every few seconds: one warning, the rest at debug level."""
+    clock = FakeClock()
+    lim = limiter(clock, rpm=600)
+    caplog.set_level(logging.DEBUG, logger="convsim.llm")
+    for later in (0, 2, 2, 40):  # four 429 episodes: each for a request sent after the previous cut
+        clock.now += later
+        lim.rate_limited(await lim.acquire(), 0.0)
+    cuts = [r for r in caplog.records if "429 from the provider" in r.getMessage()]
+    assert [r.levelno for r in cuts] == [logging.WARNING, logging.DEBUG, logging.DEBUG, logging.WARNING]
 
 
 async def test_a_provider_that_only_answers_429_ends_every_waiter_with_a_clear_error():

@@ -53,6 +53,7 @@ MIN_FACTOR = 0.05  # the rate never falls below this share of its base
 ADAPTIVE_CEILING = 2.0  # unconfigured: back to unpaced at this multiple of the rate measured at the 429
 ADAPTIVE_FALLBACK_RPM = 60.0  # unconfigured, a 429 reported before any request left
 MAX_PAUSE_S = 60.0
+LOG_EVERY_S = 30.0  # rate cuts logged as warnings at most this often (the rest at debug level)
 BACKOFF_S = 1.0  # pause after a 429 without Retry-After, doubled per episode until a success
 HISTORY = 256  # departures remembered: the window below, and the rate measured at a 429 (unconfigured)
 MEASURED = 64  # departures the measured rate is taken over
@@ -109,6 +110,7 @@ class RateLimiter:
         self._recover_from = -math.inf  # the end of the pause that came with the last cut
         self._adaptive_rpm: float | None = None  # unconfigured: the learnt base rate
         self.rate_limited_count = 0
+        self._logged_at = -math.inf  # when a rate cut was last logged as a warning
         self._owners: dict[int, tuple[float | None, float | None]] = {}  # id(backend) -> its rates (see hold)
         self.configure(rpm, tpm)
 
@@ -250,8 +252,11 @@ class RateLimiter:
             else:
                 self._cut_factor = max(MIN_FACTOR, self._factor(now) * DECREASE)
             self._cut_at = now
-            log.warning("rate limiter %s: 429 from the provider; pacing at %.0f%% of %s", self.name,
-                        self._cut_factor * 100, self._base_description())
+            # a warning at most every LOG_EVERY_S: an adaptive limiter may cut its rate every few seconds
+            level = logging.WARNING if now - self._logged_at >= LOG_EVERY_S else logging.DEBUG
+            self._logged_at = now if level == logging.WARNING else self._logged_at
+            log.log(level, "rate limiter %s: 429 from the provider; pacing at %.0f%% of %s", self.name,
+                    self._cut_factor * 100, self._base_description())
         if retry_after is not None:
             pause = min(max(0.0, retry_after), MAX_PAUSE_S)
         elif new_episode:
