@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import threading
+
 import anyio
 import pytest
 from pydantic import ValidationError
@@ -272,16 +274,51 @@ async def test_concurrent_first_calls_with_a_refused_key_make_one_request(fake_l
     assert len(errors) == 5 and fake_llm.calls == 1
 
 
+def all_at_once(n: int):
+    """A handler that answers only once `n` requests are at the fake together (else a 500 after 10 s)."""
+    arrived = threading.Barrier(n, timeout=10)
+
+    def handle(request):
+        arrived.wait()
+        return turn("together")
+    return handle
+
+
+async def call_concurrently(llm, n: int) -> list[str]:
+    replies: list[str] = []
+
+    async def one():
+        replies.append((await llm.complete(MESSAGES, UserTurn, role=Role.USER)).output.message)
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(one)
+    return replies
+
+
 @pytest.mark.anyio
 async def test_after_a_first_answer_calls_are_concurrent_again(fake_llm, transport):
-    fake_llm.set_handler(lambda req: FakeReply(content=turn("hi"), delay_s=0.2))
-    llm = backend(fake_llm)
+    fake_llm.set_handler(lambda req: turn("hi"))
+    llm = backend(fake_llm, max_retries=0)
     await llm.complete(MESSAGES, UserTurn, role=Role.USER)
-    started = anyio.current_time()
-    async with anyio.create_task_group() as tg:
-        for _ in range(5):
-            tg.start_soon(lambda: llm.complete(MESSAGES, UserTurn, role=Role.USER))
-    assert anyio.current_time() - started < 0.6
+    fake_llm.set_handler(all_at_once(5))
+    assert await call_concurrently(llm, 5) == ["together"] * 5
+
+
+@pytest.mark.anyio
+async def test_a_key_accepted_in_this_process_is_not_checked_again_by_a_later_backend(fake_llm, transport):
+    """A later run (a new backend) with the same model, endpoint and key sends its first calls at once; another
+    key still goes one at a time until its first answer."""
+    fake_llm.set_handler(lambda req: turn("hi"))
+    await backend(fake_llm, max_retries=0).complete(MESSAGES, UserTurn, role=Role.USER)
+    fake_llm.set_handler(all_at_once(5))
+    assert await call_concurrently(backend(fake_llm, max_retries=0), 5) == ["together"] * 5
+    fake_llm.set_handler(lambda req: FakeReply(status=401, content="bad key", delay_s=0.05))
+    other_key = make(LLMSettings(model="openai/fake-user", api_base=fake_llm.url, api_key="another-key-1234",
+                                 max_retries=0))
+    calls = fake_llm.calls
+    with pytest.raises(ExceptionGroup) as refused:
+        await call_concurrently(other_key, 5)
+    assert refused.group_contains(LLMAuthError) and fake_llm.calls == calls + 1  # one request for the five
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import anyio
 import pytest
@@ -166,11 +167,17 @@ async def test_repeats_make_separate_sessions_with_unique_sim_ids(store, fake_ll
 
 
 async def test_conversations_run_concurrently(store, fake_llm):
-    fake_llm.set_handler(lambda req: FakeReply(content=turn(message="hi"), delay_s=0.2))
-    started = anyio.current_time()
-    await run(store, fake_llm, [{"goal": f"g{i}"} for i in range(8)], max_turns=2, concurrency=8)
-    elapsed = anyio.current_time() - started
-    assert elapsed < 8 * 2 * 0.2 / 2, f"8 conversations x 2 turns took {elapsed:.2f}s: not concurrent"
+    """The second turns of all 8 conversations are at the model together (no timing: a barrier at the fake; the
+    first turns wait for one first answer, the credentials check)."""
+    second_turns = threading.Barrier(8, timeout=20)
+
+    def handle(request):
+        if sum(m["role"] == "assistant" for m in request["messages"]) == 1:
+            second_turns.wait()  # raises, so the call fails, unless all 8 such calls are in flight at once
+        return turn(message="hi")
+    fake_llm.set_handler(handle)
+    summary = await run(store, fake_llm, [{"goal": f"g{i}"} for i in range(8)], max_turns=2, concurrency=8)
+    assert [s.stop_reason for s in summary.sessions] == [StopReason.MAX_TURNS] * 8 and not fake_llm.errors
 
 
 async def test_cancelled_run_keeps_completed_turns(store, fake_llm):

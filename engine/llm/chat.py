@@ -16,7 +16,9 @@ concurrency limiter and the endpoint's rate limiter, the payload built right bef
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
 import random
 import re
 from typing import Any, Callable
@@ -65,7 +67,10 @@ class ChatBackend(LLM):
         secrets.register(settings.api_key)
         # requests in flight; a semaphore with no checkpoint when free (CapacityLimiter costs ~6 us a request)
         self._limiter = anyio.Semaphore(settings.max_concurrency, max_value=settings.max_concurrency, fast_acquire=True)
-        self._answered = False  # a request got an answer other than "bad credentials": no more gating
+        self._credential = _credential(settings)
+        # a request got an answer other than "bad credentials": no more gating. A key this process has seen
+        # accepted for this model and endpoint (an earlier run of a server) is not checked again.
+        self._answered = self._credential in _accepted_credentials
         self._first_call = anyio.Lock()
         self._endpoint = (settings.api_base, settings.model)
         self._rate = limiter_for(settings.api_base, settings.model, owner=self, rpm=settings.rpm, tpm=settings.tpm)
@@ -222,6 +227,7 @@ class ChatBackend(LLM):
             self._answered = True
             raise err from e
         self._answered = True
+        _accepted_credentials.add(self._credential)
         if rate.counts_tokens:
             used = reply[1]
             rate.succeeded(ticket, used.prompt_tokens + used.completion_tokens if used.prompt_tokens else None)
@@ -243,6 +249,16 @@ class ChatBackend(LLM):
     def _refusal(self, usage: Usage) -> LLMAuthError:
         assert self.auth_error is not None
         return LLMAuthError(str(self.auth_error), status_code=self.auth_error.status_code, usage=usage)
+
+
+# (model, api_base, SHA-256 of the key sent) that got a reply in this process: later backends skip the one-at-a-time
+# first call. A digest, never the key; a key revoked since fails as before (the first 401 latches).
+_accepted_credentials: set[tuple[str, str | None, str]] = set()
+
+
+def _credential(settings: LLMSettings) -> tuple[str, str | None, str]:
+    key = settings.api_key or os.environ.get(key_variable(settings)) or ""
+    return settings.model, settings.api_base, hashlib.sha256(key.encode()).hexdigest()
 
 
 # --- structured-output modes ------------------------------------------------------------------------
