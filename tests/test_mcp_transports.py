@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -229,9 +228,7 @@ async def test_cancel_run_stops_a_background_run_and_keeps_completed_turns(sse_p
                     break
                 await anyio.sleep(0.2)
 
-        t0 = time.monotonic()
         cancelled = await _call(client, "cancel_run", {"run_id": run_id})
-        assert time.monotonic() - t0 < 5, "cancel_run waited for the agent instead of cancelling"
         assert cancelled["status"] == "cancelled"
         assert cancelled["sessions_done"] == 2
         assert cancelled["stop_reasons"] == {"cancelled": 2}
@@ -245,7 +242,8 @@ async def test_cancel_run_stops_a_background_run_and_keeps_completed_turns(sse_p
         for session in whole["sessions"]:
             assert session["stop_reason"] == "cancelled"
             roles = [m["role"] for m in session["messages"]]
-            assert roles[:2] == ["user", "assistant"]
+            # the second turn's reply was still 2 s away: cancel_run did not wait for the agent
+            assert roles == ["user", "assistant", "user"], roles
             assert session["messages"][1]["content"] == "too late"
 
         # Still cancelled later (not overwritten by a late finish), and a second cancel is refused clearly.
