@@ -10,7 +10,7 @@ import pytest
 from mcp import Client
 
 from convsim_mcp.server import build_server
-from engine import (Assessment, Evidence, Message, OfflineBackend, Session, StopReason, Store, TestCase,
+from engine import (Assessment, Evidence, Message, OfflineBackend, Session, StopReason, Store, TestCase, simulate,
                     test_agent)
 from engine.issues import discover_issues, pass_hat, summarize_trials, trial_outcome
 from engine.reports import compact_result, render_markdown
@@ -257,3 +257,22 @@ async def test_mcp_simulate_get_run_and_test_agent_return_the_trials_compactly(s
     digest = tested["report"]
     assert digest["trials"]["flaky"] == 1 and [c["case_id"] for c in digest["trials"]["case_results"]] == ["refund"]
     assert digest["issues"][0]["severity_reason"] == "the agent crashed; intermittent: 2 of 4 trials"
+
+
+async def test_polling_a_repeated_run_s_trials_reads_no_transcript(store, monkeypatch):
+    """Each session's transcript_mark is stored as it ends; a database without marks is read the old way."""
+    from engine.pipeline.simulation import run_summary
+
+    summary = await simulate(store, FLAKY_AGENT, _flaky_cases(), model="offline", repeats=4, max_turns=3,
+                             workspace=ROOT)
+    expected = summary.trials.model_dump()
+    assert expected["flaky_cases"] == ["refund"]
+
+    def no_transcripts(*args, **kwargs):
+        raise AssertionError("a poll read a transcript")
+    with monkeypatch.context() as m:
+        m.setattr(store, "_load_page", no_transcripts)
+        m.setattr(store, "get_sessions_by_ids", no_transcripts)
+        assert (await run_summary(store, summary.run_id)).trials.model_dump() == expected
+    store._db.execute("UPDATE sessions SET trial_mark = NULL WHERE run_id = ?", (summary.run_id,))
+    assert (await run_summary(store, summary.run_id)).trials.model_dump() == expected  # read from the transcripts

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .discovery import discover_issues, issue_signatures, sort_issues
 from .failures import Failure, collect_failures, primary_causes, untestable_sessions
-from .trials import TrialTally, pass_hat, summarize_trials, trial_outcome
+from .trials import TrialTally, pass_hat, summarize_trials, transcript_mark, trial_outcome
 
 __all__ = [
     "Failure",
@@ -17,6 +17,7 @@ __all__ = [
     "primary_causes",
     "sort_issues",
     "summarize_trials",
+    "transcript_mark",
     "trial_outcome",
     "untestable_sessions",
 ]

@@ -24,6 +24,9 @@ from ..models import Assessment, CaseTrials, PassHat, Session, StopReason, Trial
 from .failures import CRASH_SIGNALS, HARNESS_SIGNALS, case_key, collect_failures
 
 Outcome = Literal["pass", "fail", "untested"]
+# What a session's transcript alone says of it as a trial: its simulated user broke its role, an agent call
+# failed, or neither. Stored when a repeated run's session ends, so that polling a run's trials reads no transcript.
+Mark = Literal["harness", "crash", "clean"]
 FAILED_SESSIONS_LISTED = 5
 FLAKY_LISTED = 20
 AGENT_FAILURE_STOPS = frozenset({StopReason.AGENT_ERROR, StopReason.AGENT_EMPTY})
@@ -36,14 +39,25 @@ def pass_hat(n: int, c: int, k: int) -> float | None:
     return comb(c, k) / comb(n, k)
 
 
-def trial_outcome(session: Session, verdicts: list[Assessment]) -> Outcome:
-    """The session as a trial (see the module docstring). `verdicts` are the session's stored verdicts."""
+def transcript_mark(session: Session) -> Mark:
+    """The part of a trial's outcome its transcript decides (see Mark); needs the session's messages."""
+    failures = collect_failures([session], [])
+    if any(f.signal in HARNESS_SIGNALS for f in failures):
+        return "harness"
+    if any(f.signal in CRASH_SIGNALS for f in failures):
+        return "crash"
+    return "clean"
+
+
+def trial_outcome(session: Session, verdicts: list[Assessment], mark: Mark | None = None) -> Outcome:
+    """The session as a trial (see the module docstring). `verdicts` are the session's stored verdicts; `mark`,
+    its stored `transcript_mark` (computed from its messages when not given)."""
     if session.stop_reason is None or session.stop_reason in (StopReason.SIMULATOR_ERROR, StopReason.CANCELLED):
         return "untested"
-    failures = collect_failures([session], verdicts)
-    if any(f.signal in HARNESS_SIGNALS for f in failures):
+    mark = mark or transcript_mark(session)
+    if mark == "harness":
         return "untested"
-    if session.stop_reason in AGENT_FAILURE_STOPS or any(f.signal in CRASH_SIGNALS for f in failures):
+    if session.stop_reason in AGENT_FAILURE_STOPS or mark == "crash":
         return "fail"
     if any(v.passed is False for v in verdicts):
         return "fail"
@@ -84,14 +98,14 @@ class TrialTally:
     def __init__(self) -> None:
         self._cases: dict[Any, _Case] = {}
 
-    def add(self, session: Session, verdicts: list[Assessment]) -> Outcome | None:
+    def add(self, session: Session, verdicts: list[Assessment], mark: Mark | None = None) -> Outcome | None:
         key = case_key(session)
         if key is None or session.stop_reason is None:
             return None
         case = self._cases.get(key)
         if case is None:
             case = self._cases[key] = _Case(session.case_index, session.test_case.id if session.test_case else None)
-        outcome = trial_outcome(session, verdicts)
+        outcome = trial_outcome(session, verdicts, mark)
         if outcome == "pass":
             case.passed += 1
         elif outcome == "fail":

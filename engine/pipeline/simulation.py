@@ -28,7 +28,7 @@ from ..llm import CACHE_TRIAL, LLM, close_models, prepare_models, resolve_llm, r
 from ..llm.resolve import rate_limits
 from ..models import (Assessment, Message, Role, RunStatus, RunSummary, Session, SessionSummary, StopReason,
                       TargetSpec, TestCase, TrialsSummary)
-from ..issues import TrialTally
+from ..issues import TrialTally, transcript_mark
 from ..judging import Scorer, parse_scorers
 from ..simulation import ConversationRunner, SessionRecorder, SimulatedUser, TurnEvent, load_user_class
 from ..store import Store, new_run_id, new_session_id
@@ -47,18 +47,22 @@ log = logging.getLogger("convsim.pipeline")
 # Stop reasons a progress bar counts as failures: the agent failed, or the simulated user could not test it
 FAILURE_STOPS = frozenset({StopReason.AGENT_ERROR, StopReason.AGENT_EMPTY, StopReason.SIMULATOR_ERROR})
 
+# A session that ended so is an untested trial whatever its transcript says (issues.trials.trial_outcome)
+UNTESTED_ANYWAY = frozenset({None, StopReason.SIMULATOR_ERROR, StopReason.CANCELLED})
+
 MAX_CASES_LISTED = 50  # per-case trial results a run summary lists (the report lists every case)
 
 
 class _StoreRecorder(SessionRecorder):
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, *, trials: bool = False):
         self.store = store
+        self.trials = trials  # a repeated run: each finished session's transcript_mark is stored with it
 
     async def message(self, session: Session, message: Message) -> None:
         await self.store.add_message(session.id, len(session.messages) - 1, message, session.turns)
 
     async def finished(self, session: Session) -> None:
-        await self.store.finish_session(session)
+        await self.store.finish_session(session, trial_mark=transcript_mark(session) if self.trials else None)
 
 
 @dataclass
@@ -122,7 +126,7 @@ class SimulationJob:
         done_steps = 0
         steps: dict[str, int] = {}  # progress steps of the sessions being played
         live: dict[str, Session] = {}
-        recorder = _StoreRecorder(self.store)
+        recorder = _StoreRecorder(self.store, trials=self.repeats > 1)
 
         ended = {"done": 0, "failures": 0}  # finished sessions, and those of them that failed
         if self.sessions is not None:
@@ -330,8 +334,9 @@ async def run_summary(store: Store, run_id: str, *, max_sessions: int = 50) -> R
 
     Built from aggregates counted in SQL (`Store.session_totals`), verdicts read a page at a time, and
     the per-session rows of the listed sessions (`Store.session_rows`: the last messages only); a
-    repeated run's trials read its transcripts a page at a time (a trial whose simulated user broke
-    its role is not counted). A run of any size summarises in flat memory.
+    repeated run's trials read the marks its sessions' transcripts left as they finished (`run_trials`;
+    a trial whose simulated user broke its role is not counted). A run of any size summarises in flat
+    memory, and a poll reads no transcript.
     """
     run = await store.get_run(run_id)
     repeats = run["options"].get("repeats") or 1
@@ -397,15 +402,23 @@ async def session_summaries(store: Store, run_id: str, *, offset: int = 0, limit
 
 async def run_trials(store: Store, run_id: str, repeats: int, *,
                      max_cases: int | None = MAX_CASES_LISTED) -> TrialsSummary:
-    """A repeated run's trials (pass^k, flaky cases), read a page of sessions and their verdicts at a time."""
+    """A repeated run's trials (pass^k, flaky cases), read a page of sessions and their verdicts at a time.
+
+    No transcript is read for a session whose transcript_mark was stored as it finished; one finished another
+    way (an older database, a resume's bookkeeping) is read to compute it."""
     tally = TrialTally()
-    async with aclosing(store.iter_sessions(run_id)) as pages:
+    async with aclosing(store.iter_sessions(run_id, with_messages=False)) as pages:
         async for page in pages:
+            ids = [s.id for s in page]
+            marks = await store.trial_marks(ids)
+            unmarked = [s.id for s in page if marks.get(s.id) is None and s.stop_reason not in UNTESTED_ANYWAY]
+            for s in await store.get_sessions_by_ids(unmarked) if unmarked else []:
+                marks[s.id] = transcript_mark(s)
             verdicts: dict[str, list[Assessment]] = {}
-            for a in await store.get_assessments([s.id for s in page]):
+            for a in await store.get_assessments(ids):
                 verdicts.setdefault(a.session_id, []).append(a)
             for s in page:
-                tally.add(s, verdicts.get(s.id, []))
+                tally.add(s, verdicts.get(s.id, []), marks.get(s.id))  # type: ignore[arg-type]
     return tally.summary(repeats, max_cases=max_cases)
 
 

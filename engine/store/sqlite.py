@@ -170,6 +170,7 @@ ADDED_COLUMNS = (
     ("sessions", "replayed_turns", "TEXT NOT NULL DEFAULT '[]'"),
     ("runs", "resumed", "INTEGER NOT NULL DEFAULT 0"),
     ("runs", "resumed_at", "REAL"),
+    ("sessions", "trial_mark", "TEXT"),  # what its transcript says of it as a trial (issues.trials.transcript_mark)
 )
 
 
@@ -548,19 +549,29 @@ class Store:
         )
         self._db.execute("UPDATE sessions SET turns = ? WHERE id = ?", (turns, session_id))
 
-    async def finish_session(self, session: Session) -> None:
-        """Record how a session ended; returns once committed."""
-        await self._write(self._update_finished, session)
+    async def finish_session(self, session: Session, *, trial_mark: str | None = None) -> None:
+        """Record how a session ended (and, for a repeated run, its transcript's `trial_mark`, so that polling its
+        trials reads no transcript; None: not known, read it when needed); returns once committed."""
+        await self._write(self._update_finished, session, trial_mark)
 
-    def _update_finished(self, session: Session) -> None:
+    def _update_finished(self, session: Session, trial_mark: str | None = None) -> None:
         self._db.execute(
             "UPDATE sessions SET stop_reason = ?, stop_detail = ?, turns = ?, finished_at = ?, usage = ?,"
-            " replayed_turns = ?, started_at = COALESCE(started_at, ?) WHERE id = ?",  # started_at: set once it played
-            (session.stop_reason.value if session.stop_reason else None,
+            " replayed_turns = ?, trial_mark = ?, started_at = COALESCE(started_at, ?) WHERE id = ?",
+            (session.stop_reason.value if session.stop_reason else None,  # started_at: set once it played
              _clean(session.stop_detail) if session.stop_detail else None, session.turns,
              session.finished_at, json.dumps({k: u.model_dump() for k, u in session.usage.items()}),
-             json.dumps(session.replayed_turns), session.started_at, session.id),
+             json.dumps(session.replayed_turns), trial_mark, session.started_at, session.id),
         )
+
+    async def trial_marks(self, session_ids: Sequence[str]) -> dict[str, str | None]:
+        """The stored `trial_mark` of each of these sessions (None where none was stored)."""
+
+        def read() -> dict[str, str | None]:
+            return {r[0]: r[1] for chunk in _chunks(session_ids) for r in self._db.execute(
+                f"SELECT id, trial_mark FROM sessions WHERE id IN ({_marks(chunk)})", chunk)}
+
+        return await self._run(read)
 
     async def session_ids(self, run_id: str) -> list[str]:
         """A run's session ids in run order (case, repeat, start): small enough to hold for any run."""
