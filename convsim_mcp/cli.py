@@ -265,6 +265,7 @@ def _parser() -> argparse.ArgumentParser:
     res.add_argument("--fail-on", choices=["high", "medium", "low"],
                      help="test_agent: exit 1 when an agent issue of this severity or worse is found")
     _add_allow_untested(res)
+    _add_junit(res)
     res.add_argument("--db")
     _add_root(res)
     res.set_defaults(func=_runs_resume)
@@ -678,8 +679,9 @@ def _runs_resume(args: argparse.Namespace) -> int:
         print(render_summary(outcome))
         if args.json_path:
             _write(args.json_path, outcome.model_dump_json(indent=2))
+        _write_junit(args, store, run_id=outcome.run_id, scorers=[s.scorer for s in outcome.scores] or None)
         return _untested_exit(outcome.untested, outcome.sessions_total, args.allow_untested)
-    return _finish_report(store, outcome, args)
+    return _finish_report(store, outcome, args)  # --junit too
 
 
 def _runs_import(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from engine.pipeline.resume import prepare_resume
 from engine.pipeline.simulation import prepare_simulation
 from engine.simulation.resume import resume_point
 from tests.test_cli_faults import _env, convsim
+from tests.test_junit import read_junit
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = "tests.resume_agents:counting"
@@ -99,8 +100,11 @@ def test_a_killed_simulation_resumes_from_its_last_stored_turn_and_completes(con
     before = _messages(db, run_id)
     assert _rows(db, "SELECT status FROM runs") == [("running",)]  # the dead process could not say otherwise
 
-    resumed = convsim("runs", "resume", run_id, "--db", db, "--json", str(tmp_path / "out.json"), home=convsim_home)
+    resumed = convsim("runs", "resume", run_id, "--db", db, "--json", str(tmp_path / "out.json"),
+                      "--junit", str(tmp_path / "resumed.xml"), home=convsim_home)
     assert resumed.returncode == 0, resumed.stderr
+    cases = read_junit(tmp_path / "resumed.xml").findall(".//testcase")  # valid JUnit: a case per session x scorer
+    assert len(cases) == 3, [c.get("name") for c in cases]  # 3 sessions x goal_achievement
     assert "Traceback" not in resumed.stderr and resumed.stdout.startswith(f"run {run_id}  completed")
     _check_transcripts(db, run_id, before)
     summary = json.loads((tmp_path / "out.json").read_text())
@@ -126,8 +130,10 @@ def test_a_killed_test_agent_run_resumes_and_writes_its_report(convsim_home, tmp
     before = _messages(db, run_id)
 
     resumed = convsim("runs", "resume", run_id, "--db", db, "--json", str(tmp_path / "report.json"),
-                      "--report", str(tmp_path / "report.md"), home=convsim_home)
+                      "--report", str(tmp_path / "report.md"), "--junit", str(tmp_path / "report.xml"),
+                      home=convsim_home)
     assert resumed.returncode == 0, resumed.stderr
+    assert read_junit(tmp_path / "report.xml").findall(".//testcase")
     _check_transcripts(db, run_id, before)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["run_id"] == run_id and len(report["sessions"]) == 3 == len(report["test_cases"])
