@@ -587,9 +587,10 @@ class AsyncFakeLLMServer(FakeLLMServer):
             for conn in list(self._connections):
                 if conn.transport is not None:
                     conn.transport.abort()
-            loop.stop()
+            loop.call_soon(loop.stop)  # after the closes the aborts scheduled: clients see their connections end
         loop.call_soon_threadsafe(shut)
-        if self._thread is not None:
-            self._thread.join(timeout=2)
-            self._thread = None
-        loop.close()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=5)
+        if thread is None or not thread.is_alive():
+            loop.close()  # a loop still running (a handler blocking it) is left to its daemon thread

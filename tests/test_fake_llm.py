@@ -151,3 +151,13 @@ async def test_the_asyncio_fake_starts_from_inside_a_running_event_loop() -> Non
             resp = await client.post(f"{server.url}/chat/completions",
                                      json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert resp.json()["choices"][0]["message"]["content"] == "fake reply"
+
+
+def test_stopping_with_a_reply_pending_closes_the_client_s_connection(fake: FakeLLMServer) -> None:
+    """The client sees its connection end at stop (not a read timeout): both servers."""
+    import threading
+
+    fake.queue(FakeReply(content="never sent", delay_s=30))
+    threading.Timer(0.3, fake.stop).start()
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+        _chat(fake.url, {}, timeout=20)

@@ -257,6 +257,18 @@ async def test_a_429_saying_the_quota_is_used_up_stops_at_once_instead_of_waitin
 
 
 @pytest.mark.anyio
+async def test_a_per_minute_limit_worded_like_a_quota_is_waited_out(fake_llm, transport):
+    """Gemini words its per-minute limit "You exceeded your current quota" too, with a retry delay: a rate limit."""
+    fake_llm.queue(FakeReply(status=429, headers={"Retry-After": "0"},
+                             content="You exceeded your current quota, please check your plan and billing details. "
+                                     "Quota: GenerateRequestsPerMinutePerProjectPerModel-FreeTier. Please retry in 0s."))
+    fake_llm.set_handler(lambda req: turn("after the wait"))
+    llm = backend(fake_llm, model="openai/fake-per-minute")
+    result = await llm.complete(MESSAGES, UserTurn, role=Role.USER)
+    assert result.output.message == "after the wait" and llm.auth_error is None and fake_llm.calls == 2
+
+
+@pytest.mark.anyio
 async def test_concurrent_first_calls_with_a_refused_key_make_one_request(fake_llm, transport):
     fake_llm.set_handler(lambda req: FakeReply(status=401, content="bad key", delay_s=0.1))
     llm = backend(fake_llm)

@@ -282,21 +282,25 @@ def test_backends_of_one_endpoint_and_model_share_a_limiter():
     assert c._rate is not a._rate
 
 
-def test_a_shared_limiter_paces_at_the_strictest_rates_of_the_backends_that_hold_it():
-    """A second run configured without rpm (or with a higher one) does not lift the first run's limit."""
+async def test_a_shared_limiter_paces_at_the_strictest_rates_of_the_backends_that_hold_it(fake_llm):
+    """A second run configured without rpm (or with a higher one) does not lift the first run's limit; a backend's
+    rates go when its job closes it (or, failing that, when it is collected), and come back if it is used again."""
     def backend(**rates):
-        return LiteLLMBackend(LLMSettings(model="openai/strict", api_base="http://127.0.0.1:1/v1", api_key="k", **rates))
+        return LiteLLMBackend(LLMSettings(model="openai/strict", api_base=fake_llm.url, api_key="k", **rates))
     first = backend(rpm=60, tpm=9000)
     limiter = first._rate
     unlimited = backend()
     higher = backend(rpm=600, tpm=5000)
     assert (limiter.rpm, limiter.tpm) == (60, 5000)
-    del first
-    gc.collect()
-    assert (limiter.rpm, limiter.tpm) == (600, 5000)  # its rates went with it
+    await first.aclose()
+    assert (limiter.rpm, limiter.tpm) == (600, 5000)  # its rates went with its job
+    fake_llm.set_handler(lambda req: turn("again"))
+    await first.complete(MESSAGES, UserTurn, role=Role.USER)
+    assert (limiter.rpm, limiter.tpm) == (60, 5000)  # used again: held again
+    await first.aclose()
     del higher
     gc.collect()
-    assert (limiter.rpm, limiter.tpm) == (None, None) and unlimited._rate is limiter
+    assert (limiter.rpm, limiter.tpm) == (None, None) and unlimited._rate is limiter  # collected: gone too
 
 
 def test_rpm_and_tpm_come_from_the_arguments_or_the_environment(monkeypatch):

@@ -12,7 +12,7 @@ from mcp import Client
 from convsim_mcp.server import build_server
 from engine import (Assessment, Evidence, Message, OfflineBackend, Session, StopReason, Store, TestCase, simulate,
                     test_agent)
-from engine.issues import discover_issues, pass_hat, summarize_trials, trial_outcome
+from engine.issues import discover_issues, pass_hat, summarize_trials, transcript_mark, trial_outcome
 from engine.reports import compact_result, render_markdown
 from tests.conftest import ROOT
 from tests.test_cli import convsim
@@ -87,6 +87,14 @@ def _verdict(sid: str, passed: bool | None, *, error_kind: str | None = None) ->
 )
 def test_trial_outcome(session, verdicts, outcome):
     assert trial_outcome(session, verdicts) == outcome
+    assert trial_outcome(session, verdicts, transcript_mark(session)) == outcome  # the stored mark decides alike
+
+
+def test_a_failing_custom_judge_named_like_a_signal_counts_as_that_signal():
+    broke_role = Assessment(session_id="s", scorer="simulator_error", passed=False, value=False)
+    crashed = Assessment(session_id="s", scorer="agent_error", passed=False, value=False)
+    assert trial_outcome(_session("s"), [broke_role], "clean") == "untested"
+    assert trial_outcome(_session("s"), [crashed], "clean") == "fail"
 
 
 def test_a_session_still_running_is_not_a_trial_yet():

@@ -55,9 +55,10 @@ def trial_outcome(session: Session, verdicts: list[Assessment], mark: Mark | Non
     if session.stop_reason is None or session.stop_reason in (StopReason.SIMULATOR_ERROR, StopReason.CANCELLED):
         return "untested"
     mark = mark or transcript_mark(session)
-    if mark == "harness":
+    failing = {v.scorer for v in verdicts if v.passed is False}  # a custom judge may bear a signal's name
+    if mark == "harness" or failing & HARNESS_SIGNALS:
         return "untested"
-    if session.stop_reason in AGENT_FAILURE_STOPS or mark == "crash":
+    if session.stop_reason in AGENT_FAILURE_STOPS or mark == "crash" or failing & CRASH_SIGNALS:
         return "fail"
     if any(v.passed is False for v in verdicts):
         return "fail"

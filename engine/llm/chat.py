@@ -67,13 +67,20 @@ class ChatBackend(LLM):
         secrets.register(settings.api_key)
         # requests in flight; a semaphore with no checkpoint when free (CapacityLimiter costs ~6 us a request)
         self._limiter = anyio.Semaphore(settings.max_concurrency, max_value=settings.max_concurrency, fast_acquire=True)
-        self._credential = _credential(settings)
+        self._credential = (settings.model, settings.api_base, hashlib.sha256(self._sent_key().encode()).hexdigest())
         # a request got an answer other than "bad credentials": no more gating. A key this process has seen
         # accepted for this model and endpoint (an earlier run of a server) is not checked again.
         self._answered = self._credential in _accepted_credentials
         self._first_call = anyio.Lock()
         self._endpoint = (settings.api_base, settings.model)
         self._rate = limiter_for(settings.api_base, settings.model, owner=self, rpm=settings.rpm, tpm=settings.tpm)
+        self._holding = True  # its rates apply to the shared limiter; released by aclose, held again when used
+
+    async def aclose(self) -> None:
+        """The job is over: this backend's rates stop applying to the endpoint's shared limiter."""
+        if self._holding:
+            self._rate.release(self)
+            self._holding = False
 
     def cache_identity(self) -> dict[str, Any]:
         """The endpoint counts too: one model name at two servers (a local `openai/...`) may be two models.
@@ -81,6 +88,10 @@ class ChatBackend(LLM):
         return {**super().cache_identity(), "backend": CACHE_BACKEND, "api_base": self.settings.api_base}
 
     # --- what a transport provides ------------------------------------------------------------------
+
+    def _sent_key(self) -> str:
+        """The API key this transport sends ("" for none): only its digest is kept (`_accepted_credentials`)."""
+        return self.settings.api_key or os.environ.get(key_variable(self.settings)) or ""
 
     def _payload(self, messages: list[dict[str, Any]], response_format: dict[str, Any] | None) -> Any:
         """The request this transport sends: `messages` as they go, `response_format` None in text mode."""
@@ -191,6 +202,8 @@ class ChatBackend(LLM):
 
     async def _attempt(self, build: Callable[[], tuple[Any, str, int]]) -> tuple[str | None, Usage] | None:
         """One request, or None when the credentials were refused meanwhile. Raises the classified LLMError."""
+        if self.auth_error is not None:  # latched while this call was retrying or queued: no further request
+            return None
         if self._answered:
             return await self._request(build)
         async with self._first_call:  # until a first answer, one request at a time (a bad key costs one)
@@ -203,6 +216,9 @@ class ChatBackend(LLM):
     async def _request(self, build: Callable[[], tuple[Any, str, int]]) -> tuple[str | None, Usage]:
         """One request: inside the concurrency limiter, then the rate limiter (ratelimit.py), sent at once."""
         mode, ticket, rate = JSON_SCHEMA, None, self._rate
+        if not self._holding:  # used again after aclose
+            rate.hold(self, self.settings.rpm, self.settings.tpm)
+            self._holding = True
         try:
             async with self._limiter:
                 payload, mode, tokens = build()
@@ -214,7 +230,7 @@ class ChatBackend(LLM):
             raise
         except Exception as e:  # classify at the boundary, decide in the caller
             err = _classify(e)
-            if err.kind == "rate_limit" and _QUOTA_TEXT.search(str(e)):  # waiting never helps: stops the run
+            if err.kind == "rate_limit" and _out_of_quota(e):  # waiting never helps: stops the run
                 raise self._latch(err, QUOTA_ERROR) from e
             if err.kind == "rate_limit":
                 rate.rate_limited(ticket, _retry_after(e))
@@ -254,11 +270,6 @@ class ChatBackend(LLM):
 # (model, api_base, SHA-256 of the key sent) that got a reply in this process: later backends skip the one-at-a-time
 # first call. A digest, never the key; a key revoked since fails as before (the first 401 latches).
 _accepted_credentials: set[tuple[str, str | None, str]] = set()
-
-
-def _credential(settings: LLMSettings) -> tuple[str, str | None, str]:
-    key = settings.api_key or os.environ.get(key_variable(settings)) or ""
-    return settings.model, settings.api_base, hashlib.sha256(key.encode()).hexdigest()
 
 
 # --- structured-output modes ------------------------------------------------------------------------
@@ -324,10 +335,23 @@ _AUTH_TEXT = re.compile(r"(?i)invalid[ _-]?(?:x-)?api[ _-]?key|incorrect api key
 _CONTEXT_TEXT = re.compile(r"(?i)context_length_exceeded|maximum context length|context window|prompt is too long")
 
 
-# A 429 that is not a rate: OpenAI's insufficient_quota ("You exceeded your current quota, please check your plan and
-# billing details"), and providers' wordings of the same.
-_QUOTA_TEXT = re.compile(r"(?i)insufficient_quota|exceeded your current quota|quota (?:is )?exhausted|"
-                         r"credit balance is too low|out of credits")
+# A 429 that is not a rate: OpenAI's insufficient_quota (its message, "You exceeded your current quota, please check
+# your plan and billing details", is also Gemini's for a per-minute limit, so the wording alone is not enough), and
+# providers' wordings of an empty balance. One that says when to retry is a rate limit, whatever it says.
+_QUOTA_CODE = re.compile(r"(?i)insufficient_quota")
+_NO_CREDIT = re.compile(r"(?i)credit balance is too low|out of credits")
+_RETRY_HINT = re.compile(r"(?i)retry ?in\b|retrydelay|per ?minute|perminute|rate_limit_exceeded")
+
+
+def _out_of_quota(e: Exception) -> bool:
+    """A 429 naming OpenAI's insufficient_quota, or saying the balance is empty with no hint that waiting helps."""
+    text = str(e)
+    body = getattr(getattr(e, "response", None), "text", "") or ""
+    if isinstance(body, str):
+        text = f"{text} {body[:2000]}"
+    if _QUOTA_CODE.search(text):
+        return True
+    return bool(_NO_CREDIT.search(text)) and not _RETRY_HINT.search(text) and _retry_after(e) is None
 
 _SERVER_ERRORS = frozenset({"InternalServerError", "ServiceUnavailableError", "BadGatewayError"})
 

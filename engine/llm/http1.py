@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 MAX_HEAD_BYTES = 64 * 1024  # status line and headers of a reply
 MAX_BODY_BYTES = 64 * 1024 * 1024
+CLOSE_WAIT_S = 2.0  # aclose waits this long for closed connections to be let go, then aborts them
 
 
 class ProtocolError(Exception):
@@ -88,11 +89,16 @@ class Origin:
         idle, self._idle = self._idle, []
         for _, writer in idle:
             writer.close()
-        for _, writer in idle:
-            try:
-                await writer.wait_closed()
-            except OSError:  # reset by the server meanwhile: closed all the same
-                pass
+        try:
+            async with asyncio.timeout(CLOSE_WAIT_S):  # a TLS peer that vanished never answers the close
+                for _, writer in idle:
+                    try:
+                        await writer.wait_closed()
+                    except OSError:  # reset by the server meanwhile: closed all the same
+                        pass
+        except TimeoutError:
+            for _, writer in idle:
+                writer.transport.abort()
 
     def __del__(self) -> None:
         for _, writer in self._idle:

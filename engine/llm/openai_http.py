@@ -90,6 +90,9 @@ class OpenAIHTTPBackend(ChatBackend):
         self._client: Any = None  # an http1.Origin (or _ProxiedOrigin), made by prepare() or the first call
         self._client_loop: Any = None  # the event loop its connections belong to
 
+    def _sent_key(self) -> str:
+        return self.settings.api_key or env_str("OPENAI_API_KEY") or ""
+
     async def prepare(self) -> None:
         """Make the client (TLS context, proxy lookup) and read the model's price, off the event loop, before the
         run's first turn."""
@@ -106,6 +109,7 @@ class OpenAIHTTPBackend(ChatBackend):
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+        await super().aclose()
 
     def _new_client(self) -> Any:
         n, timeout = self.settings.max_concurrency, self.settings.timeout_s

@@ -3,7 +3,7 @@
 One `RateLimiter` per (api_base, model) in the process (`limiter_for`), so two backends that call the same
 model at the same endpoint (a run's simulated user and its judges, two runs of a server) share one budget.
 While several backends hold it, the strictest rates any of them was configured with apply: a second run
-configured without rpm does not lift the first one's limit, and a backend's rates go with it.
+configured without rpm does not lift the first one's limit, and a backend's rates go when its job ends.
 
     ticket = await limiter.acquire(tokens=estimate_tokens(messages), give_up_after=300)
     ...send the request...
@@ -36,6 +36,7 @@ import collections
 import email.utils
 import logging
 import math
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -112,6 +113,8 @@ class RateLimiter:
         self.rate_limited_count = 0
         self._logged_at = -math.inf  # when a rate cut was last logged as a warning
         self._owners: dict[int, tuple[float | None, float | None]] = {}  # id(backend) -> its rates (see hold)
+        self._finalizers: dict[int, weakref.finalize] = {}
+        self._owners_lock = threading.Lock()
         self.configure(rpm, tpm)
 
     def configure(self, rpm: float | None, tpm: float | None) -> None:
@@ -119,20 +122,31 @@ class RateLimiter:
         self.rpm, self.tpm = rpm, tpm
 
     def hold(self, owner: object, rpm: float | None, tpm: float | None) -> None:
-        """`owner` (a backend) uses this limiter with these rates until it is collected: the limiter paces at
-        the lowest rpm and the lowest tpm its live owners name (None where none names one)."""
+        """`owner` (a backend) uses this limiter with these rates until it `release`s it (a job's end) or is
+        collected: the limiter paces at the lowest rpm and the lowest tpm its owners name (None where none does)."""
         key = id(owner)
-        self._owners[key] = (rpm, tpm)
-        weakref.finalize(owner, self._release, key)
-        self._apply_owners()
-
-    def _release(self, key: int) -> None:
-        if self._owners.pop(key, None) is not None:
+        with self._owners_lock:  # a collected owner is released from whichever thread the collector runs in
+            self._owners[key] = (rpm, tpm)
+            if key not in self._finalizers:
+                self._finalizers[key] = weakref.finalize(owner, self._release, key)
             self._apply_owners()
 
+    def release(self, owner: object) -> None:
+        """`owner`'s rates no longer apply (it may `hold` again)."""
+        self._release(id(owner))
+
+    def _release(self, key: int) -> None:
+        with self._owners_lock:
+            finalizer = self._finalizers.pop(key, None)
+            if finalizer is not None:
+                finalizer.detach()
+            if self._owners.pop(key, None) is not None:
+                self._apply_owners()
+
     def _apply_owners(self) -> None:
-        rpms = [r for r, _ in self._owners.values() if r is not None]
-        tpms = [t for _, t in self._owners.values() if t is not None]
+        rates = tuple(self._owners.values())
+        rpms = [r for r, _ in rates if r is not None]
+        tpms = [t for _, t in rates if t is not None]
         self.configure(min(rpms) if rpms else None, min(tpms) if tpms else None)
 
     # --- the hot path ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from ..errors import CouldNotTest, InvalidOption, InvalidTarget
 from ..issues import Failure, collect_failures, discover_issues, issue_signatures, primary_causes, untestable_sessions
 from ..judging import DEFAULT_SCORERS, parse_scorers
-from ..llm import LLM, resolve_llm
+from ..llm import LLM, close_models, resolve_llm
 from ..llm.resolve import rate_limits
 from ..models import Issue, IssueCheck, IssueStatus, RunStatus, Session, TargetSpec
 from ..simulation import load_user_class, redacted_spec, resolve_target
@@ -133,7 +133,10 @@ async def rerun_issues(
     checks = [_check(issue, [s for s in sessions if s.case_index in case_of.get(issue.id, [])], failures,
                      failing_turn, spoiled) for issue in issues]
     known = set().union(*(issue_signatures(i) for i in report.issues + report.simulator_issues))
-    found, _ = await discover_issues(sessions, assessments, judge_llm)
+    try:
+        found, _ = await discover_issues(sessions, assessments, judge_llm)
+    finally:  # the simulation closed its models; the judge's calls here opened a pool again
+        await close_models(judge_llm)
     new_issues = [i for i in found if i.source == "agent" and not issue_signatures(i) & known]
     return RerunOutcome(run_id=new_run, rerun_of=run_id, issues=checks, new_issues=new_issues)
 

@@ -412,8 +412,10 @@ async def run_trials(store: Store, run_id: str, repeats: int, *,
             ids = [s.id for s in page]
             marks = await store.trial_marks(ids)
             unmarked = [s.id for s in page if marks.get(s.id) is None and s.stop_reason not in UNTESTED_ANYWAY]
-            for s in await store.get_sessions_by_ids(unmarked) if unmarked else []:
-                marks[s.id] = transcript_mark(s)
+            if unmarked:
+                async with aclosing(store.iter_sessions(session_ids=unmarked)) as transcripts:  # paged by bytes
+                    async for read in transcripts:
+                        marks.update((s.id, transcript_mark(s)) for s in read)
             verdicts: dict[str, list[Assessment]] = {}
             for a in await store.get_assessments(ids):
                 verdicts.setdefault(a.session_id, []).append(a)
