@@ -52,6 +52,16 @@ def test_a_refused_key_stops_test_agent_after_one_call_and_exits_3(cli, fake_llm
     assert "Traceback" not in proc.stderr
 
 
+def test_an_account_out_of_quota_stops_simulate_after_one_call_and_exits_3(cli, fake_llm):
+    fake_llm.set_handler(lambda req: FakeReply(status=429, error_code="insufficient_quota", content=(
+        "You exceeded your current quota, please check your plan and billing details.")))
+    proc = cli("simulate", "tests.agents:echo", cli.cases, "--model", "openai/fake-model", "--json")
+    assert proc.returncode == 3, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["status"] == "failed" and "quota is used up" in summary["error"] and fake_llm.calls == 1
+    assert summary["stop_reasons"] == {"simulator_error": 3} and summary["untested"] == 3
+
+
 def test_every_call_failing_with_500_exits_3_and_usage_counts_the_failed_attempts(cli, fake_llm):
     fake_llm.set_handler(lambda req: FakeReply(status=500, content="upstream overloaded", headers={"Retry-After": "0"}))
     proc = cli("simulate", "tests.agents:echo", cli.cases, "--model", "openai/fake-model", "--json",
