@@ -335,9 +335,9 @@ _AUTH_TEXT = re.compile(r"(?i)invalid[ _-]?(?:x-)?api[ _-]?key|incorrect api key
 _CONTEXT_TEXT = re.compile(r"(?i)context_length_exceeded|maximum context length|context window|prompt is too long")
 
 
-# A 429 that is not a rate: OpenAI's insufficient_quota (its message, "You exceeded your current quota, please check
-# your plan and billing details", is also Gemini's for a per-minute limit, so the wording alone is not enough), and
-# providers' wordings of an empty balance. One that says when to retry is a rate limit, whatever it says.
+# A 429 that is not a rate: OpenAI's insufficient_quota code (its message, "You exceeded your current quota, please
+# check your plan and billing details", is also Gemini's for a per-minute limit, so that wording alone is not enough),
+# and providers' wordings of an empty balance, unless the reply says when to retry (then it is a rate limit).
 _QUOTA_CODE = re.compile(r"(?i)insufficient_quota")
 _NO_CREDIT = re.compile(r"(?i)credit balance is too low|out of credits")
 _RETRY_HINT = re.compile(r"(?i)retry ?in\b|retrydelay|per ?minute|perminute|rate_limit_exceeded")
@@ -352,6 +352,7 @@ def _out_of_quota(e: Exception) -> bool:
     if _QUOTA_CODE.search(text):
         return True
     return bool(_NO_CREDIT.search(text)) and not _RETRY_HINT.search(text) and _retry_after(e) is None
+
 
 _SERVER_ERRORS = frozenset({"InternalServerError", "ServiceUnavailableError", "BadGatewayError"})
 
