@@ -23,7 +23,6 @@ import zlib
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-
 MAX_HEAD_BYTES = 64 * 1024  # status line and headers of a reply
 MAX_BODY_BYTES = 64 * 1024 * 1024
 CLOSE_WAIT_S = 2.0  # aclose waits this long for closed connections to be let go, then aborts them

@@ -267,8 +267,9 @@ class RateLimiter:
                 self._cut_factor = max(MIN_FACTOR, self._factor(now) * DECREASE)
             self._cut_at = now
             # a warning at most every LOG_EVERY_S: an adaptive limiter may cut its rate every few seconds
-            level = logging.WARNING if now - self._logged_at >= LOG_EVERY_S else logging.DEBUG
-            self._logged_at = now if level == logging.WARNING else self._logged_at
+            level = logging.DEBUG
+            if now - self._logged_at >= LOG_EVERY_S:
+                level, self._logged_at = logging.WARNING, now
             log.log(level, "rate limiter %s: 429 from the provider; pacing at %.0f%% of %s", self.name,
                     self._cut_factor * 100, self._base_description())
         if retry_after is not None:

@@ -241,8 +241,9 @@ class PythonTarget(Target):
                 f"(it takes: {', '.join(params) or 'nothing'})"
             )
         self._var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        self._accepted = frozenset(n for n, p in params.items()  # read once: it is asked on every turn
-                                   if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+        # the parameters a keyword can fill, in order: read once, as every turn asks
+        self._accepted = tuple(n for n, p in params.items()
+                               if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
 
     def _kwargs(self, history: list[dict[str, Any]], session_id: str, context: dict[str, Any]) -> dict[str, Any]:
         offered = {k: v for k, v in context.items() if k not in RESERVED_CONTEXT_KEYS}  # never ours to override
@@ -255,9 +256,8 @@ class PythonTarget(Target):
         supplied = {self._history_param, *SESSION_PARAMS}
         for i, case in enumerate(cases):
             missing = [
-                n for n, p in self._sig.parameters.items()
-                if p.default is inspect.Parameter.empty
-                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+                n for n in self._accepted
+                if self._sig.parameters[n].default is inspect.Parameter.empty
                 and n not in supplied and n not in case.context
             ]
             if missing:
